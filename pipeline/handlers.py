@@ -1,0 +1,168 @@
+"""Handler registry: functions that process events of a type.
+
+::
+
+    from pipeline import Event, handler
+
+    class Granted(BaseModel):
+        user_id: int
+        amount: int
+
+    @handler("reward.granted", model=Granted)
+    def credit_wallet(event: Event, payload: Granted) -> None:
+        ...
+
+An event type with several handlers becomes one task per (event, handler), so a
+failing handler never re-runs one that already succeeded. ``model`` is validated
+on the worker; a payload that fails it is dead-lettered as ``invalid_payload``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from pipeline.events import Event
+
+__all__ = [
+    "Handler",
+    "HandlerContext",
+    "Registry",
+    "current",
+    "handler",
+    "import_handler_modules",
+    "registry",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$")  # handler names: dotted identifiers
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A registered handler: ``pattern`` is an event type or a glob (``game.*``)."""
+
+    name: str
+    pattern: str
+    func: Callable[..., Any]
+    model: type[BaseModel] | None = None
+
+    def __call__(self, event: Event) -> Any:
+        if self.model is None:
+            return self.func(event)
+        return self.func(event, self.model.model_validate(event.payload))
+
+
+class Registry:
+    """Handlers by name, looked up by event type (exact names and globs)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Handler] = {}
+
+    def register(self, entry: Handler) -> Handler:
+        if not _NAME_PATTERN.match(entry.name):
+            raise ValueError(f"handler name {entry.name!r} must be a dotted identifier")
+        existing = self._by_name.get(entry.name)
+        if existing is not None and existing.func is not entry.func:
+            if _same_function(existing.func, entry.func):
+                self._by_name[entry.name] = entry  # module re-imported (e.g. as __main__)
+                return entry
+            raise ValueError(f"handler name {entry.name!r} is already registered")
+        self._by_name[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
+    def get(self, name: str) -> Handler | None:
+        return self._by_name.get(name)
+
+    def for_type(self, event_type: str) -> list[Handler]:
+        return [h for h in self._by_name.values() if fnmatch.fnmatchcase(event_type, h.pattern)]
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+
+registry = Registry()  # the process-wide registry the decorator writes to
+
+
+def handler(
+    event_type: str,
+    *,
+    model: type[BaseModel] | None = None,
+    name: str | None = None,
+) -> Callable[[F], F]:
+    """Register the decorated function for ``event_type`` (exact type or glob).
+
+    ``name`` defaults to ``module.function`` and is what DLQ records and metrics
+    show; keep it stable across deploys, since pending retries refer to it.
+    """
+
+    def decorate(func: F) -> F:
+        registry.register(
+            Handler(
+                name=name or f"{func.__module__}.{func.__qualname__}",
+                pattern=event_type,
+                func=func,
+                model=model,
+            )
+        )
+        return func
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """Where the running handler stands: read it with :func:`current`."""
+
+    task_id: str
+    handler: str
+    tier: str
+    attempt: int  # 1 for the first try
+    max_attempts: int
+    state: Any  # the pipeline's Redis client (redis.Redis)
+
+
+_current: ContextVar[HandlerContext | None] = ContextVar("pipeline_handler", default=None)
+
+
+def current() -> HandlerContext:
+    """The context of the handler running now; raises outside a handler."""
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("pipeline.current() called outside a running handler")
+    return ctx
+
+
+@contextmanager
+def running(ctx: HandlerContext) -> Iterator[HandlerContext]:
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def import_handler_modules(modules: Iterable[str]) -> None:
+    """Import each module so its ``@handler`` decorators register."""
+    for module in modules:
+        importlib.import_module(module)
+
+
+def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
+    return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and getattr(
+        getattr(a, "__code__", None), "co_filename", 1
+    ) == getattr(getattr(b, "__code__", None), "co_filename", 2)

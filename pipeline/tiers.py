@@ -1,0 +1,112 @@
+"""Tiers and classification: which queue, workers and retry policy an event gets.
+
+Pure logic, no I/O: :func:`classify` maps an event to a tier name using the
+config's rules (first match wins), an explicit ``tier`` on the event winning
+when it names a known tier.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.events import TIER_PATTERN, Event
+
+__all__ = ["Rule", "TierConfig", "classify"]
+
+
+class TierConfig(BaseModel):
+    """Everything that differs between tiers. Every field has a default, so a
+    tier is declared with only what differs from an ordinary ``standard`` tier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Celery/broker queue name; defaults to the tier's name.
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
+    #: worker processes per tier worker (prefork children).
+    concurrency: Annotated[int, Field(ge=1, le=512)] = 2
+    #: messages reserved per process; 1 for latency-sensitive tiers.
+    prefetch_multiplier: Annotated[int, Field(ge=1, le=1000)] = 4
+    #: retries after the first attempt; attempts in all = max_retries + 1.
+    max_retries: Annotated[int, Field(ge=0, le=1000)] = 5
+    #: first backoff window; attempt n waits uniform(0, min(cap, base * 2**(n-1))).
+    backoff_base_s: Annotated[float, Field(gt=0)] = 2.0
+    #: cap on one backoff window.
+    backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
+    #: SoftTimeLimitExceeded is raised in the handler after this long (retryable).
+    soft_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
+    #: the worker child is killed after this long; counts as a failed attempt.
+    time_limit_s: Annotated[float, Field(gt=0)] = 90.0
+    #: Celery rate limit per worker, e.g. "100/s"; None = unlimited.
+    rate_limit: Annotated[str, Field(pattern=r"^\d+(\.\d+)?/[smh]$")] | None = None
+    #: admission control refuses new events past this many queued; 0 = unbounded.
+    max_depth: Annotated[int, Field(ge=0)] = 0
+    #: deliveries of one attempt that never finished (worker crash) before it is dead-lettered.
+    max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
+    #: exception classes (dotted paths or builtin names) that are retried.
+    retry_on: list[str] = Field(default_factory=lambda: ["Exception"])
+    #: exception classes never retried (checked first); PermanentError always is.
+    dont_retry_on: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> TierConfig:
+        if self.soft_time_limit_s >= self.time_limit_s:
+            raise ValueError(
+                f"soft_time_limit_s ({self.soft_time_limit_s}) must be below "
+                f"time_limit_s ({self.time_limit_s})"
+            )
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(
+                f"backoff_base_s ({self.backoff_base_s}) must not exceed "
+                f"backoff_max_s ({self.backoff_max_s})"
+            )
+        return self
+
+    def queue_name(self, tier: str) -> str:
+        return self.queue or tier
+
+    @property
+    def longest_unacked_s(self) -> float:
+        """Longest a delivered message can stay unacknowledged: its own hard time
+        limit plus the prefetched messages ahead of it in the same process."""
+        return self.time_limit_s * (self.prefetch_multiplier + 1)
+
+
+class Rule(BaseModel):
+    """``type`` (glob) and/or ``source`` (glob) -> ``tier``. First matching rule wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str | None = None
+    source: str | None = None
+    tier: Annotated[str, Field(pattern=TIER_PATTERN)]
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> Rule:
+        if self.type is None and self.source is None:
+            raise ValueError(f"rule for tier {self.tier!r} needs a 'type' or a 'source' glob")
+        return self
+
+    def matches(self, event_type: str, source: str) -> bool:
+        if self.type is not None and not fnmatch.fnmatchcase(event_type, self.type):
+            return False
+        return self.source is None or fnmatch.fnmatchcase(source, self.source)
+
+
+def classify(
+    event: Event,
+    rules: Sequence[Rule],
+    tiers: Mapping[str, object],
+    default_tier: str,
+) -> str:
+    """The tier for ``event``: its explicit known tier, else the first matching rule,
+    else ``default_tier``."""
+    if event.tier is not None and event.tier in tiers:
+        return event.tier
+    for rule in rules:
+        if rule.matches(event.type, event.source):
+            return rule.tier
+    return default_tier

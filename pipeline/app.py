@@ -1,0 +1,121 @@
+"""The Celery app: one queue per tier plus the DLQ, JSON only, late acks.
+
+``celery -A pipeline.app worker -Q critical`` uses :data:`app`, built from the
+settings in the environment. A team with its own Celery app calls
+:func:`attach` instead: the pipeline's task, queues and worker step are added,
+their tasks, queues and settings are left as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from pipeline.config import Settings, check_settings, load_settings
+from pipeline.errors import ConfigError
+from pipeline.handlers import import_handler_modules
+from pipeline.runtime import bind
+from pipeline.tasks import register_task
+from pipeline.worker import PipelineWorkerStep
+
+__all__ = ["app", "attach", "create_app", "tier_queues"]
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails fast
+
+
+def tier_queues(settings: Settings) -> list[Queue]:
+    """One durable queue per tier, each with its own direct exchange."""
+    arguments = None if settings.broker_is_redis else {"x-queue-type": "quorum"}
+    queues = []
+    for name in settings.tiers:
+        q = settings.queue_for(name)
+        queues.append(Queue(q, Exchange(q, "direct", durable=True), routing_key=q,
+                            durable=True, queue_arguments=arguments))
+    return queues
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if settings.broker_is_redis:
+        options.update(
+            visibility_timeout=settings.visibility_timeout_s,
+            priority_steps=list(range(10)),  # every event priority 0-9 its own sub-queue
+            socket_timeout=PUBLISH_TIMEOUT_S,
+            socket_connect_timeout=PUBLISH_TIMEOUT_S / 2,
+        )
+    else:
+        options.update(confirm_publish=True)
+    options.update(settings.broker_transport_options)
+    return options
+
+
+def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> Celery:
+    """A new Celery app configured for the pipeline alone."""
+    settings = settings or load_settings()
+    celery = Celery(main, set_as_current=False)
+    celery.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=settings.queue_for(settings.default_tier)
+        if settings.default_tier in settings.tiers else "celery",
+        task_default_queue_type="classic" if settings.broker_is_redis else "quorum",
+        worker_detect_quorum_queues=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=True,
+    )
+    return attach(celery, settings)
+
+
+def attach(celery: Celery, settings: Settings | None = None) -> Celery:
+    """Add the pipeline to an existing Celery ``app``; returns it.
+
+    Adds the tier queues and the ``pipeline.handle`` task, and the worker step
+    that moves due retries. The app's own queues, tasks and settings stay: the
+    only shared setting touched is the Redis visibility timeout, raised (never
+    lowered) to what the tiers need.
+    """
+    settings = settings or load_settings()
+    problems = check_settings(settings)
+    if problems:
+        raise ConfigError(problems)
+    import_handler_modules(settings.handler_modules)
+
+    existing = list(celery.conf.task_queues or [])
+    if not existing:
+        existing = [Queue(celery.conf.task_default_queue)]
+    names = {q.name for q in existing}
+    celery.conf.task_queues = existing + [q for q in tier_queues(settings) if q.name not in names]
+
+    options = dict(celery.conf.broker_transport_options or {})
+    if settings.broker_is_redis:
+        needed = settings.visibility_timeout_s
+        current = options.get("visibility_timeout")
+        if current is not None and current < needed:
+            log.warning("raising broker visibility_timeout from %ss to %ss for the pipeline",
+                        current, needed)
+        options["visibility_timeout"] = max(current or 0, needed)
+    celery.conf.broker_transport_options = options
+
+    register_task(celery)
+    celery.steps["worker"].add(PipelineWorkerStep)
+    bind(celery, settings)
+    return celery
+
+
+app = create_app()

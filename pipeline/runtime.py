@@ -1,0 +1,104 @@
+"""Per-app, per-process wiring: settings, state client, retry schedule, DLQ, publisher.
+
+Clients are created lazily and again after a fork, so a prefork child never
+shares a socket with its parent.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING
+
+import redis
+
+from pipeline import state
+from pipeline.deadletter import DeadLetterQueue
+from pipeline.schedule import RetrySchedule
+from pipeline.state import DeliveryCounter
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pipeline.config import Settings
+    from pipeline.ingest import Publisher
+
+__all__ = ["Runtime", "bind", "runtime_for"]
+
+_RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+
+
+class Runtime:
+    """What tasks, workers and producers of one Celery app share."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._pid = -1
+        self._state: redis.Redis | None = None
+        self._schedule: RetrySchedule | None = None
+        self._dlq: DeadLetterQueue | None = None
+        self._publisher: Publisher | None = None
+
+    def _check_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._state = None
+            self._schedule = None
+            self._dlq = None
+            self._publisher = None
+
+    @property
+    def state(self) -> redis.Redis:
+        self._check_fork()
+        if self._state is None:
+            url = self.settings.effective_state_url
+            if url is None:
+                raise RuntimeError("no state_url configured (required with a RabbitMQ broker)")
+            self._state = state.connect(url, self.settings.broker_transport_options)
+        return self._state
+
+    @property
+    def deliveries(self) -> DeliveryCounter:
+        return DeliveryCounter(self.state)
+
+    @property
+    def schedule(self) -> RetrySchedule:
+        self._check_fork()
+        if self._schedule is None:
+            self._schedule = RetrySchedule(
+                self.app, self.state, atomic_move=self.settings.broker_is_redis
+            )
+        return self._schedule
+
+    @property
+    def dlq(self) -> DeadLetterQueue:
+        self._check_fork()
+        if self._dlq is None:
+            client = self.state if self.settings.broker_is_redis else None
+            self._dlq = DeadLetterQueue(self.app, self.settings, client)
+        return self._dlq
+
+    @property
+    def publisher(self) -> Publisher:
+        from pipeline.ingest import Publisher
+
+        self._check_fork()
+        if self._publisher is None:
+            self._publisher = Publisher(self)
+        return self._publisher
+
+
+def bind(app: Celery, settings: Settings) -> Runtime:
+    runtime = Runtime(app, settings)
+    _RUNTIMES[app] = runtime
+    return runtime
+
+
+def runtime_for(app: Celery) -> Runtime:
+    try:
+        return _RUNTIMES[app]
+    except KeyError:
+        raise RuntimeError(
+            f"Celery app {app.main!r} has no pipeline attached: call pipeline.app.attach(app)"
+        ) from None

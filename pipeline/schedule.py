@@ -1,0 +1,201 @@
+"""The scheduled-retry store: retries wait in Redis, not in worker memory.
+
+Why not Celery's ``countdown``/ETA retries: on Redis the worker fetches an ETA
+message at once and holds it unacknowledged in memory until it is due. A wait
+longer than the visibility timeout gets it redelivered (duplicates, kombu #337);
+thousands of them pile up in one worker while fresh work waits; a SIGKILL sends
+them all back through the visibility-timeout sweep. So, as Sidekiq's retry set:
+
+* a failed attempt is written to the sorted set ``pipeline:retry:<queue>``
+  scored by its due time, *then* its message is acknowledged;
+* every worker runs a mover (:class:`RetryMover`) that moves due entries onto
+  the tier queue. With a Redis broker the entry already holds the exact message
+  kombu would have pushed, and one Lua script pushes it and removes it from the
+  set atomically: never lost, never moved twice.
+* With RabbitMQ (state in a separate Redis) the mover leases entries, publishes
+  them with publisher confirms, then removes them: a mover crash between confirm
+  and removal re-sends one entry (at-least-once, like everything on AMQP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from pipeline.state import Keys
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["RetryMover", "RetrySchedule", "TaskSpec"]
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 30.0  # AMQP mover: a leased entry becomes due again after this long
+MOVER_ERROR_BACKOFF_MAX_S = 5.0  # longest pause of a mover whose store is unreachable
+
+# Move due members onto their list. Member = "<list key>\n<raw kombu message>".
+_MOVE_DUE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local nl = string.find(member, '\\n', 1, true)
+  redis.call('LPUSH', string.sub(member, 1, nl - 1), string.sub(member, nl + 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# Lease due members: push their score LEASE seconds ahead and return them.
+_LEASE_DUE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), member)
+end
+return due
+"""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One ``pipeline.handle`` message: where it goes and what it carries."""
+
+    queue: str
+    task_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    priority: int | None = None
+    time_limit_s: float | None = None
+    soft_time_limit_s: float | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def apply_async_options(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "routing_key": self.queue,
+            "task_id": self.task_id,
+            "priority": self.priority,
+            "time_limit": self.time_limit_s,
+            "soft_time_limit": self.soft_time_limit_s,
+            "headers": self.headers or None,
+        }
+
+
+class _CaptureBatch:
+    """Stands in for kombu's Redis publish batch to capture the final LPUSH."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, tuple[Any, ...]]] = []
+
+    def add(self, name: str, *args: Any) -> None:
+        self.commands.append((name, args))
+
+
+class RetrySchedule:
+    """Durable schedule of retries, one sorted set per tier queue."""
+
+    def __init__(self, app: Celery, client: redis.Redis, *, atomic_move: bool) -> None:
+        self._app = app
+        self._client = client
+        self._atomic = atomic_move
+        self._move = client.register_script(_MOVE_DUE_LUA)
+        self._lease = client.register_script(_LEASE_DUE_LUA)
+
+    def add(self, spec: TaskSpec, due_at: float) -> None:
+        """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
+        member = self._render(spec) if self._atomic else json.dumps(asdict(spec))
+        self._client.zadd(Keys.retries(spec.queue), {member: due_at})
+
+    def pending(self, queue: str) -> int:
+        return int(self._client.zcard(Keys.retries(queue)))
+
+    def move_due(self, queue: str, *, now: float | None = None, limit: int = 1000) -> int:
+        """Enqueue up to ``limit`` due retries of ``queue``; returns how many moved."""
+        now = time.time() if now is None else now
+        key = Keys.retries(queue)
+        if self._atomic:
+            return int(self._move(keys=[key], args=[now, limit]))
+        moved = 0
+        for raw in self._lease(keys=[key], args=[now, limit, LEASE_S]):
+            spec = TaskSpec(**json.loads(raw))
+            self._app.send_task("pipeline.handle", args=spec.args, kwargs=spec.kwargs,
+                                **spec.apply_async_options())
+            self._client.zrem(key, raw)
+            moved += 1
+        return moved
+
+    def _render(self, spec: TaskSpec) -> str:
+        """The exact string kombu's Redis transport would LPUSH for ``spec``,
+        prefixed by the list key it would push it to."""
+        app = self._app
+        message = app.amqp.as_task_v2(
+            spec.task_id, "pipeline.handle", args=tuple(spec.args), kwargs=spec.kwargs,
+            time_limit=spec.time_limit_s,  # type: ignore[arg-type]  # celery takes floats
+            soft_time_limit=spec.soft_time_limit_s,  # type: ignore[arg-type]
+        )
+        headers = {**message.headers, **spec.headers}
+        with app.producer_or_acquire() as producer:
+            body, content_type, content_encoding = producer._prepare(
+                message.body, "json", None, None, None, headers
+            )
+            properties = {**message.properties, "delivery_mode": 2}
+            channel = producer.channel
+            prepared = channel.prepare_message(
+                body, spec.priority, content_type, content_encoding, headers, properties
+            )
+            capture = _CaptureBatch()
+            channel.basic_publish(prepared, exchange="", routing_key=spec.queue,
+                                  _publish_batch=capture)
+        pushes = [args for name, args in capture.commands if name == "lpush"]
+        if len(pushes) != 1:
+            raise RuntimeError(f"expected one LPUSH rendering a retry, got {capture.commands!r}")
+        list_key, payload = pushes[0]
+        return f"{list_key}\n{payload}"
+
+
+class RetryMover:
+    """A daemon thread that moves due retries of ``queues`` onto their queues."""
+
+    def __init__(self, schedule: RetrySchedule, queues: list[str], *, interval_s: float,
+                 batch: int) -> None:
+        self._schedule = schedule
+        self._queues = queues
+        self._interval_s = interval_s
+        self._batch = batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline-retry-mover", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def tick(self) -> int:
+        moved = 0
+        for queue in self._queues:
+            while True:
+                n = self._schedule.move_due(queue, limit=self._batch)
+                moved += n
+                if n < self._batch or self._stop.is_set():
+                    break
+        return moved
+
+    def _run(self) -> None:
+        pause_s = self._interval_s
+        while not self._stop.wait(pause_s):
+            try:
+                moved = self.tick()
+                if moved:
+                    log.info("moved %d due retries onto %s", moved, ",".join(self._queues))
+                pause_s = self._interval_s
+            except Exception:
+                log.exception("retry mover failed; retrying")
+                pause_s = min(MOVER_ERROR_BACKOFF_MAX_S, pause_s * 2)

@@ -1,0 +1,192 @@
+"""The one Celery task, ``pipeline.handle``: run one handler for one event, once.
+
+Each delivery is counted before the handler runs (a crashing handler cannot
+count itself); the attempt then settles exactly one way: success, a retry
+written to the schedule, or a DLQ record. Only after that does Celery
+acknowledge the message (``acks_late``), so a crash at any point redelivers.
+If the settlement itself cannot reach the broker, the message is rejected
+for redelivery rather than acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import traceback as tb
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+from celery import Task
+from celery.exceptions import Reject, TimeLimitExceeded
+
+from pipeline.deadletter import DeadLetterRecord, record_id
+from pipeline.events import Event
+from pipeline.handlers import HandlerContext, registry, running
+from pipeline.retry import Reason, decide
+from pipeline.runtime import Runtime, runtime_for
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["TASK_NAME", "register_task"]
+
+TASK_NAME = "pipeline.handle"
+log = logging.getLogger(__name__)
+
+
+class Attempt:
+    """One delivery of ``pipeline.handle``: the event, the handler and where it stands."""
+
+    def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any], handler: str,
+                 tier: str, attempt: int, first_failed_at: str | None) -> None:
+        self.rt = runtime
+        self.task_id = task_id
+        self.event = event
+        self.handler = handler
+        self.tier = tier if tier in runtime.settings.tiers else runtime.settings.default_tier
+        self.attempt = attempt
+        self.first_failed_at = first_failed_at
+
+    @property
+    def queue(self) -> str:
+        return self.rt.settings.queue_for(self.tier)
+
+    def run(self) -> str:
+        settings = self.rt.settings
+        tier = settings.tier(self.tier)
+        deliveries = self.rt.deliveries.incr(self.task_id, self.attempt)
+        if deliveries > tier.max_deliveries:
+            return self.dead_letter(
+                Reason.MAX_DELIVERIES, "WorkerLost",
+                f"attempt {self.attempt} was delivered {deliveries - 1} times and never "
+                f"finished (worker killed: crash, OOM or hard kill)", "",
+            )
+        try:
+            event = Event.model_validate(self.event)
+        except pydantic.ValidationError as exc:
+            return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+        if not self.handler:
+            return self.fan_out(event)
+        entry = registry.get(self.handler)
+        if entry is None:
+            return self.dead_letter(Reason.NO_HANDLER, "LookupError",
+                                    f"no handler named {self.handler!r} on this worker", "")
+        if entry.model is not None:
+            try:
+                entry.model.model_validate(event.payload)
+            except pydantic.ValidationError as exc:
+                return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+        ctx = HandlerContext(task_id=self.task_id, handler=self.handler, tier=self.tier,
+                             attempt=self.attempt, max_attempts=tier.max_retries + 1,
+                             state=self.rt.state)
+        try:
+            with running(ctx):
+                entry(event)
+        except Exception as exc:
+            return self.failed(exc)
+        self.rt.deliveries.clear(self.task_id, self.attempt)
+        return "succeeded"
+
+    def fan_out(self, event: Event) -> str:
+        """The producer knew no handler for this type; this worker may know some."""
+        handlers = registry.for_type(event.type)
+        if not handlers:
+            return self.dead_letter(Reason.NO_HANDLER, "LookupError",
+                                    f"no handler registered for event type {event.type!r}", "")
+        self.rt.publisher.enqueue(event, self.tier, handlers)
+        self.rt.deliveries.clear(self.task_id, self.attempt)
+        return "fanned_out"
+
+    def failed(self, exc: BaseException) -> str:
+        tier = self.rt.settings.tier(self.tier)
+        decision = decide(exc, attempt=self.attempt, tier=tier)
+        if not decision.retry:
+            assert decision.reason is not None
+            return self.dead_letter_exc(decision.reason, exc)
+        spec = self.rt.publisher.spec(
+            self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
+            attempt=self.attempt + 1, first_failed_at=self.first_failed_at or _now_iso(),
+            priority=self.event.get("priority"),
+        )
+        self.rt.schedule.add(spec, time.time() + decision.delay_s)
+        log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
+                    self.event.get("id"), self.handler, self.attempt, type(exc).__name__, exc,
+                    decision.delay_s)
+        self.rt.deliveries.clear(self.task_id, self.attempt)
+        return "retry_scheduled"
+
+    def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
+        trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+        return self.dead_letter(reason, _qualname(type(exc)), str(exc), trace)
+
+    def dead_letter(self, reason: Reason, exception: str, message: str, trace: str) -> str:
+        now = _now_iso()
+        record = DeadLetterRecord(
+            id=record_id(self.task_id, self.attempt, reason), event=self.event, tier=self.tier,
+            handler=self.handler, reason=reason, attempts=self.attempt, exception=exception,
+            message=message, traceback=trace, first_failed_at=self.first_failed_at or now,
+            last_failed_at=now, worker=socket.gethostname(), task_id=self.task_id,
+            queue=self.queue,
+        )
+        self.rt.dlq.put(record)
+        log.error("event %s handler %s dead-lettered: %s (%s: %s)", self.event.get("id"),
+                  self.handler or "-", reason.value, exception, message)
+        self.rt.deliveries.clear(self.task_id, self.attempt)
+        return f"dead_lettered:{reason.value}"
+
+
+class PipelineTask(Task):  # type: ignore[type-arg]
+    """Base class: late acks, requeue when the worker child is lost, JSON only."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    serializer = "json"
+    typing = False  # kwargs are validated by the envelope, not by signature binding
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """Hard time limit: the child was killed; settle the attempt from the parent."""
+        if not isinstance(exc, TimeLimitExceeded) or not args:
+            return
+        try:
+            attempt = _attempt(self.app, task_id, args, kwargs)
+            attempt.failed(exc)
+        except Exception:
+            log.exception("could not settle task %s after its hard time limit", task_id)
+
+
+def _attempt(app: Celery, task_id: str, args: Any, kwargs: Any) -> Attempt:
+    return Attempt(
+        runtime_for(app), task_id, dict(args[0]), str(kwargs.get("handler", "")),
+        str(kwargs.get("tier", "")), int(kwargs.get("attempt", 1)), kwargs.get("first_failed_at"),
+    )
+
+
+def register_task(app: Celery) -> Any:
+    """Register ``pipeline.handle`` on ``app``."""
+
+    @app.task(name=TASK_NAME, bind=True, base=PipelineTask, shared=False)
+    def handle(self: PipelineTask, /, event: dict[str, Any], **kwargs: Any) -> str:
+        attempt = _attempt(self.app, str(self.request.id), [event], kwargs)
+        try:
+            return attempt.run()
+        except (Reject, TimeLimitExceeded):
+            raise
+        except Exception as exc:
+            # The broker or state store failed while settling: do not ack.
+            log.exception("could not settle task %s; requeueing", self.request.id)
+            raise Reject(exc, requeue=True) from exc
+
+    return handle
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

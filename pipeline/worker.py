@@ -1,0 +1,76 @@
+"""Tier workers: the Celery worker step that runs the retry mover, and the
+command line ``pipeline worker --tier NAME`` turns into.
+
+The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
+finds the tier(s) behind the consumed queues, moves their due retries, and
+applies the tier's rate limit when the worker serves a single tier.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from pipeline.config import Settings
+from pipeline.runtime import runtime_for
+from pipeline.schedule import RetryMover
+
+__all__ = ["PipelineWorkerStep", "worker_argv"]
+
+log = logging.getLogger(__name__)
+
+
+class PipelineWorkerStep(bootsteps.StartStopStep):
+    """Starts the retry mover for the tier queues this worker consumes."""
+
+    label = "pipeline"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.mover: RetryMover | None = None
+        runtime = runtime_for(worker.app)
+        settings = runtime.settings
+        consumed = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+        self.tiers = [t for q in consumed if (t := settings.tier_for_queue(q)) is not None]
+        if len(self.tiers) == 1:
+            rate = settings.tier(self.tiers[0]).rate_limit
+            if rate:
+                worker.app.tasks["pipeline.handle"].rate_limit = rate
+
+    def start(self, worker: Any) -> None:
+        if not self.tiers:
+            return
+        runtime = runtime_for(worker.app)
+        settings = runtime.settings
+        queues = [settings.queue_for(t) for t in self.tiers]
+        self.mover = RetryMover(runtime.schedule, queues,
+                                interval_s=settings.retry_poll_interval_s,
+                                batch=settings.retry_move_batch)
+        self.mover.start()
+        log.info("pipeline: serving tiers %s; moving due retries of %s", self.tiers, queues)
+
+    def stop(self, worker: Any) -> None:
+        if self.mover is not None:
+            self.mover.stop()
+
+    shutdown = stop
+
+
+def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """``celery worker`` arguments for one tier: its queue, concurrency, prefetch
+    and time limits, task events on, and a node name that names the tier."""
+    cfg = settings.tier(tier)
+    argv = [
+        "worker",
+        "--queues", settings.queue_for(tier),
+        "--concurrency", str(cfg.concurrency),
+        "--prefetch-multiplier", str(cfg.prefetch_multiplier),
+        "--time-limit", f"{cfg.time_limit_s:g}",
+        "--soft-time-limit", f"{cfg.soft_time_limit_s:g}",
+        "--task-events",
+        "--hostname", f"{tier}@%h",
+        "--loglevel", "INFO",
+    ]
+    return argv + list(extra)

@@ -1,0 +1,121 @@
+"""Demo handlers, for the local stack, the docs, the benchmarks and the tests.
+
+Loaded only when ``pipeline.demo`` is in ``handler_modules``: a production
+worker must never run ``demo.crash``. Every successful handling counts its
+side effect in the Redis hash ``pipeline:demo:effects`` (event id -> times
+run), so :func:`report` can account for any run: processed events and
+duplicate effects.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from pipeline.errors import PermanentError, RetryAfter
+from pipeline.events import Event
+from pipeline.handlers import current, handler
+from pipeline.state import Keys
+
+__all__ = ["DemoTransientError", "report"]
+
+
+class DemoTransientError(RuntimeError):
+    """A failure that retrying may fix (what ``demo.flaky`` and ``demo.fail`` raise)."""
+
+
+class SlowPayload(BaseModel):
+    ms: int = Field(default=100, ge=0, le=600_000)
+
+
+class FlakyPayload(BaseModel):
+    fail_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class RetryAfterPayload(BaseModel):
+    delay_s: float = Field(default=1.0, ge=0, le=3600)
+    fail_times: int = Field(default=1, ge=0, le=100)
+
+
+class TypedPayload(BaseModel):
+    user_id: int
+    amount: int = Field(ge=0)
+
+
+def _record(event: Event, suffix: str = "") -> None:
+    state: redis.Redis = current().state
+    state.hincrby(Keys.demo_effects(), f"{event.id}{suffix}", 1)
+
+
+@handler("demo.ok", name="demo.ok")
+def ok(event: Event) -> None:
+    _record(event)
+
+
+@handler("demo.slow", name="demo.slow", model=SlowPayload)
+def slow(event: Event, payload: SlowPayload) -> None:
+    time.sleep(payload.ms / 1000)
+    _record(event)
+
+
+@handler("demo.flaky", name="demo.flaky", model=FlakyPayload)
+def flaky(event: Event, payload: FlakyPayload) -> None:
+    if random.random() < payload.fail_rate:
+        raise DemoTransientError(f"demo.flaky failed (fail_rate={payload.fail_rate})")
+    _record(event)
+
+
+@handler("demo.fail", name="demo.fail")
+def fail(event: Event) -> None:
+    raise DemoTransientError(f"demo.fail always fails (attempt {current().attempt})")
+
+
+@handler("demo.invalid", name="demo.invalid")
+def invalid(event: Event) -> None:
+    raise PermanentError("demo.invalid can never succeed")
+
+
+@handler("demo.retry_after", name="demo.retry_after", model=RetryAfterPayload)
+def retry_after(event: Event, payload: RetryAfterPayload) -> None:
+    """Asks for a retry in ``delay_s`` on its first ``fail_times`` attempts, then succeeds."""
+    if current().attempt <= payload.fail_times:
+        raise RetryAfter(payload.delay_s, "downstream said Retry-After")
+    _record(event)
+
+
+@handler("demo.typed", name="demo.typed", model=TypedPayload)
+def typed(event: Event, payload: TypedPayload) -> None:
+    _record(event)
+
+
+@handler("demo.crash", name="demo.crash")
+def crash(event: Event) -> None:
+    os._exit(13)  # the worker child dies mid-task, as on a segfault or the OOM killer
+
+
+@handler("demo.fanout", name="demo.fanout.ok")
+def fanout_ok(event: Event) -> None:
+    _record(event, "#ok")
+
+
+@handler("demo.fanout", name="demo.fanout.fail")
+def fanout_fail(event: Event) -> None:
+    raise DemoTransientError("demo.fanout.fail always fails")
+
+
+def report(state: redis.Redis, *, with_ids: bool = False) -> dict[str, Any]:
+    """``{"processed": N, "duplicate_effects": M[, "ids": [...]]}`` from the effect log."""
+    raw: dict[bytes, bytes] = state.hgetall(Keys.demo_effects())  # type: ignore[assignment]
+    effects = {k.decode(): int(v) for k, v in raw.items()}
+    result: dict[str, Any] = {
+        "processed": len(effects),
+        "duplicate_effects": sum(n - 1 for n in effects.values() if n > 1),
+    }
+    if with_ids:
+        result["ids"] = sorted(effects)
+    return result

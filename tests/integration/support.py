@@ -1,0 +1,200 @@
+"""Real tier workers as subprocesses, and a publisher in the test process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from pipeline.app import create_app
+from pipeline.config import load_settings
+from pipeline.deadletter import DeadLetterRecord
+from pipeline.ingest import PublishResult
+from pipeline.runtime import Runtime, runtime_for
+from pipeline.state import Keys
+
+WORKER_READY_TIMEOUT_S = 30.0  # a worker that is not ready by then fails the test
+T = TypeVar("T")
+
+# A test config: fast retries, short limits, demo handlers loaded.
+FAST_TOML = """
+handler_modules = ["pipeline.demo"]
+default_tier = "standard"
+broker_visibility_timeout_s = {vt}
+retry_poll_interval_s = 0.1
+
+[broker_transport_options]
+unacked_restore_interval = 1
+unacked_restore_throttle = 1
+
+[tiers.critical]
+queue = "{prefix}critical"
+concurrency = 1
+prefetch_multiplier = 1
+max_retries = 3
+backoff_base_s = 0.1
+backoff_max_s = 0.3
+soft_time_limit_s = {soft}
+time_limit_s = {hard}
+
+[tiers.standard]
+queue = "{prefix}standard"
+concurrency = 2
+prefetch_multiplier = 1
+max_retries = 2
+backoff_base_s = 0.1
+backoff_max_s = 0.3
+soft_time_limit_s = {soft}
+time_limit_s = {hard}
+max_deliveries = 2
+
+[tiers.bulk]
+queue = "{prefix}bulk"
+concurrency = 1
+prefetch_multiplier = 1
+max_retries = 1
+backoff_base_s = 60
+backoff_max_s = 120
+soft_time_limit_s = {soft}
+time_limit_s = {hard}
+
+[[rules]]
+type = "demo.*"
+source = "vip-*"
+tier = "critical"
+
+[[rules]]
+source = "batch-*"
+tier = "bulk"
+"""
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float, what: str,
+             interval_s: float = 0.05) -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class Worker:
+    tier: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> Worker:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker {self.tier} exited:\n{self.log()[-3000:]}")
+            return " ready." in self.log()
+
+        wait_for(ready, WORKER_READY_TIMEOUT_S, f"worker {self.tier} to be ready")
+        return self
+
+    def child_pids(self) -> list[int]:
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker's main process and its pool children (a node crash)."""
+        children = self.child_pids()
+        self.process.kill()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill_all()
+
+
+@dataclass
+class Stack:
+    """A config file, a publisher in this process and workers in subprocesses."""
+
+    url: str
+    config_path: Path
+    tmp: Path
+    env_extra: dict[str, str] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+    rt: Runtime = field(init=False)
+
+    def __post_init__(self) -> None:
+        settings = load_settings(self.config_path, broker_url=self.url,
+                                 **self._overrides_from_env_extra())
+        self.rt = runtime_for(create_app(settings, main=f"test-{self.tmp.name}"))
+
+    def _overrides_from_env_extra(self) -> dict[str, Any]:
+        return {"state_url": self.env_extra["PIPELINE_STATE_URL"]} \
+            if "PIPELINE_STATE_URL" in self.env_extra else {}
+
+    @property
+    def state(self) -> redis.Redis:
+        return self.rt.state
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+        env.update(PIPELINE_BROKER_URL=self.url, PIPELINE_CONFIG=str(self.config_path))
+        env.update(self.env_extra)
+        return env
+
+    def start_worker(self, tier: str, *extra: str, wait: bool = True) -> Worker:
+        log_path = self.tmp / f"worker-{tier}-{len(self.workers)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "worker", "--tier", tier,
+                 "--without-gossip", "--without-mingle", *extra],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+        worker = Worker(tier, process, log_path)
+        self.workers.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def publish(self, type: str, source: str = "tests", **fields: Any) -> PublishResult:
+        return self.rt.publisher.publish({"type": type, "source": source, **fields})
+
+    def effects(self, key: str) -> int:
+        return int(self.state.hget(Keys.demo_effects(), key) or 0)
+
+    def dlq_for(self, event_id: str) -> list[DeadLetterRecord]:
+        return [r for r in self.rt.dlq.records() if r.event_id == event_id]
+
+    def wait_dlq(self, event_id: str, timeout_s: float = 20.0) -> DeadLetterRecord:
+        records = wait_for(lambda: self.dlq_for(event_id), timeout_s, f"DLQ record for {event_id}")
+        return records[0]
+
+    def wait_effect(self, key: str, timeout_s: float = 20.0) -> int:
+        return wait_for(lambda: self.effects(key), timeout_s, f"effect of {key}")
+
+
+def write_config(path: Path, *, prefix: str = "", vt: float = 30.0, soft: float = 4.0,
+                 hard: float = 5.0, extra: str = "") -> Path:
+    path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard) + extra)
+    return path

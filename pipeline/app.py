@@ -96,11 +96,13 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
         raise ConfigError(problems)
     import_handler_modules(settings.handler_modules)
 
+    ours = tier_queues(settings)
     existing = list(celery.conf.task_queues or [])
-    if not existing:
-        existing = [Queue(celery.conf.task_default_queue)]
+    default = celery.conf.task_default_queue
+    if not existing and default not in {q.name for q in ours}:
+        existing = [Queue(default)]  # keep the queue their tasks go to by default
     names = {q.name for q in existing}
-    celery.conf.task_queues = existing + [q for q in tier_queues(settings) if q.name not in names]
+    celery.conf.task_queues = existing + [q for q in ours if q.name not in names]
 
     options = dict(celery.conf.broker_transport_options or {})
     if settings.broker_is_redis:

@@ -31,6 +31,15 @@ def _runtime() -> Any:
     return runtime_for(app)
 
 
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: unset optional settings are left out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
 def _fail_config(exc: ConfigError) -> None:
     for problem in exc.problems:
         click.echo(f"config error: {problem}", err=True)
@@ -131,9 +140,16 @@ def config_show(as_json: bool) -> None:
     except ConfigError as exc:
         _fail_config(exc)
     data = settings.model_dump(mode="json")
-    data["effective_broker_url"] = settings.effective_broker_url
-    data["effective_visibility_timeout_s"] = settings.visibility_timeout_s
-    click.echo(json.dumps(data, indent=2))
+    if as_json:
+        data["effective_broker_url"] = settings.effective_broker_url
+        data["effective_visibility_timeout_s"] = settings.visibility_timeout_s
+        click.echo(json.dumps(data, indent=2))
+        return
+    import tomli_w
+
+    click.echo(f"# effective broker: {settings.effective_broker_url}")
+    click.echo(f"# effective visibility timeout: {settings.visibility_timeout_s:g}s")
+    click.echo(tomli_w.dumps(_drop_none(data)))
 
 
 @cli.group()

@@ -26,6 +26,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from pipeline.errors import ConfigError, FieldProblem
@@ -169,7 +170,10 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except pydantic.ValidationError as exc:
-        raise ConfigError(_problems(exc)) from None
+        raise ConfigError(_problems(exc, set(overrides))) from None
+    except SettingsError as exc:  # an env value that should be JSON (a list, a table) is not
+        cause = exc.__cause__ or exc
+        raise ConfigError([_env_problem(str(exc), cause)]) from None
     finally:
         if path is not None:
             if previous is None:
@@ -178,18 +182,29 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
                 os.environ[CONFIG_ENV] = previous
 
 
-def _problems(exc: pydantic.ValidationError) -> list[FieldProblem]:
+def _problems(exc: pydantic.ValidationError, arguments: set[str]) -> list[FieldProblem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         field = ".".join(loc)
         message = err["msg"].removeprefix("Value error, ")
-        problems.append(FieldProblem(field, err.get("input"), f"{message} ({_source_of(loc)})"))
+        source = _source_of(loc, arguments)
+        problems.append(FieldProblem(field, err.get("input"), f"{message} ({source})"))
     return problems
 
 
-def _source_of(loc: list[str]) -> str:
-    """Where a setting came from: an environment variable, the config file or the default."""
+def _env_problem(text: str, cause: BaseException) -> FieldProblem:
+    """pydantic-settings says 'error parsing value for field "x" from source "Y"'."""
+    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else "<env>"
+    name = ENV_PREFIX + field.upper()
+    value = os.environ.get(name)
+    return FieldProblem(field, value, f"not valid JSON ({cause}) (from env {name})")
+
+
+def _source_of(loc: list[str], arguments: set[str]) -> str:
+    """Where a setting came from: an argument, an environment variable, the file or the default."""
+    if loc and loc[0] in arguments:
+        return "from argument"
     for depth in range(len(loc), 0, -1):
         name = ENV_PREFIX + "__".join(loc[:depth]).upper()
         if name in os.environ:

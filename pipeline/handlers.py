@@ -113,7 +113,7 @@ def handler(
     def decorate(func: F) -> F:
         registry.register(
             Handler(
-                name=name or f"{func.__module__}.{func.__qualname__}",
+                name=name or _default_name(func),
                 pattern=event_type,
                 func=func,
                 model=model,
@@ -162,7 +162,19 @@ def import_handler_modules(modules: Iterable[str]) -> None:
         importlib.import_module(module)
 
 
+def _default_name(func: Callable[..., Any]) -> str:
+    qualname = getattr(func, "__qualname__", getattr(func, "__name__", "handler"))
+    return f"{func.__module__}.{qualname.replace('<locals>.', '')}"
+
+
 def _same_function(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
-    return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and getattr(
-        getattr(a, "__code__", None), "co_filename", 1
-    ) == getattr(getattr(b, "__code__", None), "co_filename", 2)
+    """The same source function imported twice (e.g. as ``__main__`` and by name)."""
+
+    def where(f: Callable[..., Any]) -> tuple[object, ...] | None:
+        code = getattr(f, "__code__", None)
+        if code is None:
+            return None
+        return (f.__qualname__, code.co_filename, code.co_firstlineno)
+
+    here = where(a)
+    return here is not None and here == where(b)

@@ -1,0 +1,91 @@
+"""``pipeline config check`` and ``pipeline config show``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+
+BAD_FIELDS = """
+publish_max_retries = -1
+dead_letter_queue = "bad name"
+[tiers.standard]
+concurrency = 0
+"""
+
+BAD_CROSS_FIELD = """
+default_tier = "nosuch"
+[tiers.standard]
+queue = "dead_letter"
+[[rules]]
+type = "a.*"
+tier = "ghost"
+"""
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return path
+
+
+def test_check_of_a_file_with_bad_values_exits_2_with_one_line_per_field(
+    tmp_path: Path,
+) -> None:
+    code, _, err = run("config", "check", str(write(tmp_path, BAD_FIELDS)))
+    assert code == 2
+    assert sorted(line.split("=")[0] for line in err.splitlines()) == [
+        "error: dead_letter_queue", "error: publish_max_retries",
+        "error: tiers.standard.concurrency",
+    ]
+
+
+def test_check_of_a_file_with_cross_field_problems_lists_each(tmp_path: Path) -> None:
+    code, _, err = run("config", "check", str(write(tmp_path, BAD_CROSS_FIELD)))
+    assert code == 2
+    assert [line.split("=")[0] for line in err.splitlines()] == [
+        "error: default_tier", "error: rules[0].tier", "error: tiers.standard.queue"
+    ]
+
+
+def test_check_of_a_missing_file_exits_2(tmp_path: Path) -> None:
+    code, _, err = run("config", "check", str(tmp_path / "absent.toml"))
+    assert code == 2
+    assert "file not found" in err
+
+
+def test_check_of_a_good_file_exits_0(tmp_path: Path) -> None:
+    code, out, err = run("config", "check", str(write(tmp_path, 'default_tier = "high"\n')))
+    assert (code, err) == (0, "")
+    assert out.strip() == "ok: 4 tiers, 5 rules"
+
+
+def test_show_json_prints_the_four_builtin_tiers() -> None:
+    code, out, _ = run("config", "show", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert set(data["tiers"]) == {"critical", "high", "standard", "bulk"}
+    assert data["effective_broker_url"] == "redis://127.0.0.1:6379/0"
+
+
+def test_show_without_json_does_not_print_json() -> None:
+    code, out, _ = run("config", "show")
+    assert code == 0
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+
+
+def test_check_with_a_non_json_list_env_value_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_HANDLER_MODULES", "a.b")
+    code, _, err = run("config", "check")
+    assert code == 2
+    assert "PIPELINE_HANDLER_MODULES" in err

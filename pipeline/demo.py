@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, Field
 
 from pipeline.errors import PermanentError, RetryAfter
@@ -31,6 +32,7 @@ class DemoTransientError(RuntimeError):
 
 class SlowPayload(BaseModel):
     ms: int = Field(default=100, ge=0, le=600_000)
+    ignore_soft_limit: bool = False  # keep sleeping past the soft limit: meet the hard one
 
 
 class FlakyPayload(BaseModel):
@@ -59,7 +61,13 @@ def ok(event: Event) -> None:
 
 @handler("demo.slow", name="demo.slow", model=SlowPayload)
 def slow(event: Event, payload: SlowPayload) -> None:
-    time.sleep(payload.ms / 1000)
+    deadline = time.monotonic() + payload.ms / 1000
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            if not payload.ignore_soft_limit:
+                raise
     _record(event)
 
 

@@ -23,7 +23,7 @@ max_retries = 1
 backoff_base_s = 0.1
 backoff_max_s = 0.2
 soft_time_limit_s = 0.5
-time_limit_s = 3
+time_limit_s = 1.5
 """
 
 
@@ -148,6 +148,16 @@ def test_soft_time_limit_is_a_retryable_failure(stack: Stack) -> None:
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 2
     assert record.exception.endswith(".SoftTimeLimitExceeded")  # billiard defines it
+
+
+def test_hard_time_limit_kills_the_attempt_and_counts_as_a_failure(stack: Stack) -> None:
+    result = stack.publish("demo.slow", tier="slow",
+                           payload={"ms": 4000, "ignore_soft_limit": True})
+    record = stack.wait_dlq(result.id, timeout_s=30)
+    assert record.reason is Reason.RETRIES_EXHAUSTED
+    assert record.attempts == 2
+    assert record.exception.endswith(".TimeLimitExceeded")
+    assert stack.effects(result.id) == 0
 
 
 def test_crash_looping_event_is_dead_lettered_while_its_tier_keeps_flowing(stack: Stack) -> None:

@@ -1,0 +1,153 @@
+"""The command line against a real broker: send, dlq list, demo report, and `pipeline up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.embedded import free_port
+from pipeline.state import Keys
+from tests.integration.support import Stack, wait_for, write_config
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("cli")
+    s = Stack(redis_url, write_config(tmp / "pipeline.toml"), tmp)
+    try:
+        s.start_worker("standard")
+        yield s
+    finally:
+        s.stop()
+
+
+def run_cli(stack: Stack, *args: str, stdin: str = "",
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], input=stdin,
+                          capture_output=True, text=True, env=env or stack.env(), timeout=60)
+
+
+def test_send_accepts_valid_lines_and_reports_each_rejected_one(stack: Stack) -> None:
+    lines = [
+        json.dumps({"type": "demo.ok", "source": "cli-test"}),
+        "",
+        json.dumps({"type": "Not.Valid", "source": "cli-test"}),
+        "{not json",
+        json.dumps({"type": "demo.invalid", "source": "cli-test"}),
+    ]
+    proc = run_cli(stack, "send", "--json", "-", stdin="\n".join(lines))
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["accepted"] == 2
+    assert summary["rejected"] == 2
+    rejected = {item["line"]: item["errors"] for item in summary["rejected_lines"]}
+    assert set(rejected) == {3, 4}
+    assert rejected[3][0]["field"] == "type"
+    assert rejected[3][0]["value"] == "Not.Valid"
+    assert rejected[4][0]["field"] == "<document>"
+
+
+def test_send_to_an_unreachable_broker_fails_clearly_and_accepts_nothing(stack: Stack) -> None:
+    env = {**stack.env(), "PIPELINE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+           "PIPELINE_PUBLISH_MAX_RETRIES": "0"}
+    proc = run_cli(stack, "send", "-", stdin=json.dumps({"type": "demo.ok", "source": "x"}),
+                   env=env)
+    assert proc.returncode == 3
+    assert "unreachable" in proc.stderr
+    assert "0 accepted" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_dlq_list_json_prints_records_as_a_json_array(stack: Stack) -> None:
+    result = stack.publish("demo.invalid")
+    stack.wait_dlq(result.id)
+    proc = run_cli(stack, "dlq", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    assert isinstance(records, list)
+    (mine,) = [r for r in records if r["event"]["id"] == result.id]
+    assert mine["reason"] == "permanent_error"
+    for field in ("id", "event", "tier", "handler", "reason", "attempts", "exception",
+                  "message", "traceback", "first_failed_at", "last_failed_at", "worker"):
+        assert field in mine
+
+
+def test_demo_report_accounts_for_processed_events(stack: Stack) -> None:
+    results = [stack.publish("demo.ok") for _ in range(5)]
+    for r in results:
+        stack.wait_effect(r.id)
+    proc = run_cli(stack, "demo", "report", "--json", "--ids")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {r.id for r in results} <= set(report["ids"])
+    assert report["processed"] == len(report["ids"])
+    assert report["duplicate_effects"] == 0
+
+
+def descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        for child in map(int, children):
+            found |= {child} | descendants(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_pipeline_up_runs_a_broker_and_tier_workers_and_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text('handler_modules = ["pipeline.demo"]\n'
+                      "[tiers.critical]\nconcurrency = 1\nprefetch_multiplier = 1\n"
+                      "[tiers.standard]\nconcurrency = 1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    out = tmp_path / "up.out"
+    with out.open("wb") as handle:
+        up = subprocess.Popen([sys.executable, "-m", "pipeline", "up", "--config", str(config),
+                               "--state-dir", str(tmp_path / "state")],
+                              env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        banner = wait_for(lambda: re.search(r"broker:\s+(redis://\S+)", out.read_text()), 30,
+                          "the banner")
+        url = banner.group(1)
+        logs = tmp_path / "state" / "logs"
+        for tier in ("critical", "standard"):
+            wait_for(lambda t=tier: " ready." in (logs / f"worker-{t}.log").read_text()
+                     if (logs / f"worker-{t}.log").exists() else False, 30, f"{tier} worker")
+        processes = descendants(up.pid)
+        assert len(processes) >= 5  # broker, 2 worker mains, 2 pool children
+        event = {"type": "demo.ok", "source": "vip-app"}
+        sent = subprocess.run([sys.executable, "-m", "pipeline", "send", "--json", "-"],
+                              input=json.dumps(event), capture_output=True, text=True,
+                              env={**env, "PIPELINE_BROKER_URL": url,
+                                   "PIPELINE_CONFIG": str(config)}, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        client = redis.Redis.from_url(url)
+        wait_for(lambda: client.hlen(Keys.demo_effects()) == 1, 20, "the event to be processed")
+        client.close()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    assert up.returncode == 0, out.read_text()[-2000:]
+    time.sleep(0.2)
+    leftovers = [pid for pid in processes if alive(pid)]
+    assert leftovers == [], f"processes left behind: {leftovers}"

@@ -148,14 +148,22 @@ class PipelineTask(Task):  # type: ignore[type-arg]
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        """Hard time limit: the child was killed; settle the attempt from the parent."""
+        """Hard time limit: the child was killed; settle the attempt from the parent.
+
+        Celery (5.7) calls this in the worker's main process and then reads
+        ``acks_on_timeout`` to choose between ack and requeue: ack only once the
+        retry or DLQ record is written, else requeue so nothing is lost (the
+        delivery count still bounds a loop).
+        """
         if not isinstance(exc, TimeLimitExceeded) or not args:
             return
         try:
-            attempt = _attempt(self.app, task_id, args, kwargs)
-            attempt.failed(exc)
+            _attempt(self.app, task_id, args, kwargs).failed(exc)
+            self.acks_on_timeout = True
         except Exception:
-            log.exception("could not settle task %s after its hard time limit", task_id)
+            log.exception("could not settle task %s after its hard time limit; requeueing",
+                          task_id)
+            self.acks_on_timeout = False
 
 
 def _attempt(app: Celery, task_id: str, args: Any, kwargs: Any) -> Attempt:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     retry_move_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
     #: how many times a publish is retried while the broker is unreachable.
     publish_max_retries: Annotated[int, Field(ge=0, le=100)] = 2
+    #: an event id / idempotency key accepted within this window is a duplicate;
+    #: a handler that succeeded within it does not run again. 0 disables both.
+    idempotency_window_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    #: how long a tier's queue depth reading is reused by admission control.
+    admission_cache_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    #: events per round trip in publish_many.
+    publish_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    #: bearer token of the HTTP API (PIPELINE_API_TOKEN); required unless --insecure-local.
+    api_token: SecretStr | None = None
+    #: largest HTTP request body accepted by the API.
+    api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    #: most events in one POST /events/batch.
+    api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
 

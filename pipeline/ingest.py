@@ -1,23 +1,34 @@
-"""Publishing: validate -> classify -> fan out per handler -> enqueue.
+"""Publishing: validate -> classify -> admit -> dedupe -> fan out per handler -> enqueue.
 
-:func:`publish` returns only once every task of the event is on the broker; if
-the broker cannot be reached it raises :class:`~pipeline.errors.BrokerUnavailable`
-and the event is not reported accepted.
+:meth:`Publisher.publish_many` is the fast path. On a Redis broker each chunk of
+``publish_batch_size`` events costs one round trip: a Lua script that, per
+event, claims its idempotency key (``SET NX EX``) and, only if fresh, ``LPUSH``es
+its pre-rendered task messages — atomically, so an event is never marked seen
+without being enqueued. On RabbitMQ keys are claimed in one pipeline, messages
+published with confirms, and the keys of anything unconfirmed released.
+
+Nothing is reported ``accepted`` that is not on the broker: if the broker cannot
+be reached, :class:`~pipeline.errors.BrokerUnavailable` is raised for the chunk.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import redis
 from kombu.exceptions import OperationalError
 
-from pipeline.errors import BrokerUnavailable
+from pipeline.admission import TIER_FULL, DepthCache, admitted
+from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
-from pipeline.schedule import TaskSpec
+from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec, redis_list_key
+from pipeline.state import Keys
 from pipeline.tiers import classify
 
 if TYPE_CHECKING:
@@ -27,17 +38,55 @@ __all__ = ["PublishResult", "Publisher", "task_id_for"]
 
 _TASK_NAMESPACE = uuid.UUID("6a1f0b7e-3c4d-4f5a-8b9c-0d1e2f3a4b5c")  # uuid5 namespace for task ids
 FAN_OUT_HANDLER = ""  # handler name of a task that asks the worker to fan out
+Item = Event | Mapping[str, Any] | str | bytes
+
+# ARGV: ttl_s, n_events, then per event: dedupe key, n messages, (list key, payload) * n.
+_ENQUEUE_LUA = """
+local ttl = tonumber(ARGV[1])
+local i = 3
+local out = {}
+for e = 1, tonumber(ARGV[2]) do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local fresh = 1
+  if ttl > 0 and not redis.call('SET', key, '1', 'NX', 'EX', ttl) then fresh = 0 end
+  if fresh == 1 then
+    for m = 0, n - 1 do redis.call('LPUSH', ARGV[i + 2 * m], ARGV[i + 2 * m + 1]) end
+  end
+  i = i + 2 * n
+  out[e] = fresh
+end
+return out
+"""
 
 
 @dataclass(frozen=True)
 class PublishResult:
-    """What happened to one event."""
+    """What happened to one event: ``accepted``, ``duplicate`` or ``rejected``."""
 
-    id: str
-    tier: str
+    id: str | None
+    tier: str | None
     outcome: str = "accepted"
+    reason: str | None = None  # rejected: "invalid" or "tier_full"
+    errors: list[dict[str, Any]] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
     handlers: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": self.id, "tier": self.tier, "outcome": self.outcome}
+        if self.reason:
+            data["reason"] = self.reason
+        if self.errors:
+            data["errors"] = self.errors
+        return data
+
+
+@dataclass
+class _Planned:
+    event: Event
+    tier: str
+    handlers: list[str]
+    specs: list[TaskSpec]
 
 
 def task_id_for(event_id: uuid.UUID | str, handler: str) -> str:
@@ -50,8 +99,13 @@ class Publisher:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        settings = runtime.settings
+        self._renderer = RedisMessageRenderer(runtime.app) if settings.broker_is_redis else None
+        self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) \
+            if settings.broker_is_redis else None
+        self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
 
-    def validate(self, data: Event | Mapping[str, Any] | str | bytes) -> Event:
+    def validate(self, data: Item) -> Event:
         if isinstance(data, Event):
             data = data.model_dump(mode="json")
         return parse_event(data, max_payload_bytes=self.rt.settings.max_payload_bytes)
@@ -60,26 +114,38 @@ class Publisher:
         s = self.rt.settings
         return classify(event, s.rules, s.tiers, s.default_tier)
 
-    def publish(self, data: Event | Mapping[str, Any] | str | bytes) -> PublishResult:
-        """Validate and enqueue one event (raises EventValidationError / BrokerUnavailable)."""
-        event = self.validate(data)
-        tier = self.tier_for(event)
-        handlers = registry.for_type(event.type)
-        task_ids = self.enqueue(event, tier, handlers)
-        return PublishResult(id=str(event.id), tier=tier, task_ids=task_ids,
-                             handlers=[h.name for h in handlers])
+    def publish(self, data: Item) -> PublishResult:
+        """Validate and enqueue one event; raises EventValidationError / BrokerUnavailable."""
+        return self._publish_events([self.validate(data)])[0]
+
+    def publish_many(self, items: Iterable[Item]) -> list[PublishResult]:
+        """Validate and enqueue many events in batched round trips; one result per item.
+
+        Invalid items are ``rejected`` (reason ``invalid``, ``errors`` naming every
+        field) while the valid ones go through. Raises BrokerUnavailable for a chunk
+        the broker did not take; chunks before it stay accepted.
+        """
+        results: list[PublishResult] = []
+        it = iter(items)
+        while chunk := list(itertools.islice(it, self.rt.settings.publish_batch_size)):
+            slots: list[PublishResult | None] = []
+            valid: list[Event] = []
+            for item in chunk:
+                try:
+                    valid.append(self.validate(item))
+                    slots.append(None)
+                except EventValidationError as exc:
+                    slots.append(PublishResult(id=_raw_id(item), tier=None, outcome="rejected",
+                                               reason="invalid", errors=exc.as_dicts()))
+            published = iter(self._publish_events(valid))
+            results.extend(slot or next(published) for slot in slots)
+        return results
 
     def enqueue(self, event: Event, tier: str, handlers: Sequence[Handler]) -> list[str]:
-        """One task per handler; with no known handler, one task the worker fans out."""
-        names = [h.name for h in handlers] or [FAN_OUT_HANDLER]
-        message = event.to_message()
-        specs = [
-            self.spec(message, handler=name, tier=tier, task_id=task_id_for(event.id, name),
-                      attempt=1, priority=event.priority)
-            for name in names
-        ]
-        self.send(specs)
-        return [s.task_id for s in specs]
+        """Enqueue ``event``'s tasks without admission or dedupe (worker-side fan-out)."""
+        plan = self._plan(event, tier, [h.name for h in handlers])
+        self._send(plan.specs)
+        return [s.task_id for s in plan.specs]
 
     def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
              attempt: int, first_failed_at: str | None = None,
@@ -94,8 +160,117 @@ class Publisher:
             soft_time_limit_s=cfg.soft_time_limit_s,
         )
 
-    def send(self, specs: Iterable[TaskSpec]) -> None:
-        task = self.rt.app.tasks["pipeline.handle"]
+    def queue_depth(self, tier: str) -> int:
+        """Messages waiting in ``tier``'s queue (priority sub-queues included)."""
+        queue = self.rt.settings.queue_for(tier)
+        try:
+            if self.rt.settings.broker_is_redis:
+                pipe = self.rt.state.pipeline(transaction=False)
+                for pri in range(10):
+                    pipe.llen(redis_list_key(queue, pri))
+                return int(sum(pipe.execute()))
+            with self.rt.app.connection_for_read() as conn:
+                channel: Any = conn.default_channel
+                declared = channel.queue_declare(queue, passive=True)
+                return int(declared.message_count)
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _plan(self, event: Event, tier: str, handlers: list[str]) -> _Planned:
+        names = handlers or [FAN_OUT_HANDLER]
+        message = event.to_message()
+        specs = [self.spec(message, handler=name, tier=tier, task_id=task_id_for(event.id, name),
+                           attempt=1, priority=event.priority) for name in names]
+        return _Planned(event, tier, handlers, specs)
+
+    def _publish_events(self, events: list[Event]) -> list[PublishResult]:
+        if not events:
+            return []
+        plans = []
+        for event in events:
+            tier = self.tier_for(event)
+            plans.append(self._plan(event, tier, [h.name for h in registry.for_type(event.type)]))
+        admitted_plans, rejected = self._admit(plans)
+        fresh = self._dedupe_and_send(admitted_plans)
+        outcome: dict[int, PublishResult] = {}
+        for plan in rejected:
+            outcome[id(plan)] = PublishResult(id=str(plan.event.id), tier=plan.tier,
+                                              outcome="rejected", reason=TIER_FULL)
+        counts: Counter[str] = Counter()
+        for plan, is_fresh in zip(admitted_plans, fresh, strict=True):
+            if is_fresh:
+                counts[plan.tier] += len(plan.specs)
+            outcome[id(plan)] = PublishResult(
+                id=str(plan.event.id), tier=plan.tier,
+                outcome="accepted" if is_fresh else "duplicate",
+                task_ids=[s.task_id for s in plan.specs], handlers=plan.handlers,
+            )
+        for tier, n in counts.items():
+            self.depths.added(tier, n)
+        return [outcome[id(plan)] for plan in plans]
+
+    def _admit(self, plans: list[_Planned]) -> tuple[list[_Planned], list[_Planned]]:
+        wanted = Counter(p.tier for p in plans)
+        room = {}
+        for tier, n in wanted.items():
+            cfg = self.rt.settings.tier(tier)
+            bounded = cfg.max_depth > 0 and cfg.overflow == "reject"
+            depth = self.depths.depth(tier) if bounded else 0  # no broker read when unbounded
+            room[tier] = admitted(depth, n, max_depth=cfg.max_depth, overflow=cfg.overflow)
+        taken, refused = [], []
+        for plan in plans:
+            if room[plan.tier] > 0:
+                room[plan.tier] -= 1
+                taken.append(plan)
+            else:
+                refused.append(plan)
+        return taken, refused
+
+    def _dedupe_and_send(self, plans: list[_Planned]) -> list[bool]:
+        if not plans:
+            return []
+        ttl = self.rt.settings.idempotency_window_s
+        try:
+            if self._enqueue_script is not None:
+                return self._send_redis(plans, ttl)
+            return self._send_amqp(plans, ttl)
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _send_redis(self, plans: list[_Planned], ttl: int) -> list[bool]:
+        assert self._renderer is not None
+        assert self._enqueue_script is not None
+        argv: list[Any] = [ttl, len(plans)]
+        for plan in plans:
+            argv += [Keys.seen(plan.event.dedupe_key), len(plan.specs)]
+            for spec in plan.specs:
+                argv.extend(self._renderer.render(spec))
+        return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]
+
+    def _send_amqp(self, plans: list[_Planned], ttl: int) -> list[bool]:
+        state = self.rt.state
+        if ttl > 0:
+            pipe = state.pipeline(transaction=False)
+            for plan in plans:
+                pipe.set(Keys.seen(plan.event.dedupe_key), "1", nx=True, ex=ttl)
+            fresh = [bool(x) for x in pipe.execute()]
+        else:
+            fresh = [True] * len(plans)
+        for i, plan in enumerate(plans):
+            if not fresh[i]:
+                continue
+            try:
+                self._send(plan.specs)
+            except BrokerUnavailable:
+                if ttl > 0:  # release the claims of everything not confirmed
+                    state.delete(*[Keys.seen(p.event.dedupe_key)
+                                   for p, f in zip(plans[i:], fresh[i:], strict=True) if f])
+                raise
+        return fresh
+
+    def _send(self, specs: Iterable[TaskSpec]) -> None:
+        """Publish with Celery's own path (confirmed on RabbitMQ)."""
+        task = self.rt.app.tasks[TASK_NAME]
         policy = {"max_retries": self.rt.settings.publish_max_retries, "interval_start": 0,
                   "interval_step": 0.5, "interval_max": 1.0}
         try:
@@ -103,9 +278,19 @@ class Publisher:
                 task.apply_async(args=tuple(spec.args), kwargs=spec.kwargs, retry=True,
                                  retry_policy=policy, **spec.apply_async_options())
         except (OperationalError, ConnectionError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"broker {_redact(self.rt.settings.effective_broker_url)} unreachable: {exc}"
-            ) from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"broker {_redact(self.rt.settings.effective_broker_url)} unreachable: {exc}"
+        )
+
+
+def _raw_id(item: Item) -> str | None:
+    if isinstance(item, Mapping):
+        value = item.get("id")
+        return str(value) if value is not None else None
+    return None
 
 
 def _redact(url: str) -> str:

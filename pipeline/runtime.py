@@ -60,7 +60,7 @@ class Runtime:
 
     @property
     def deliveries(self) -> DeliveryCounter:
-        return DeliveryCounter(self.state)
+        return DeliveryCounter(self.state, self.settings.idempotency_window_s)
 
     @property
     def schedule(self) -> RetrySchedule:

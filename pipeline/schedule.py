@@ -23,17 +23,18 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import redis
 
+from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec
 from pipeline.state import Keys
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["RetryMover", "RetrySchedule", "TaskSpec"]
+__all__ = ["RetryMover", "RetrySchedule"]
 
 log = logging.getLogger(__name__)
 
@@ -61,41 +62,6 @@ return due
 """
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """One ``pipeline.handle`` message: where it goes and what it carries."""
-
-    queue: str
-    task_id: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    priority: int | None = None
-    time_limit_s: float | None = None
-    soft_time_limit_s: float | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
-
-    def apply_async_options(self) -> dict[str, Any]:
-        return {
-            "queue": self.queue,
-            "routing_key": self.queue,
-            "task_id": self.task_id,
-            "priority": self.priority,
-            "time_limit": self.time_limit_s,
-            "soft_time_limit": self.soft_time_limit_s,
-            "headers": self.headers or None,
-        }
-
-
-class _CaptureBatch:
-    """Stands in for kombu's Redis publish batch to capture the final LPUSH."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[str, tuple[Any, ...]]] = []
-
-    def add(self, name: str, *args: Any) -> None:
-        self.commands.append((name, args))
-
-
 class RetrySchedule:
     """Durable schedule of retries, one sorted set per tier queue."""
 
@@ -103,12 +69,17 @@ class RetrySchedule:
         self._app = app
         self._client = client
         self._atomic = atomic_move
+        self._renderer = RedisMessageRenderer(app) if atomic_move else None
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
 
     def add(self, spec: TaskSpec, due_at: float) -> None:
         """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
-        member = self._render(spec) if self._atomic else json.dumps(asdict(spec))
+        if self._renderer is not None:
+            list_key, payload = self._renderer.render(spec)
+            member = list_key.encode() + b"\n" + payload
+        else:
+            member = json.dumps(asdict(spec)).encode()
         self._client.zadd(Keys.retries(spec.queue), {member: due_at})
 
     def pending(self, queue: str) -> int:
@@ -123,39 +94,11 @@ class RetrySchedule:
         moved = 0
         for raw in self._lease(keys=[key], args=[now, limit, LEASE_S]):
             spec = TaskSpec(**json.loads(raw))
-            self._app.send_task("pipeline.handle", args=spec.args, kwargs=spec.kwargs,
+            self._app.send_task(TASK_NAME, args=spec.args, kwargs=spec.kwargs,
                                 **spec.apply_async_options())
             self._client.zrem(key, raw)
             moved += 1
         return moved
-
-    def _render(self, spec: TaskSpec) -> str:
-        """The exact string kombu's Redis transport would LPUSH for ``spec``,
-        prefixed by the list key it would push it to."""
-        app = self._app
-        message = app.amqp.as_task_v2(
-            spec.task_id, "pipeline.handle", args=tuple(spec.args), kwargs=spec.kwargs,
-            time_limit=spec.time_limit_s,  # type: ignore[arg-type]  # celery takes floats
-            soft_time_limit=spec.soft_time_limit_s,  # type: ignore[arg-type]
-        )
-        headers = {**message.headers, **spec.headers}
-        with app.producer_or_acquire() as producer:
-            body, content_type, content_encoding = producer._prepare(
-                message.body, "json", None, None, None, headers
-            )
-            properties = {**message.properties, "delivery_mode": 2}
-            channel = producer.channel
-            prepared = channel.prepare_message(
-                body, spec.priority, content_type, content_encoding, headers, properties
-            )
-            capture = _CaptureBatch()
-            channel.basic_publish(prepared, exchange="", routing_key=spec.queue,
-                                  _publish_batch=capture)
-        pushes = [args for name, args in capture.commands if name == "lpush"]
-        if len(pushes) != 1:
-            raise RuntimeError(f"expected one LPUSH rendering a retry, got {capture.commands!r}")
-        list_key, payload = pushes[0]
-        return f"{list_key}\n{payload}"
 
 
 class RetryMover:

@@ -8,7 +8,7 @@ scheduled-retry sets, per-attempt delivery counts and the demo's effect log.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.sentinel import Sentinel
@@ -32,6 +32,16 @@ class Keys:
     @classmethod
     def deliveries(cls, task_id: str, attempt: int) -> str:
         return f"{cls.prefix}deliveries:{task_id}:{attempt}"
+
+    @classmethod
+    def seen(cls, dedupe_key: str) -> str:
+        """An event id / idempotency key accepted at ingest (TTL: the idempotency window)."""
+        return f"{cls.prefix}seen:{dedupe_key}"
+
+    @classmethod
+    def done(cls, task_id: str) -> str:
+        """A (event, handler) task whose handler succeeded (TTL: the idempotency window)."""
+        return f"{cls.prefix}done:{task_id}"
 
     @classmethod
     def demo_effects(cls) -> str:
@@ -66,25 +76,50 @@ def connect(url: str, transport_options: dict[str, Any] | None = None) -> redis.
         )
         return client
     return redis.Redis.from_url(
-        url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S
+        _redis_py_url(url), socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
 
 
+def _redis_py_url(url: str) -> str:
+    """``url`` with ``ssl_cert_reqs=CERT_REQUIRED`` (the spelling Celery documents and
+    kombu accepts) as ``required``, the only spelling redis-py accepts."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    fixed = [(k, v.lower().removeprefix("cert_") if k == "ssl_cert_reqs" else v)
+             for k, v in query]
+    return url if fixed == query else urlunsplit(parts._replace(query=urlencode(fixed)))
+
+
 class DeliveryCounter:
-    """Counts deliveries of one attempt of one task. Redis keeps no delivery count
-    and a crashing handler kills its worker before it can record anything, so the
-    count is taken *before* the handler runs and cleared once the attempt settles."""
+    """Per-task bookkeeping around a handler run, one round trip each side.
 
-    def __init__(self, client: redis.Redis) -> None:
+    Redis keeps no delivery count and a crashing handler kills its worker before
+    it can record anything, so deliveries are counted *before* the handler runs
+    and cleared once the attempt settles. A handler that succeeded leaves a
+    ``done`` mark for ``window_s`` so a redelivery of its task does not run it again.
+    """
+
+    def __init__(self, client: redis.Redis, window_s: int) -> None:
         self._client = client
+        self._window_s = window_s
 
-    def incr(self, task_id: str, attempt: int) -> int:
+    def begin(self, task_id: str, attempt: int) -> tuple[bool, int]:
+        """``(already done, deliveries of this attempt including this one)``."""
         key = Keys.deliveries(task_id, attempt)
         pipe = self._client.pipeline()
+        pipe.exists(Keys.done(task_id))
         pipe.incr(key)
         pipe.expire(key, DELIVERY_COUNT_TTL_S)
-        count, _ = pipe.execute()
-        return int(count)
+        done, count, _ = pipe.execute()
+        return bool(done) and self._window_s > 0, int(count)
+
+    def succeeded(self, task_id: str, attempt: int) -> None:
+        pipe = self._client.pipeline()
+        if self._window_s > 0:
+            pipe.set(Keys.done(task_id), "1", ex=self._window_s)
+        pipe.delete(Keys.deliveries(task_id, attempt))
+        pipe.execute()
 
     def clear(self, task_id: str, attempt: int) -> None:
         self._client.delete(Keys.deliveries(task_id, attempt))

@@ -56,7 +56,12 @@ class Attempt:
     def run(self) -> str:
         settings = self.rt.settings
         tier = settings.tier(self.tier)
-        deliveries = self.rt.deliveries.incr(self.task_id, self.attempt)
+        done, deliveries = self.rt.deliveries.begin(self.task_id, self.attempt)
+        if done:
+            log.info("event %s handler %s already succeeded; not running it again",
+                     self.event.get("id"), self.handler)
+            self.rt.deliveries.clear(self.task_id, self.attempt)
+            return "already_done"
         if deliveries > tier.max_deliveries:
             return self.dead_letter(
                 Reason.MAX_DELIVERIES, "WorkerLost",
@@ -86,7 +91,7 @@ class Attempt:
                 entry(event)
         except Exception as exc:
             return self.failed(exc)
-        self.rt.deliveries.clear(self.task_id, self.attempt)
+        self.rt.deliveries.succeeded(self.task_id, self.attempt)
         return "succeeded"
 
     def fan_out(self, event: Event) -> str:

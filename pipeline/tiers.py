@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +44,8 @@ class TierConfig(BaseModel):
     rate_limit: Annotated[str, Field(pattern=r"^\d+(\.\d+)?/[smh]$")] | None = None
     #: admission control refuses new events past this many queued; 0 = unbounded.
     max_depth: Annotated[int, Field(ge=0)] = 0
+    #: past max_depth: "reject" (tier_full, HTTP 429) or "accept" (never refuse).
+    overflow: Literal["reject", "accept"] = "reject"
     #: deliveries of one attempt that never finished (worker crash) before it is dead-lettered.
     max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
     #: exception classes (dotted paths or builtin names) that are retried.

@@ -1,0 +1,100 @@
+"""Celery task messages for ``pipeline.handle``, rendered fast.
+
+``apply_async`` spends ~0.4 ms of CPU per message (signals, option merging, a new
+Redis client per publish). The fast path renders the exact JSON document kombu's
+Redis transport would ``LPUSH`` — Celery's protocol 2 headers taken once from
+Celery's own ``as_task_v2`` as a template — so a Redis pipeline or a Lua script
+can enqueue thousands in one round trip, and any stock Celery worker of the app
+consumes them. :class:`TaskSpec` describes one message, whatever the transport.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["REDIS_PRIORITY_SEP", "RedisMessageRenderer", "TaskSpec", "redis_list_key"]
+
+TASK_NAME = "pipeline.handle"
+REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue and its priority sub-list
+_REPR_MAX_CHARS = 1024  # argsrepr shown by Flower; the event id comes first
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One ``pipeline.handle`` message: where it goes and what it carries."""
+
+    queue: str
+    task_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    priority: int | None = None
+    time_limit_s: float | None = None
+    soft_time_limit_s: float | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def apply_async_options(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "routing_key": self.queue,
+            "task_id": self.task_id,
+            "priority": self.priority,
+            "time_limit": self.time_limit_s,
+            "soft_time_limit": self.soft_time_limit_s,
+            "headers": self.headers or None,
+        }
+
+
+def redis_list_key(queue: str, priority: int | None) -> str:
+    """The Redis list kombu keeps ``queue``'s messages of ``priority`` in
+    (priority steps 0-9, as the app configures them)."""
+    pri = min(max(int(priority or 0), 0), 9)
+    return f"{queue}{REDIS_PRIORITY_SEP}{pri}" if pri else queue
+
+
+class RedisMessageRenderer:
+    """Renders :class:`TaskSpec` s as kombu Redis transport payloads."""
+
+    def __init__(self, app: Celery) -> None:
+        template = app.amqp.as_task_v2("template", TASK_NAME, args=(), kwargs={})
+        self._headers = dict(template.headers)
+        self._headers["origin"] = f"gen{os.getpid()}@{socket.gethostname()}"
+        self._embed = dict(template.body[2])
+        self._reply_to = template.properties.get("reply_to", "")
+
+    def render(self, spec: TaskSpec) -> tuple[str, bytes]:
+        """``(list key, payload)`` to LPUSH for ``spec``."""
+        body = orjson.dumps([spec.args, spec.kwargs, self._embed])
+        headers = dict(self._headers)
+        headers.update(spec.headers)
+        headers["id"] = headers["root_id"] = spec.task_id
+        headers["timelimit"] = [spec.time_limit_s, spec.soft_time_limit_s]
+        args_json = orjson.dumps(spec.args)
+        headers["argsrepr"] = args_json[:_REPR_MAX_CHARS].decode(errors="replace")
+        headers["kwargsrepr"] = orjson.dumps(spec.kwargs).decode()
+        priority = min(max(int(spec.priority or 0), 0), 9)
+        message = {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                "correlation_id": spec.task_id,
+                "reply_to": self._reply_to,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": spec.queue},
+                "priority": priority,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return redis_list_key(spec.queue, priority), orjson.dumps(message)

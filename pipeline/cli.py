@@ -6,22 +6,28 @@ configuration; 3 broker or state store unreachable.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
+import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from pipeline.config import check_settings, load_settings
-from pipeline.errors import BrokerUnavailable, ConfigError, EventValidationError, FieldProblem
+from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem
 
 __all__ = ["main"]
 
 EXIT_REJECTED = 1  # some events were rejected
 EXIT_CONFIG = 2  # bad usage or configuration
 EXIT_BROKER = 3  # broker or state store unreachable
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # where --insecure-local may bind
 
 
 def _runtime() -> Any:
@@ -74,39 +80,98 @@ def worker(tier: str, celery_args: tuple[str, ...]) -> None:
 @click.argument("source", type=click.File("rb"))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def send(source: IO[bytes], as_json: bool) -> None:
-    """Publish NDJSON events from SOURCE (a file, or - for stdin)."""
+    """Publish NDJSON events from SOURCE (a file, or - for stdin) with publish_many."""
     try:
         rt = _runtime()
     except ConfigError as exc:
         _fail_config(exc)
-    accepted = 0
-    rejected: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for number, raw in enumerate(source, start=1):
-        line = raw.strip()
-        if not line:
-            continue
-        try:
-            rt.publisher.publish(line)
-            accepted += 1
-        except EventValidationError as exc:
-            reasons["invalid"] += 1
-            rejected.append({"line": number, "reason": "invalid", "errors": exc.as_dicts()})
-        except BrokerUnavailable as exc:
-            click.echo(f"error: {exc}; {accepted} accepted before it, line {number} and "
-                       "later were not sent", err=True)
-            sys.exit(EXIT_BROKER)
-    summary = {"accepted": accepted, "duplicate": 0, "rejected": sum(reasons.values()),
-               "rejected_by_reason": dict(reasons), "rejected_lines": rejected}
+    rejected: list[dict[str, Any]] = []
+    chunk_size = rt.settings.publish_batch_size
+    numbered = ((n, line) for n, line in enumerate(source, start=1) if line.strip())
+    with _progress(source) as bar:
+        while chunk := list(itertools.islice(numbered, chunk_size)):
+            try:
+                results = rt.publisher.publish_many([line for _, line in chunk])
+            except BrokerUnavailable as exc:
+                click.echo(f"\nerror: {exc}; {counts['accepted']} accepted before it, "
+                           f"line {chunk[0][0]} and later were not sent", err=True)
+                sys.exit(EXIT_BROKER)
+            for (number, _), result in zip(chunk, results, strict=True):
+                counts[result.outcome] += 1
+                if result.outcome == "rejected":
+                    reasons[result.reason or "?"] += 1
+                    rejected.append({"line": number, "reason": result.reason,
+                                     "errors": result.errors})
+            bar.update(sum(len(line) for _, line in chunk))
+    summary = {"accepted": counts["accepted"], "duplicate": counts["duplicate"],
+               "rejected": counts["rejected"], "rejected_by_reason": dict(reasons),
+               "rejected_lines": rejected}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(f"accepted {accepted}, rejected {summary['rejected']}")
+        by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        click.echo(f"accepted {counts['accepted']}, duplicate {counts['duplicate']}, "
+                   f"rejected {counts['rejected']}" + (f" ({by_reason})" if by_reason else ""))
         for item in rejected:
-            for err in item["errors"]:
+            for err in item["errors"] or [{"field": "-", "value": None,
+                                           "message": item["reason"]}]:
                 click.echo(f"  line {item['line']}: {err['field']}={err['value']!r}: "
                            f"{err['message']}")
     sys.exit(EXIT_REJECTED if rejected else 0)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(source: IO[bytes]) -> Iterator[Any]:
+    """A progress bar on stderr when it is a terminal, sized by the file when it has one."""
+    if not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    try:
+        size = os.fstat(source.fileno()).st_size or None
+    except (OSError, ValueError):
+        size = None
+    with click.progressbar(length=size or 0, label="sending", file=sys.stderr,
+                           show_pos=size is None) as bar:
+        yield bar
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--insecure-local", is_flag=True,
+              help="Run WITHOUT authentication, bound to loopback only (local development).")
+def serve(host: str, port: int, insecure_local: bool) -> None:
+    """Serve the HTTP ingest API (bearer token from PIPELINE_API_TOKEN)."""
+    import uvicorn
+
+    from pipeline.api import create_api
+
+    try:
+        rt = _runtime()
+    except ConfigError as exc:
+        _fail_config(exc)
+    secret = rt.settings.api_token
+    if secret is None:
+        if not insecure_local:
+            click.echo("error: PIPELINE_API_TOKEN is not set; refusing to serve without "
+                       "authentication (use --insecure-local for a loopback-only dev server)",
+                       err=True)
+            sys.exit(EXIT_CONFIG)
+        if host not in LOOPBACK_HOSTS:
+            click.echo(f"error: --insecure-local binds loopback only, not {host!r}", err=True)
+            sys.exit(EXIT_CONFIG)
+        click.secho("WARNING: serving WITHOUT AUTHENTICATION (--insecure-local); anyone on "
+                    "this machine can publish events", fg="red", bold=True, err=True)
+        logging.getLogger("pipeline.api").warning("serving without authentication")
+    api = create_api(rt, token=secret.get_secret_value() if secret else None)
+    uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
 
 
 @cli.group()

@@ -16,11 +16,13 @@ from typing import Any
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import task_postrun
 from pydantic import BaseModel, Field
 
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
 from pipeline.handlers import current, handler
+from pipeline.runtime import runtime_for
 from pipeline.state import Keys
 
 __all__ = ["DemoTransientError", "report"]
@@ -114,6 +116,21 @@ def fanout_ok(event: Event) -> None:
 @handler("demo.fanout", name="demo.fanout.fail")
 def fanout_fail(event: Event) -> None:
     raise DemoTransientError("demo.fanout.fail always fails")
+
+
+@task_postrun.connect
+def _crash_once_after_success(sender: Any = None, args: Any = None, state: Any = None,
+                              **_: Any) -> None:
+    """``payload.crash_once_after_success``: the worker child dies after the handler
+    succeeded and before the message is acknowledged — once per event."""
+    if state != "SUCCESS" or not args or not isinstance(args[0], dict):
+        return
+    event = args[0]
+    if not event.get("payload", {}).get("crash_once_after_success"):
+        return
+    client = runtime_for(sender.app).state
+    if client.set(f"{Keys.prefix}demo:crashed:{event.get('id')}", "1", nx=True, ex=3600):
+        os._exit(14)
 
 
 def report(state: redis.Redis, *, with_ids: bool = False) -> dict[str, Any]:

@@ -93,7 +93,17 @@ class ConfigError(ValidationError):
 
 
 class BrokerUnavailable(PipelineError, ConnectionError):
-    """The broker or the state store could not be reached; nothing was reported accepted."""
+    """The broker or the state store could not be reached; nothing was reported accepted.
+
+    From ``publish_many``, ``results`` holds the outcomes of the chunks before the
+    failed one (those stay accepted).
+    """
+
+    results: list[Any]
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.results = []
 
 
 class HandlerError(PipelineError):

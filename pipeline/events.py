@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 import pydantic
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -61,10 +62,10 @@ class Event(BaseModel):
     @classmethod
     def _payload_within_cap(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         limit = DEFAULT_MAX_PAYLOAD_BYTES
-        if isinstance(info.context, Mapping):
+        if isinstance(info.context, dict):
             limit = int(info.context.get("max_payload_bytes", limit))
         try:
-            size = len(json.dumps(value, separators=(",", ":")).encode())
+            size = len(orjson.dumps(value))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"payload is not JSON-serialisable ({exc})") from None
         if size > limit:
@@ -90,6 +91,8 @@ def parse_event(
 
     Raises :class:`EventValidationError` naming every offending field and value.
     """
+    if type(data) is dict:  # the common case first: ABC isinstance checks are slow
+        return _validate(data, max_payload_bytes)
     if isinstance(data, Event):
         data = data.model_dump()
     if isinstance(data, str | bytes):
@@ -104,6 +107,10 @@ def parse_event(
         raise EventValidationError(
             [FieldProblem("<document>", data, "an event must be a JSON object")]
         )
+    return _validate(data, max_payload_bytes)
+
+
+def _validate(data: Mapping[str, Any], max_payload_bytes: int) -> Event:
     try:
         return Event.model_validate(data, context={"max_payload_bytes": max_payload_bytes})
     except pydantic.ValidationError as exc:

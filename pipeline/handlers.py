@@ -66,8 +66,10 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Handler] = {}
+        self._by_type: dict[str, list[Handler]] = {}  # lookup cache, cleared on change
 
     def register(self, entry: Handler) -> Handler:
+        self._by_type.clear()
         if not _NAME_PATTERN.match(entry.name):
             raise ValueError(f"handler name {entry.name!r} must be a dotted identifier")
         existing = self._by_name.get(entry.name)
@@ -81,12 +83,19 @@ class Registry:
 
     def unregister(self, name: str) -> None:
         self._by_name.pop(name, None)
+        self._by_type.clear()
 
     def get(self, name: str) -> Handler | None:
         return self._by_name.get(name)
 
     def for_type(self, event_type: str) -> list[Handler]:
-        return [h for h in self._by_name.values() if fnmatch.fnmatchcase(event_type, h.pattern)]
+        found = self._by_type.get(event_type)
+        if found is None:
+            found = [h for h in self._by_name.values()
+                     if fnmatch.fnmatchcase(event_type, h.pattern)]
+            if len(self._by_type) < _TYPE_CACHE_MAX_ENTRIES:
+                self._by_type[event_type] = found
+        return list(found)
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -94,6 +103,8 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_name)
 
+
+_TYPE_CACHE_MAX_ENTRIES = 10_000  # event types whose handler lists are cached
 
 registry = Registry()  # the process-wide registry the decorator writes to
 

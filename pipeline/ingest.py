@@ -13,6 +13,7 @@ be reached, :class:`~pipeline.errors.BrokerUnavailable` is raised for the chunk.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import uuid
 from collections import Counter
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["PublishResult", "Publisher", "task_id_for"]
 
 _TASK_NAMESPACE = uuid.UUID("6a1f0b7e-3c4d-4f5a-8b9c-0d1e2f3a4b5c")  # uuid5 namespace for task ids
+_NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
+_CACHE_MAX_ENTRIES = 100_000  # classification results kept per publisher
 FAN_OUT_HANDLER = ""  # handler name of a task that asks the worker to fan out
 Item = Event | Mapping[str, Any] | str | bytes
 
@@ -44,17 +47,26 @@ Item = Event | Mapping[str, Any] | str | bytes
 _ENQUEUE_LUA = """
 local ttl = tonumber(ARGV[1])
 local i = 3
-local out = {}
+local out, lists = {}, {}
 for e = 1, tonumber(ARGV[2]) do
   local key, n = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
   local fresh = 1
   if ttl > 0 and not redis.call('SET', key, '1', 'NX', 'EX', ttl) then fresh = 0 end
   if fresh == 1 then
-    for m = 0, n - 1 do redis.call('LPUSH', ARGV[i + 2 * m], ARGV[i + 2 * m + 1]) end
+    for m = 0, n - 1 do
+      local list = ARGV[i + 2 * m]
+      local pending = lists[list]
+      if pending == nil then pending = {}; lists[list] = pending end
+      pending[#pending + 1] = ARGV[i + 2 * m + 1]
+      if #pending == 1000 then redis.call('LPUSH', list, unpack(pending)); lists[list] = {} end
+    end
   end
   i = i + 2 * n
   out[e] = fresh
+end
+for list, pending in pairs(lists) do
+  if #pending > 0 then redis.call('LPUSH', list, unpack(pending)) end
 end
 return out
 """
@@ -84,14 +96,23 @@ class PublishResult:
 @dataclass
 class _Planned:
     event: Event
+    event_id: str
     tier: str
     handlers: list[str]
     specs: list[TaskSpec]
 
 
 def task_id_for(event_id: uuid.UUID | str, handler: str) -> str:
-    """Deterministic task id for (event, handler): a re-publish reuses it."""
-    return str(uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}"))
+    """Deterministic task id for (event, handler): a re-publish reuses it.
+
+    ``uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}")``, formatted without
+    building UUID objects (it runs once per published task).
+    """
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{event_id}/{handler}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Publisher:
@@ -104,6 +125,8 @@ class Publisher:
         self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) \
             if settings.broker_is_redis else None
         self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
+        self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier
+        self._limits: dict[str, tuple[str, float, float]] = {}  # tier -> queue, hard, soft
 
     def validate(self, data: Item) -> Event:
         if isinstance(data, Event):
@@ -112,7 +135,15 @@ class Publisher:
 
     def tier_for(self, event: Event) -> str:
         s = self.rt.settings
-        return classify(event, s.rules, s.tiers, s.default_tier)
+        if event.tier is not None:
+            return classify(event, s.rules, s.tiers, s.default_tier)
+        key = (event.type, event.source)
+        tier = self._tier_cache.get(key)
+        if tier is None:
+            tier = classify(event, s.rules, s.tiers, s.default_tier)
+            if len(self._tier_cache) < _CACHE_MAX_ENTRIES:
+                self._tier_cache[key] = tier
+        return tier
 
     def publish(self, data: Item) -> PublishResult:
         """Validate and enqueue one event; raises EventValidationError / BrokerUnavailable."""
@@ -137,9 +168,23 @@ class Publisher:
                 except EventValidationError as exc:
                     slots.append(PublishResult(id=_raw_id(item), tier=None, outcome="rejected",
                                                reason="invalid", errors=exc.as_dicts()))
-            published = iter(self._publish_events(valid))
+            try:
+                published = iter(self._publish_events(valid))
+            except BrokerUnavailable as exc:
+                exc.results = results  # what earlier chunks got: those stay accepted
+                raise
             results.extend(slot or next(published) for slot in slots)
         return results
+
+    def ping(self) -> None:
+        """Raise BrokerUnavailable unless the broker (and state store) answer."""
+        try:
+            self.rt.state.ping()
+            if not self.rt.settings.broker_is_redis:
+                with self.rt.app.connection_for_write() as conn:
+                    conn.ensure_connection(max_retries=0)
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            raise self._unavailable(exc) from exc
 
     def enqueue(self, event: Event, tier: str, handlers: Sequence[Handler]) -> list[str]:
         """Enqueue ``event``'s tasks without admission or dedupe (worker-side fan-out)."""
@@ -150,15 +195,19 @@ class Publisher:
     def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
              attempt: int, first_failed_at: str | None = None,
              priority: int | None = None) -> TaskSpec:
-        cfg = self.rt.settings.tier(tier)
+        queue, hard_s, soft_s = self._tier_limits(tier)
         kwargs: dict[str, Any] = {"handler": handler, "tier": tier, "attempt": attempt}
         if first_failed_at:
             kwargs["first_failed_at"] = first_failed_at
-        return TaskSpec(
-            queue=cfg.queue_name(tier), task_id=task_id, args=[event], kwargs=kwargs,
-            priority=priority, time_limit_s=cfg.time_limit_s,
-            soft_time_limit_s=cfg.soft_time_limit_s,
-        )
+        return TaskSpec(queue, task_id, [event], kwargs, priority, hard_s, soft_s)
+
+    def _tier_limits(self, tier: str) -> tuple[str, float, float]:
+        found = self._limits.get(tier)
+        if found is None:
+            cfg = self.rt.settings.tier(tier)
+            found = self._limits[tier] = (cfg.queue_name(tier), cfg.time_limit_s,
+                                          cfg.soft_time_limit_s)
+        return found
 
     def queue_depth(self, tier: str) -> int:
         """Messages waiting in ``tier``'s queue (priority sub-queues included)."""
@@ -179,9 +228,10 @@ class Publisher:
     def _plan(self, event: Event, tier: str, handlers: list[str]) -> _Planned:
         names = handlers or [FAN_OUT_HANDLER]
         message = event.to_message()
-        specs = [self.spec(message, handler=name, tier=tier, task_id=task_id_for(event.id, name),
+        event_id = message["id"]
+        specs = [self.spec(message, handler=name, tier=tier, task_id=task_id_for(event_id, name),
                            attempt=1, priority=event.priority) for name in names]
-        return _Planned(event, tier, handlers, specs)
+        return _Planned(event, event_id, tier, handlers, specs)
 
     def _publish_events(self, events: list[Event]) -> list[PublishResult]:
         if not events:
@@ -194,14 +244,14 @@ class Publisher:
         fresh = self._dedupe_and_send(admitted_plans)
         outcome: dict[int, PublishResult] = {}
         for plan in rejected:
-            outcome[id(plan)] = PublishResult(id=str(plan.event.id), tier=plan.tier,
+            outcome[id(plan)] = PublishResult(id=plan.event_id, tier=plan.tier,
                                               outcome="rejected", reason=TIER_FULL)
         counts: Counter[str] = Counter()
         for plan, is_fresh in zip(admitted_plans, fresh, strict=True):
             if is_fresh:
                 counts[plan.tier] += len(plan.specs)
             outcome[id(plan)] = PublishResult(
-                id=str(plan.event.id), tier=plan.tier,
+                id=plan.event_id, tier=plan.tier,
                 outcome="accepted" if is_fresh else "duplicate",
                 task_ids=[s.task_id for s in plan.specs], handlers=plan.handlers,
             )
@@ -242,7 +292,8 @@ class Publisher:
         assert self._enqueue_script is not None
         argv: list[Any] = [ttl, len(plans)]
         for plan in plans:
-            argv += [Keys.seen(plan.event.dedupe_key), len(plan.specs)]
+            key = plan.event.idempotency_key or plan.event_id
+            argv += [Keys.seen(key).encode(), len(plan.specs)]
             for spec in plan.specs:
                 argv.extend(self._renderer.render(spec))
         return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]

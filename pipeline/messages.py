@@ -11,6 +11,7 @@ consumes them. :class:`TaskSpec` describes one message, whatever the transport.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import socket
 import uuid
@@ -27,9 +28,10 @@ __all__ = ["REDIS_PRIORITY_SEP", "RedisMessageRenderer", "TaskSpec", "redis_list
 TASK_NAME = "pipeline.handle"
 REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue and its priority sub-list
 _REPR_MAX_CHARS = 1024  # argsrepr shown by Flower; the event id comes first
+_VARYING_HEADERS = ("id", "root_id", "timelimit", "argsrepr", "kwargsrepr")  # set per message
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TaskSpec:
     """One ``pipeline.handle`` message: where it goes and what it carries."""
 
@@ -70,9 +72,44 @@ class RedisMessageRenderer:
         self._headers["origin"] = f"gen{os.getpid()}@{socket.gethostname()}"
         self._embed = dict(template.body[2])
         self._reply_to = template.properties.get("reply_to", "")
+        # kombu only needs delivery tags to be unique: a random prefix and a counter
+        self._tag_prefix = f"{uuid.uuid4().hex}-"
+        self._tags = itertools.count()
+        fixed = {k: v for k, v in self._headers.items() if k not in _VARYING_HEADERS}
+        self._fixed_headers = orjson.dumps(fixed)[1:-1]  # '"lang":"py",...' without braces
+        self._reply_to_json = orjson.dumps(self._reply_to)
+        self._embed_json = orjson.dumps(self._embed)
 
-    def render(self, spec: TaskSpec) -> tuple[str, bytes]:
-        """``(list key, payload)`` to LPUSH for ``spec``."""
+    def render(self, spec: TaskSpec) -> tuple[bytes, bytes]:
+        """``(list key, payload)`` to LPUSH for ``spec``.
+
+        Splices pre-serialised constant parts around the varying ones; produces the
+        same document as :meth:`render_reference` (a unit test holds them equal).
+        """
+        if spec.headers:
+            return self.render_reference(spec)
+        args_json = orjson.dumps(spec.args)
+        kwargs_json = orjson.dumps(spec.kwargs)
+        body = b"[" + args_json + b"," + kwargs_json + b"," + self._embed_json + b"]"
+        priority = min(max(int(spec.priority or 0), 0), 9)
+        task_id = orjson.dumps(spec.task_id)
+        payload = b"".join((
+            b'{"body":"', base64.b64encode(body),
+            b'","content-encoding":"utf-8","content-type":"application/json","headers":{',
+            self._fixed_headers, b',"id":', task_id, b',"root_id":', task_id,
+            b',"timelimit":', orjson.dumps([spec.time_limit_s, spec.soft_time_limit_s]),
+            b',"argsrepr":', orjson.dumps(args_json[:_REPR_MAX_CHARS].decode(errors="replace")),
+            b',"kwargsrepr":', orjson.dumps(kwargs_json.decode()),
+            b'},"properties":{"correlation_id":', task_id, b',"reply_to":', self._reply_to_json,
+            b',"delivery_mode":2,"delivery_info":{"exchange":"","routing_key":',
+            orjson.dumps(spec.queue), b'},"priority":', str(priority).encode(),
+            b',"body_encoding":"base64","delivery_tag":"',
+            f"{self._tag_prefix}{next(self._tags)}".encode(), b'"}}',
+        ))
+        return redis_list_key(spec.queue, priority).encode(), payload
+
+    def render_reference(self, spec: TaskSpec) -> tuple[bytes, bytes]:
+        """:meth:`render`, built as dicts: slower, and the readable statement of the format."""
         body = orjson.dumps([spec.args, spec.kwargs, self._embed])
         headers = dict(self._headers)
         headers.update(spec.headers)
@@ -94,7 +131,7 @@ class RedisMessageRenderer:
                 "delivery_info": {"exchange": "", "routing_key": spec.queue},
                 "priority": priority,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": f"{self._tag_prefix}{next(self._tags)}",
             },
         }
-        return redis_list_key(spec.queue, priority), orjson.dumps(message)
+        return redis_list_key(spec.queue, priority).encode(), orjson.dumps(message)

@@ -77,7 +77,7 @@ class RetrySchedule:
         """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
         if self._renderer is not None:
             list_key, payload = self._renderer.render(spec)
-            member = list_key.encode() + b"\n" + payload
+            member = list_key + b"\n" + payload
         else:
             member = json.dumps(asdict(spec)).encode()
         self._client.zadd(Keys.retries(spec.queue), {member: due_at})

@@ -1,0 +1,20 @@
+"""``python -m bench <scenario> [options]``: run one benchmark scenario."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SCENARIOS = {"ingest": "bench.ingest"}  # scenario name -> module with main(argv)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    args, rest = parser.parse_known_args()
+    module = importlib.import_module(SCENARIOS[args.scenario])
+    return int(module.main(rest))
+
+
+sys.exit(main())

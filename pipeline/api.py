@@ -1,0 +1,187 @@
+"""HTTP ingest: ``pipeline serve``.
+
+=====================  ====================================================
+``POST /events``        one JSON event -> 202 (accepted) / 200 (duplicate)
+``POST /events/batch``  JSON array or NDJSON -> 202 (all taken) / 207 (mixed)
+``GET /healthz``        process alive (no auth)
+``GET /readyz``         broker reachable -> 200, else 503 (no auth)
+=====================  ====================================================
+
+Bearer-token auth (``PIPELINE_API_TOKEN``) on every route that reads or writes
+events. Limits: body size (413), batch size (413), content type (415). Invalid
+events get 422 naming every offending field; a full tier 429 with
+``Retry-After``; a broker outage 503 — and nothing is reported accepted that was
+not enqueued. No input produces another 5xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from pipeline.admission import TIER_FULL
+from pipeline.errors import BrokerUnavailable
+from pipeline.events import Event
+from pipeline.ingest import PublishResult
+from pipeline.runtime import Runtime
+
+__all__ = ["create_api"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_FULL_S = 5  # Retry-After sent with 429 when a tier is full
+RETRY_AFTER_DOWN_S = 2  # Retry-After sent with 503 when the broker is down
+JSON_TYPES = ("application/json",)
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
+
+
+# Module level: FastAPI resolves the (string) annotations against module globals.
+_bearer = HTTPBearer(auto_error=False, description="PIPELINE_API_TOKEN")
+
+
+class _Problem(Exception):
+    """An HTTP error with a JSON body, raised inside a handler."""
+
+    def __init__(self, status: int, body: dict[str, Any],
+                 headers: dict[str, str] | None = None) -> None:
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+def _event_schema() -> dict[str, Any]:
+    return Event.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+def create_api(runtime: Runtime, *, token: str | None) -> FastAPI:
+    """The ASGI app. ``token=None`` means no auth (only with ``--insecure-local``)."""
+    settings = runtime.settings
+    api = FastAPI(title="pipeline ingest", version="1",
+                  description="Events in; tiers, retries and a DLQ behind.")
+    def authorized(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if token is None:
+            return
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(),
+                                                       token.encode()):
+            raise _Problem(401, {"error": "missing or wrong bearer token"},
+                           {"WWW-Authenticate": "Bearer"})
+
+    @api.exception_handler(_Problem)
+    async def _problem(request: Request, exc: _Problem) -> JSONResponse:
+        return JSONResponse(exc.body, exc.status, headers=exc.headers)
+
+    async def body_of(request: Request, allowed: tuple[str, ...]) -> tuple[bytes, str]:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind not in allowed:
+            raise _Problem(415, {"error": f"content-type {kind or '(none)'!r} not accepted; "
+                                          f"use {' or '.join(allowed)}"})
+        limit = settings.api_max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _Problem(413, {"error": f"body of {declared} bytes over the {limit}-byte limit"})
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _Problem(413, {"error": f"body over the {limit}-byte limit"})
+            chunks.append(chunk)
+        return b"".join(chunks), kind
+
+    async def publish(items: list[Any]) -> list[PublishResult]:
+        try:
+            return await run_in_threadpool(runtime.publisher.publish_many, items)
+        except BrokerUnavailable as exc:
+            log.error("ingest refused: %s", exc)
+            raise _Problem(503, {"error": "broker unavailable; nothing was accepted from the "
+                                          "failed chunk", "accepted": [
+                                              r.as_dict() for r in getattr(exc, "results", [])]},
+                           {"Retry-After": str(RETRY_AFTER_DOWN_S)}) from None
+
+    single_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _event_schema()}}}}
+    batch_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "array", "items": _event_schema()}},
+        "application/x-ndjson": {"schema": {"type": "string"}}}}}
+
+    @api.post("/events", status_code=202, openapi_extra=single_body,
+              dependencies=[Depends(authorized)],
+              responses={200: {"description": "duplicate"}, 413: {}, 415: {}, 422: {},
+                         429: {}, 503: {}})
+    async def post_event(request: Request) -> Response:
+        raw, _ = await body_of(request, JSON_TYPES)
+        try:
+            item = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
+                                             "message": f"not JSON: {exc}"}]}) from None
+        if not isinstance(item, dict):
+            raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
+                                             "message": "an event must be a JSON object"}]})
+        (result,) = await publish([item])
+        return _single_response(result)
+
+    @api.post("/events/batch", status_code=202, openapi_extra=batch_body,
+              dependencies=[Depends(authorized)],
+              responses={207: {"description": "some items rejected"}, 413: {}, 415: {},
+                         422: {}, 503: {}})
+    async def post_batch(request: Request) -> Response:
+        raw, kind = await body_of(request, JSON_TYPES + NDJSON_TYPES)
+        items = _batch_items(raw, kind)
+        if len(items) > settings.api_max_batch:
+            raise _Problem(413, {"error": f"{len(items)} events over the batch limit of "
+                                          f"{settings.api_max_batch}"})
+        results = await publish(items)
+        body = {"results": [r.as_dict() for r in results],
+                "accepted": sum(r.outcome == "accepted" for r in results),
+                "duplicate": sum(r.outcome == "duplicate" for r in results),
+                "rejected": sum(r.outcome == "rejected" for r in results)}
+        status = 207 if body["rejected"] else 202
+        return JSONResponse(body, status)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: {"description": "broker unreachable"}})
+    async def readyz() -> Response:
+        try:
+            await run_in_threadpool(runtime.publisher.ping)
+        except BrokerUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
+        return JSONResponse({"status": "ready"})
+
+    return api
+
+
+def _single_response(result: PublishResult) -> Response:
+    if result.outcome == "accepted":
+        return JSONResponse(result.as_dict(), 202)
+    if result.outcome == "duplicate":
+        return JSONResponse(result.as_dict(), 200)
+    if result.reason == TIER_FULL:
+        return JSONResponse(result.as_dict(), 429,
+                            headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
+    return JSONResponse(result.as_dict(), 422)
+
+
+def _batch_items(raw: bytes, kind: str) -> list[Any]:
+    """Items of a batch body; an unparseable NDJSON line becomes an item that fails alone."""
+    if kind in NDJSON_TYPES:
+        return [line for line in raw.splitlines() if line.strip()]
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
+                                         "message": f"not JSON: {exc}"}]}) from None
+    if not isinstance(items, list):
+        raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
+                                         "message": "a batch must be a JSON array of events"}]})
+    return items
+

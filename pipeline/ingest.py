@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
+import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +37,7 @@ from pipeline.tiers import classify
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
-__all__ = ["PublishResult", "Publisher", "task_id_for"]
+__all__ = ["PublishResult", "Publisher", "publish_listeners", "task_id_for"]
 
 _TASK_NAMESPACE = uuid.UUID("6a1f0b7e-3c4d-4f5a-8b9c-0d1e2f3a4b5c")  # uuid5 namespace for task ids
 _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
@@ -79,6 +81,7 @@ class PublishResult:
     id: str | None
     tier: str | None
     outcome: str = "accepted"
+    type: str | None = None
     reason: str | None = None  # rejected: "invalid" or "tier_full"
     errors: list[dict[str, Any]] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
@@ -161,13 +164,16 @@ class Publisher:
         while chunk := list(itertools.islice(it, self.rt.settings.publish_batch_size)):
             slots: list[PublishResult | None] = []
             valid: list[Event] = []
+            invalid: list[PublishResult] = []
             for item in chunk:
                 try:
                     valid.append(self.validate(item))
                     slots.append(None)
                 except EventValidationError as exc:
-                    slots.append(PublishResult(id=_raw_id(item), tier=None, outcome="rejected",
-                                               reason="invalid", errors=exc.as_dicts()))
+                    invalid.append(PublishResult(id=_raw_id(item), tier=None, outcome="rejected",
+                                                 reason="invalid", errors=exc.as_dicts()))
+                    slots.append(invalid[-1])
+            _notify(invalid)
             try:
                 published = iter(self._publish_events(valid))
             except BrokerUnavailable as exc:
@@ -194,9 +200,12 @@ class Publisher:
 
     def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
              attempt: int, first_failed_at: str | None = None,
-             priority: int | None = None) -> TaskSpec:
+             priority: int | None = None, accepted_at: float | None = None) -> TaskSpec:
+        """The task message for one attempt; ``accepted_at`` (epoch s) is carried from
+        the first publish through every retry, for end-to-end latency."""
         queue, hard_s, soft_s = self._tier_limits(tier)
-        kwargs: dict[str, Any] = {"handler": handler, "tier": tier, "attempt": attempt}
+        kwargs: dict[str, Any] = {"handler": handler, "tier": tier, "attempt": attempt,
+                                  "accepted_at": accepted_at or time.time()}
         if first_failed_at:
             kwargs["first_failed_at"] = first_failed_at
         return TaskSpec(queue, task_id, [event], kwargs, priority, hard_s, soft_s)
@@ -245,19 +254,22 @@ class Publisher:
         outcome: dict[int, PublishResult] = {}
         for plan in rejected:
             outcome[id(plan)] = PublishResult(id=plan.event_id, tier=plan.tier,
-                                              outcome="rejected", reason=TIER_FULL)
+                                              outcome="rejected", reason=TIER_FULL,
+                                              type=plan.event.type)
         counts: Counter[str] = Counter()
         for plan, is_fresh in zip(admitted_plans, fresh, strict=True):
             if is_fresh:
                 counts[plan.tier] += len(plan.specs)
             outcome[id(plan)] = PublishResult(
-                id=plan.event_id, tier=plan.tier,
+                id=plan.event_id, tier=plan.tier, type=plan.event.type,
                 outcome="accepted" if is_fresh else "duplicate",
                 task_ids=[s.task_id for s in plan.specs], handlers=plan.handlers,
             )
         for tier, n in counts.items():
             self.depths.added(tier, n)
-        return [outcome[id(plan)] for plan in plans]
+        results = [outcome[id(plan)] for plan in plans]
+        _notify(results)
+        return results
 
     def _admit(self, plans: list[_Planned]) -> tuple[list[_Planned], list[_Planned]]:
         wanted = Counter(p.tier for p in plans)
@@ -335,6 +347,18 @@ class Publisher:
         return BrokerUnavailable(
             f"broker {_redact(self.rt.settings.effective_broker_url)} unreachable: {exc}"
         )
+
+
+#: Called with the results of every publish (metrics hang off this).
+publish_listeners: list[Callable[[Sequence[PublishResult]], None]] = []
+
+
+def _notify(results: Sequence[PublishResult]) -> None:
+    for listener in publish_listeners:
+        try:
+            listener(results)
+        except Exception:  # an observer must never break publishing
+            logging.getLogger(__name__).exception("publish listener failed")
 
 
 def _raw_id(item: Item) -> str | None:

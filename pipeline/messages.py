@@ -14,6 +14,7 @@ import base64
 import itertools
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,9 +24,16 @@ import orjson
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["REDIS_PRIORITY_SEP", "RedisMessageRenderer", "TaskSpec", "redis_list_key"]
+__all__ = [
+    "ENQUEUED_AT_HEADER",
+    "REDIS_PRIORITY_SEP",
+    "RedisMessageRenderer",
+    "TaskSpec",
+    "redis_list_key",
+]
 
 TASK_NAME = "pipeline.handle"
+ENQUEUED_AT_HEADER = "pipeline_enqueued_at"  # message header: epoch seconds it was queued
 REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue and its priority sub-list
 _REPR_MAX_CHARS = 1024  # argsrepr shown by Flower; the event id comes first
 _VARYING_HEADERS = ("id", "root_id", "timelimit", "argsrepr", "kwargsrepr")  # set per message
@@ -43,8 +51,12 @@ class TaskSpec:
     time_limit_s: float | None = None
     soft_time_limit_s: float | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    #: when the message counts as queued (epoch s; default: when rendered). The
+    #: ``pipeline_enqueued_at`` header carries it, for queue wait and oldest-age.
+    enqueued_at: float | None = None
 
     def apply_async_options(self) -> dict[str, Any]:
+        headers = {ENQUEUED_AT_HEADER: self.enqueued_at or time.time(), **self.headers}
         return {
             "queue": self.queue,
             "routing_key": self.queue,
@@ -52,7 +64,7 @@ class TaskSpec:
             "priority": self.priority,
             "time_limit": self.time_limit_s,
             "soft_time_limit": self.soft_time_limit_s,
-            "headers": self.headers or None,
+            "headers": headers,
         }
 
 
@@ -100,6 +112,8 @@ class RedisMessageRenderer:
             b',"timelimit":', orjson.dumps([spec.time_limit_s, spec.soft_time_limit_s]),
             b',"argsrepr":', orjson.dumps(args_json[:_REPR_MAX_CHARS].decode(errors="replace")),
             b',"kwargsrepr":', orjson.dumps(kwargs_json.decode()),
+            b',"' + ENQUEUED_AT_HEADER.encode() + b'":',
+            repr(spec.enqueued_at or time.time()).encode(),
             b'},"properties":{"correlation_id":', task_id, b',"reply_to":', self._reply_to_json,
             b',"delivery_mode":2,"delivery_info":{"exchange":"","routing_key":',
             orjson.dumps(spec.queue), b'},"priority":', str(priority).encode(),
@@ -118,6 +132,7 @@ class RedisMessageRenderer:
         args_json = orjson.dumps(spec.args)
         headers["argsrepr"] = args_json[:_REPR_MAX_CHARS].decode(errors="replace")
         headers["kwargsrepr"] = orjson.dumps(spec.kwargs).decode()
+        headers[ENQUEUED_AT_HEADER] = spec.enqueued_at or time.time()
         priority = min(max(int(spec.priority or 0), 0), 9)
         message = {
             "body": base64.b64encode(body).decode(),

@@ -39,15 +39,17 @@ log = logging.getLogger(__name__)
 class Attempt:
     """One delivery of ``pipeline.handle``: the event, the handler and where it stands."""
 
-    def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any], handler: str,
-                 tier: str, attempt: int, first_failed_at: str | None) -> None:
+    def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any],
+                 kwargs: dict[str, Any]) -> None:
         self.rt = runtime
         self.task_id = task_id
         self.event = event
-        self.handler = handler
+        self.handler = str(kwargs.get("handler", ""))
+        tier = str(kwargs.get("tier", ""))
         self.tier = tier if tier in runtime.settings.tiers else runtime.settings.default_tier
-        self.attempt = attempt
-        self.first_failed_at = first_failed_at
+        self.attempt = int(kwargs.get("attempt", 1))
+        self.first_failed_at: str | None = kwargs.get("first_failed_at")
+        self.accepted_at: float | None = kwargs.get("accepted_at")
 
     @property
     def queue(self) -> str:
@@ -110,12 +112,14 @@ class Attempt:
         if not decision.retry:
             assert decision.reason is not None
             return self.dead_letter_exc(decision.reason, exc)
+        due_at = time.time() + decision.delay_s
         spec = self.rt.publisher.spec(
             self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
             attempt=self.attempt + 1, first_failed_at=self.first_failed_at or _now_iso(),
-            priority=self.event.get("priority"),
+            priority=self.event.get("priority"), accepted_at=self.accepted_at,
         )
-        self.rt.schedule.add(spec, time.time() + decision.delay_s)
+        spec.enqueued_at = due_at  # its queue wait starts when it is due
+        self.rt.schedule.add(spec, due_at)
         log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
                     self.event.get("id"), self.handler, self.attempt, type(exc).__name__, exc,
                     decision.delay_s)
@@ -172,10 +176,7 @@ class PipelineTask(Task):  # type: ignore[type-arg]
 
 
 def _attempt(app: Celery, task_id: str, args: Any, kwargs: Any) -> Attempt:
-    return Attempt(
-        runtime_for(app), task_id, dict(args[0]), str(kwargs.get("handler", "")),
-        str(kwargs.get("tier", "")), int(kwargs.get("attempt", 1)), kwargs.get("first_failed_at"),
-    )
+    return Attempt(runtime_for(app), task_id, dict(args[0]), dict(kwargs))
 
 
 def register_task(app: Celery) -> Any:

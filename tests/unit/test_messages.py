@@ -24,6 +24,7 @@ def spec(**overrides: object) -> TaskSpec:
         "args": [{"id": "e1", "type": "demo.ok", "payload": {"quote": '"x"', "n": 1}}],
         "kwargs": {"handler": "demo.ok", "tier": "standard", "attempt": 1},
         "priority": None, "time_limit_s": 5.0, "soft_time_limit_s": 4.0,
+        "enqueued_at": 1764400000.25,
     }
     fields.update(overrides)
     return TaskSpec(**fields)  # type: ignore[arg-type]
@@ -56,6 +57,7 @@ def test_rendered_body_carries_args_kwargs_and_celery_embed(renderer: RedisMessa
     assert doc["headers"]["id"] == doc["properties"]["correlation_id"]
     assert doc["headers"]["timelimit"] == [5.0, 4.0]
     assert "e1" in doc["headers"]["argsrepr"]  # Flower's task search finds the event id
+    assert doc["headers"]["pipeline_enqueued_at"] == 1764400000.25
 
 
 def test_every_message_gets_its_own_delivery_tag(renderer: RedisMessageRenderer) -> None:

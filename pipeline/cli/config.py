@@ -1,0 +1,69 @@
+"""``pipeline config check|show``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.cli.base import EXIT_CONFIG, cli, fail_config
+from pipeline.config import check_settings, load_settings
+from pipeline.errors import ConfigError, FieldProblem
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: unset optional settings are left out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+
+@cli.group()
+def config() -> None:
+    """Validate or print the configuration."""
+
+
+@config.command("check")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def config_check(file: Path | None) -> None:
+    """Validate FILE (else $PIPELINE_CONFIG, else the built-in default)."""
+    problems: list[FieldProblem]
+    try:
+        settings = load_settings(file)
+        problems = check_settings(settings, import_handlers=True)
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"ok: {len(settings.tiers)} tiers, {len(settings.rules)} rules")
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of TOML-like text.")
+def config_show(as_json: bool) -> None:
+    """Print the effective configuration (file, environment and defaults merged)."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        fail_config(exc)
+    data = settings.model_dump(mode="json")
+    if as_json:
+        data["effective_broker_url"] = settings.effective_broker_url
+        data["effective_visibility_timeout_s"] = settings.visibility_timeout_s
+        click.echo(json.dumps(data, indent=2))
+        return
+    import tomli_w
+
+    click.echo(f"# effective broker: {settings.effective_broker_url}")
+    click.echo(f"# effective visibility timeout: {settings.visibility_timeout_s:g}s")
+    click.echo(tomli_w.dumps(_drop_none(data)))
+
+

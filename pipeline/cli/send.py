@@ -1,0 +1,82 @@
+"""``pipeline send``: NDJSON events through ``publish_many``."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from typing import IO, Any
+
+import click
+
+from pipeline.cli.base import EXIT_BROKER, EXIT_REJECTED, cli, runtime
+from pipeline.errors import BrokerUnavailable
+
+
+@cli.command()
+@click.argument("source", type=click.File("rb"))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def send(source: IO[bytes], as_json: bool) -> None:
+    """Publish NDJSON events from SOURCE (a file, or - for stdin) with publish_many."""
+    rt = runtime()
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    rejected: list[dict[str, Any]] = []
+    chunk_size = rt.settings.publish_batch_size
+    numbered = ((n, line) for n, line in enumerate(source, start=1) if line.strip())
+    with _progress(source) as bar:
+        while chunk := list(itertools.islice(numbered, chunk_size)):
+            try:
+                results = rt.publisher.publish_many([line for _, line in chunk])
+            except BrokerUnavailable as exc:
+                click.echo(f"\nerror: {exc}; {counts['accepted']} accepted before it, "
+                           f"line {chunk[0][0]} and later were not sent", err=True)
+                sys.exit(EXIT_BROKER)
+            for (number, _), result in zip(chunk, results, strict=True):
+                counts[result.outcome] += 1
+                if result.outcome == "rejected":
+                    reasons[result.reason or "?"] += 1
+                    rejected.append({"line": number, "reason": result.reason,
+                                     "errors": result.errors})
+            bar.update(sum(len(line) for _, line in chunk))
+    summary = {"accepted": counts["accepted"], "duplicate": counts["duplicate"],
+               "rejected": counts["rejected"], "rejected_by_reason": dict(reasons),
+               "rejected_lines": rejected}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
+        click.echo(f"accepted {counts['accepted']}, duplicate {counts['duplicate']}, "
+                   f"rejected {counts['rejected']}" + (f" ({by_reason})" if by_reason else ""))
+        for item in rejected:
+            for err in item["errors"] or [{"field": "-", "value": None,
+                                           "message": item["reason"]}]:
+                click.echo(f"  line {item['line']}: {err['field']}={err['value']!r}: "
+                           f"{err['message']}")
+    sys.exit(EXIT_REJECTED if rejected else 0)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(source: IO[bytes]) -> Iterator[Any]:
+    """A progress bar on stderr when it is a terminal, sized by the file when it has one."""
+    if not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    try:
+        size = os.fstat(source.fileno()).st_size or None
+    except (OSError, ValueError):
+        size = None
+    with click.progressbar(length=size or 0, label="sending", file=sys.stderr,
+                           show_pos=size is None) as bar:
+        yield bar
+
+

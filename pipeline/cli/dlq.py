@@ -1,32 +1,214 @@
-"""``pipeline dlq ...``: the dead-letter queue."""
+"""``pipeline dlq list|stats|show|replay|purge|audit``: the dead-letter queue."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
+import redis
 
-from pipeline.cli.base import cli, runtime
+from pipeline.cli.base import (
+    EXIT_BROKER,
+    EXIT_CONFIG,
+    EXIT_REJECTED,
+    cli,
+    progress_bar,
+    runtime,
+)
+from pipeline.errors import BrokerUnavailable
+from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def filter_options(func: F) -> F:
+    """The record filters every DLQ verb accepts."""
+    options = [
+        click.option("--tier", help="Only records of this tier."),
+        click.option("--type", "event_type", help="Only this event type."),
+        click.option("--reason", type=click.Choice(["retries_exhausted", "permanent_error",
+                                                    "invalid_payload", "no_handler",
+                                                    "max_deliveries"])),
+        click.option("--exception", help="Exception class (name or dotted path)."),
+        click.option("--handler", help="Only this handler."),
+        click.option("--fingerprint", "fp", help="Error fingerprint (a prefix is enough)."),
+        click.option("--since", type=click.DateTime(), help="last_failed_at >= (UTC)."),
+        click.option("--until", type=click.DateTime(), help="last_failed_at < (UTC)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_filter(ids: tuple[str, ...] = (), **kw: Any) -> RecordFilter:
+    def utc(value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+    return RecordFilter(ids=frozenset(ids), tier=kw.get("tier"), type=kw.get("event_type"),
+                        reason=kw.get("reason"), exception=kw.get("exception"),
+                        handler=kw.get("handler"), fingerprint=kw.get("fp"),
+                        since=utc(kw.get("since")), until=utc(kw.get("until")))
+
+
+def operator() -> str:
+    try:
+        return f"os:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "os:unknown"
 
 
 @cli.group()
 def dlq() -> None:
-    """Inspect the dead-letter queue."""
+    """Inspect, group, replay and purge the dead-letter queue."""
 
 
 @dlq.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print records as a JSON array.")
+@filter_options
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many.")
-def dlq_list(as_json: bool, limit: int | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print records as a JSON array.")
+def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
     """List dead-letter records, oldest first."""
-    records = runtime().dlq.records(limit)
+    flt = make_filter(**kw)
+    records = []
+    for record in runtime().dlq.iter_records():
+        if flt.matches(record):
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
     if as_json:
         click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
+    click.echo(f"{'last failed (UTC)':<19}  {'id':<8}  {'tier':<9} {'reason':<17} "
+               f"{'type':<20} {'handler':<20} error")
     for r in records:
-        click.echo(f"{r.last_failed_at:%Y-%m-%d %H:%M:%S}  {r.tier:<9} {r.reason.value:<18} "
-                   f"{r.event.get('type', '?'):<20} {r.handler:<20} {r.exception}: "
-                   f"{r.message[:60]}")
+        click.echo(f"{r.last_failed_at:%Y-%m-%d %H:%M:%S}  {r.id[:8]}  {r.tier:<9} "
+                   f"{r.reason.value:<17} {r.event.get('type', '?')!s:<20} "
+                   f"{r.handler or '-':<20} {r.exception.rsplit('.', 1)[-1]}: {r.message[:60]}")
     click.echo(f"{len(records)} record(s)", err=True)
 
+
+@dlq.command("stats")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def dlq_stats(as_json: bool, **kw: Any) -> None:
+    """Records grouped by error fingerprint: the causes, largest first."""
+    flt = make_filter(**kw)
+    stats = group_by_fingerprint(r for r in runtime().dlq.iter_records() if flt.matches(r))
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in stats], indent=2))
+        return
+    click.echo(f"{'fingerprint':<12}  {'count':>7}  {'tiers':<16} {'last seen (UTC)':<19}  cause")
+    for s in stats:
+        last = f"{s.last_seen:%Y-%m-%d %H:%M:%S}" if s.last_seen else "-"
+        click.echo(f"{s.fingerprint:<12}  {s.count:>7}  {','.join(sorted(s.tiers)):<16} "
+                   f"{last:<19}  {s.handler or '-'}: {s.exception.rsplit('.', 1)[-1]}: "
+                   f"{s.message[:70]}")
+    click.echo(f"{sum(s.count for s in stats)} record(s) in {len(stats)} group(s)", err=True)
+
+
+@dlq.command("show")
+@click.argument("record_id")
+def dlq_show(record_id: str) -> None:
+    """The full record (by record id, its prefix, or event id), traceback included."""
+    for r in runtime().dlq.iter_records():
+        if r.id.startswith(record_id) or r.event_id == record_id:
+            data = r.model_dump(mode="json")
+            data["fingerprint"] = record_fingerprint(r)
+            trace = data.pop("traceback")
+            click.echo(json.dumps(data, indent=2))
+            click.echo(trace)
+            return
+    click.echo(f"no DLQ record {record_id!r}", err=True)
+    sys.exit(EXIT_REJECTED)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Replay every record.")
+@filter_options
+@click.option("--dry-run", is_flag=True, help="Say what would be replayed; change nothing.")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=None, help="Records per second.")
+@click.option("--to-tier", help="Put the work on this tier instead of its own.")
+@click.option("--no-validate", is_flag=True, help="Skip re-validating payloads first.")
+@click.option("--force", is_flag=True, help="Replay records that would fail again too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def dlq_replay(ids: tuple[str, ...], select_all: bool, dry_run: bool, rate: float | None,
+               to_tier: str | None, no_validate: bool, force: bool, as_json: bool,
+               **kw: Any) -> None:
+    """Put records back on their tier with attempts reset and their event id kept."""
+    from pipeline.replay import Replayer
+
+    flt = make_filter(ids, **kw)
+    if flt.selects_all and not select_all:
+        click.echo("error: name record ids, a filter, --fingerprint or --all", err=True)
+        sys.exit(EXIT_CONFIG)
+    rt = runtime()
+    with progress_bar(rt.dlq.depth(), "replaying") as bar:
+        try:
+            summary = Replayer(rt).replay(flt, by=operator(), to_tier=to_tier, rate_per_s=rate,
+                                          dry_run=dry_run, validate=not no_validate,
+                                          force=force, progress=bar.update)
+        except ValueError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
+        except (redis.RedisError, OSError, BrokerUnavailable) as exc:
+            click.echo(f"\nerror: broker unreachable during the replay ({exc}); every record "
+                       "is either still in the DLQ or back on its tier queue: run the same "
+                       "replay again to finish", err=True)
+            sys.exit(EXIT_BROKER)
+    data = summary.as_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        verb = "would replay" if dry_run else "replayed"
+        count = summary.matched - len(summary.would_fail) if dry_run else summary.replayed
+        click.echo(f"matched {summary.matched}, {verb} {count}, would fail again "
+                   f"{len(summary.would_fail)}" + (" (replayed anyway: --force)" if force else
+                                                   " (kept; --force to replay)")
+                   + (f", already gone {summary.already_gone}" if summary.already_gone else ""))
+        for item in summary.would_fail[:20]:
+            click.echo(f"  {item['id'][:8]} event {item['event_id']}: {item['error']}")
+        click.echo(f"audit entry {summary.audit_id}")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Purge every record.")
+@filter_options
+@click.option("--yes", is_flag=True, help="Really delete.")
+def dlq_purge(ids: tuple[str, ...], select_all: bool, yes: bool, **kw: Any) -> None:
+    """Delete records, and say how many."""
+    from pipeline.replay import Replayer
+
+    flt = make_filter(ids, **kw)
+    if flt.selects_all and not select_all:
+        click.echo("error: name record ids, a filter, --fingerprint or --all", err=True)
+        sys.exit(EXIT_CONFIG)
+    if not yes:
+        click.echo("error: purge deletes records for good; add --yes", err=True)
+        sys.exit(EXIT_CONFIG)
+    removed = Replayer(runtime()).purge(flt, by=operator())
+    click.echo(f"purged {removed} record(s)")
+
+
+@dlq.command("audit")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def dlq_audit(limit: int, as_json: bool) -> None:
+    """Who replayed or purged what, newest first."""
+    from pipeline.replay import Replayer
+
+    entries = Replayer(runtime()).audit_entries(limit)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    for e in entries:
+        count = e.get("replayed", e.get("purged", 0))
+        click.echo(f"{e['at'][:19]}  {e['action']:<7} {e['by']:<20} {count:>7}  "
+                   f"{'(dry run) ' if e.get('dry_run') else ''}{json.dumps(e['filter'])}")
 

@@ -1,0 +1,156 @@
+"""DLQ operations over HTTP, under the API's auth: the same features as ``pipeline dlq``.
+
+=======================  ===============================================
+``GET /dlq``              records (filters as query parameters)
+``GET /dlq/stats``        records grouped by error fingerprint
+``GET /dlq/audit``        replay and purge audit entries, newest first
+``GET /dlq/{id}``         one record (record id, id prefix or event id)
+``POST /dlq/replay``      replay by ids / filters / fingerprint / all
+``POST /dlq/purge``       delete by ids / filters / all (``"yes": true``)
+=======================  ===============================================
+
+Route signatures use local ``Annotated`` aliases, which FastAPI must resolve at
+definition time: so no ``from __future__ import annotations`` here.
+"""
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.replay import Replayer
+from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
+
+__all__ = ["add_dlq_routes"]
+
+Reason = Literal["retries_exhausted", "permanent_error", "invalid_payload", "no_handler",
+                 "max_deliveries"]
+LIST_LIMIT_MAX = 10_000  # most records one GET /dlq returns
+
+
+class Selection(BaseModel):
+    """Which records a replay or purge touches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=100_000)
+    all: bool = False
+    tier: str | None = None
+    type: str | None = None
+    reason: Reason | None = None
+    exception: str | None = None
+    handler: str | None = None
+    fingerprint: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def to_filter(self) -> RecordFilter:
+        return RecordFilter(ids=frozenset(self.ids), tier=self.tier, type=self.type,
+                            reason=self.reason, exception=self.exception, handler=self.handler,
+                            fingerprint=self.fingerprint, since=_utc(self.since),
+                            until=_utc(self.until))
+
+
+class ReplayRequest(Selection):
+    dry_run: bool = False
+    rate: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    to_tier: str | None = None
+    validate_payloads: bool = True
+    force: bool = False
+
+
+class PurgeRequest(Selection):
+    yes: bool = False
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _unselective(sel: Selection) -> JSONResponse | None:
+    if sel.to_filter().selects_all and not sel.all:
+        return JSONResponse({"error": "name ids, a filter, a fingerprint or all=true"}, 422)
+    return None
+
+
+def add_dlq_routes(api: FastAPI, runtime: "Runtime", authorized: Callable[..., str]) -> None:
+    caller = Annotated[str, Depends(authorized)]
+
+    def query_filter(tier: str | None = None, type: str | None = None,
+                     reason: Reason | None = None, exception: str | None = None,
+                     handler: str | None = None, fingerprint: str | None = None,
+                     since: datetime | None = None,
+                     until: datetime | None = None) -> RecordFilter:
+        return Selection(tier=tier, type=type, reason=reason, exception=exception,
+                         handler=handler, fingerprint=fingerprint, since=since,
+                         until=until).to_filter()
+
+    filters = Annotated[RecordFilter, Depends(query_filter)]
+
+    def matching(flt: RecordFilter, limit: int | None = None) -> list[Any]:
+        out = []
+        for record in runtime.dlq.iter_records():
+            if flt.matches(record):
+                out.append(record)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    @api.get("/dlq", tags=["dlq"])
+    async def dlq_list(by: caller, flt: filters,
+                       limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = 100) -> Any:
+        records = await run_in_threadpool(matching, flt, limit)
+        return [r.model_dump(mode="json") for r in records]
+
+    @api.get("/dlq/stats", tags=["dlq"])
+    async def dlq_stats(by: caller, flt: filters) -> Any:
+        records = await run_in_threadpool(matching, flt)
+        return [s.as_dict() for s in group_by_fingerprint(records)]
+
+    @api.get("/dlq/audit", tags=["dlq"])
+    async def dlq_audit(by: caller,
+                        limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> Any:
+        return await run_in_threadpool(Replayer(runtime).audit_entries, limit)
+
+    @api.get("/dlq/{record_id}", tags=["dlq"], responses={404: {}})
+    async def dlq_show(by: caller, record_id: str) -> Any:
+        def find() -> Any:
+            for r in runtime.dlq.iter_records():
+                if r.id.startswith(record_id) or r.event_id == record_id:
+                    return {**r.model_dump(mode="json"), "fingerprint": record_fingerprint(r)}
+            return None
+
+        found = await run_in_threadpool(find)
+        return found if found is not None else JSONResponse(
+            {"error": f"no DLQ record {record_id!r}"}, 404)
+
+    @api.post("/dlq/replay", tags=["dlq"], responses={422: {}})
+    async def dlq_replay(by: caller, request: ReplayRequest) -> Any:
+        refused = _unselective(request)
+        if refused is not None:
+            return refused
+        if request.to_tier is not None and request.to_tier not in runtime.settings.tiers:
+            return JSONResponse({"error": f"to_tier {request.to_tier!r} is not a tier"}, 422)
+        summary = await run_in_threadpool(
+            lambda: Replayer(runtime).replay(
+                request.to_filter(), by=by, to_tier=request.to_tier, rate_per_s=request.rate,
+                dry_run=request.dry_run, validate=request.validate_payloads,
+                force=request.force))
+        return summary.as_dict()
+
+    @api.post("/dlq/purge", tags=["dlq"], responses={422: {}})
+    async def dlq_purge(by: caller, request: PurgeRequest) -> Any:
+        refused = _unselective(request)
+        if refused is not None:
+            return refused
+        if not request.yes:
+            return JSONResponse({"error": "purge deletes records for good: send yes=true"}, 422)
+        purged = await run_in_threadpool(Replayer(runtime).purge, request.to_filter(), by=by)
+        return {"purged": purged}

@@ -6,7 +6,10 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = {"ingest": "bench.ingest"}  # scenario name -> module with main(argv)
+# scenario name -> module with main(argv)
+SCENARIOS = {"ingest": "bench.ingest", "dlq": "bench.dlq", "batch": "bench.batch",
+             "isolation": "bench.isolation", "overhead": "bench.overhead",
+             "report": "bench.report"}
 
 
 def main() -> int:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -15,6 +20,9 @@ from typing import Any
 from pipeline.embedded import EmbeddedServer, start_server
 
 RESULTS_DIR = Path(__file__).parent / "results"
+QUICK_DIR = RESULTS_DIR / "quick"  # --quick runs write here (gitignored), never over full runs
+READY_TIMEOUT_S = 60.0  # a worker that is not ready by then fails the run
+STOP_TIMEOUT_S = 60.0  # warm shutdown may take this long before the worker is SIGKILLed
 
 
 @contextmanager
@@ -32,13 +40,105 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def write_results(scenario: str, data: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def results_dir(quick: bool = False) -> Path:
+    where = QUICK_DIR if quick else RESULTS_DIR
+    where.mkdir(parents=True, exist_ok=True)
+    return where
+
+
+def write_results(scenario: str, data: dict[str, Any], *, quick: bool = False,
+                  machine: dict[str, Any] | None = None) -> Path:
     data = {"scenario": scenario, "when": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"python": platform.python_version(), "cpus": _cpus()}, **data}
-    path = RESULTS_DIR / f"{scenario}.json"
+            "machine": {"python": platform.python_version(), "cpus": _cpus(),
+                        **(machine or {})}, **data}
+    path = results_dir(quick) / f"{scenario}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def versions(url: str | None = None) -> dict[str, str]:
+    """Celery, kombu and redis-py versions, and the broker server's when ``url`` is given."""
+    import celery
+    import kombu
+    import redis
+
+    found = {"celery": celery.__version__, "kombu": kombu.__version__,
+             "redis_py": redis.__version__}
+    if url:
+        client = redis.Redis.from_url(url)
+        try:
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+        finally:
+            client.close()
+        if "valkey_version" in info:
+            found["broker"] = f"valkey {info['valkey_version']}"
+        else:
+            found["broker"] = f"redis {info.get('redis_version', '?')}"
+    return found
+
+
+def start_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a worker subprocess and return once its log says it is ready."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while " ready." not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.02)
+    except BaseException:
+        stop_worker(proc)
+        raise
+    return proc
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Warm shutdown (SIGTERM: running tasks finish, prefetched ones go back to the
+    queue); SIGKILL it and its pool children, by pid, if it takes too long."""
+    if proc.poll() is not None:
+        return
+    children = child_pids(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def rss_kb(pid: int) -> dict[str, int]:
+    """Resident set size (kB) of ``pid`` and of each of its children, from /proc."""
+    sizes = {}
+    for p in [pid, *child_pids(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes[str(p)] = int(line.split()[1])
+        except OSError:
+            continue
+    return sizes
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _cpus() -> int:

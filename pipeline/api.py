@@ -5,6 +5,7 @@
 ``POST /events/batch``  JSON array or NDJSON -> 202 (all taken) / 207 (mixed)
 ``GET /healthz``        process alive (no auth)
 ``GET /readyz``         broker reachable -> 200, else 503 (no auth)
+``GET /metrics``        Prometheus metrics (token required)
 =====================  ====================================================
 
 Bearer-token auth (``PIPELINE_API_TOKEN``) on every route that reads or writes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
@@ -26,7 +28,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from pipeline import exporter
 from pipeline.admission import TIER_FULL
+from pipeline.dlqapi import add_dlq_routes
 from pipeline.errors import BrokerUnavailable
 from pipeline.events import Event
 from pipeline.ingest import PublishResult
@@ -58,20 +62,29 @@ def _event_schema() -> dict[str, Any]:
     return Event.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
-def create_api(runtime: Runtime, *, token: str | None) -> FastAPI:
-    """The ASGI app. ``token=None`` means no auth (only with ``--insecure-local``)."""
+def create_api(runtime: Runtime, *, token: str | None,
+               tokens: Mapping[str, str] | None = None) -> FastAPI:
+    """The ASGI app. ``token`` (named "default") and/or named ``tokens``; none at all
+    means no auth (only with ``--insecure-local``)."""
     settings = runtime.settings
     api = FastAPI(title="pipeline ingest", version="1",
                   description="Events in; tiers, retries and a DLQ behind.")
+    known = dict(tokens or {})
+    if token is not None:
+        known.setdefault("default", token)
+
     def authorized(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if token is None:
-            return
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(),
-                                                       token.encode()):
-            raise _Problem(401, {"error": "missing or wrong bearer token"},
-                           {"WWW-Authenticate": "Bearer"})
+    ) -> str:
+        """The name of the caller's token (audit entries record it)."""
+        if not known:
+            return "insecure-local"
+        offered = creds.credentials.encode() if creds is not None else b""
+        for name, secret in known.items():
+            if secrets.compare_digest(offered, secret.encode()):
+                return f"token:{name}"
+        raise _Problem(401, {"error": "missing or wrong bearer token"},
+                       {"WWW-Authenticate": "Bearer"})
 
     @api.exception_handler(_Problem)
     async def _problem(request: Request, exc: _Problem) -> JSONResponse:
@@ -157,6 +170,15 @@ def create_api(runtime: Runtime, *, token: str | None) -> FastAPI:
             return JSONResponse({"status": "unavailable", "error": str(exc)}, 503)
         return JSONResponse({"status": "ready"})
 
+    registry = exporter.build_registry(runtime)
+
+    @api.get("/metrics", dependencies=[Depends(authorized)], include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus metrics (see docs/observability.md); same token as the rest."""
+        body = await run_in_threadpool(exporter.scrape, registry)
+        return Response(body, media_type=exporter.CONTENT_TYPE)
+
+    add_dlq_routes(api, runtime, authorized)
     return api
 
 

@@ -14,9 +14,12 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from pipeline import logs, metrics
+from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.errors import ConfigError
 from pipeline.handlers import import_handler_modules
+from pipeline.heartbeat import HeartbeatStep
 from pipeline.runtime import bind
 from pipeline.tasks import register_task
 from pipeline.worker import PipelineWorkerStep
@@ -79,16 +82,18 @@ def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> C
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=True,
     )
+    logs.use_for_celery(celery)  # its workers log JSON lines / console through structlog
     return attach(celery, settings)
 
 
 def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     """Add the pipeline to an existing Celery ``app``; returns it.
 
-    Adds the tier queues and the ``pipeline.handle`` task, and the worker step
-    that moves due retries. The app's own queues, tasks and settings stay: the
-    only shared setting touched is the Redis visibility timeout, raised (never
-    lowered) to what the tiers need.
+    Adds the tier queues and the ``pipeline.handle`` task, the worker steps that
+    move due retries and write heartbeats, and the metric and log-context signal
+    receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
+    and settings stay: the only shared setting touched is the Redis visibility
+    timeout, raised (never lowered) to what the tiers need.
     """
     settings = settings or load_settings()
     problems = check_settings(settings)
@@ -115,7 +120,11 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     celery.conf.broker_transport_options = options
 
     register_task(celery)
+    register_batch_task(celery)
     celery.steps["worker"].add(PipelineWorkerStep)
+    celery.steps["worker"].add(HeartbeatStep)
+    metrics.install()  # task and publish metrics from signals (prefork: multiprocess mode)
+    logs.install()  # event fields on every log line of a running task
     bind(celery, settings)
     return celery
 

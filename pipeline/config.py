@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from pipeline.breaker import BreakerConfig
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.events import DEFAULT_MAX_PAYLOAD_BYTES
 from pipeline.tiers import Rule, TierConfig
@@ -50,16 +51,21 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    #: Celery broker URL (redis://, rediss://, sentinel://, amqp://).
+    #: Celery broker URL: `redis://`, `rediss://`, `sentinel://h:p;sentinel://h2:p` or
+    #: `amqp://`. Unset: `redis://127.0.0.1:6379/0`, and `pipeline up` starts an embedded
+    #: broker. TLS options go in the `rediss://` query; always give `ssl_cert_reqs`.
     broker_url: str | None = None
-    #: Redis holding retry schedule and delivery counts; defaults to the broker
-    #: when it is Redis. Required with a RabbitMQ broker.
+    #: Redis holding the retry schedule, delivery counts, breakers and retry budgets.
+    #: Unset: the broker, when it is Redis. Required with a RabbitMQ broker.
     state_url: str | None = None
-    #: kombu transport options merged over the derived ones (e.g. master_name for sentinel).
+    #: kombu transport options merged over the derived ones (`master_name` for Sentinel,
+    #: `unacked_restore_interval`, ...).
     broker_transport_options: dict[str, Any] = Field(default_factory=dict)
-    #: Redis visibility timeout; derived from the tiers' time limits when unset.
+    #: Redis visibility timeout. Unset: derived, the longest over the tiers of
+    #: `time_limit_s * (prefetch_multiplier + 1)`, plus 30 s, at least 60 s.
     broker_visibility_timeout_s: Annotated[float, Field(gt=0)] | None = None
-    #: modules imported by producers and workers to register handlers.
+    #: modules imported by producers and workers to register handlers;
+    #: `["pipeline.demo"]` enables the demo handlers.
     handler_modules: list[str] = Field(default_factory=list)
     #: tier for events that no rule matches.
     default_tier: str = "standard"
@@ -67,26 +73,42 @@ class Settings(BaseSettings):
     dead_letter_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "dead_letter"
     #: largest accepted payload, JSON-encoded.
     max_payload_bytes: Annotated[int, Field(gt=0)] = DEFAULT_MAX_PAYLOAD_BYTES
-    #: how often workers move due retries back onto their tier queue.
+    #: how often each tier worker moves due retries back onto its tier queue.
     retry_poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.25
-    #: most retries moved per tier per poll.
+    #: most retries moved per tier per poll round trip.
     retry_move_batch: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    #: how many times a publish is retried while the broker is unreachable.
+    #: how many times a publish is retried while the broker is unreachable, before
+    #: `BrokerUnavailable`.
     publish_max_retries: Annotated[int, Field(ge=0, le=100)] = 2
-    #: an event id / idempotency key accepted within this window is a duplicate;
-    #: a handler that succeeded within it does not run again. 0 disables both.
+    #: an event `id` / `idempotency_key` accepted within this window is answered
+    #: `duplicate`; a handler that succeeded within it does not run again. `0` disables both.
     idempotency_window_s: Annotated[int, Field(ge=0)] = 24 * 3600
     #: how long a tier's queue depth reading is reused by admission control.
     admission_cache_s: Annotated[float, Field(ge=0, le=60)] = 0.5
-    #: events per round trip in publish_many.
+    #: events per round trip in `publish_many` (and `pipeline send`, HTTP batches).
     publish_batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    #: bearer token of the HTTP API (PIPELINE_API_TOKEN); required unless --insecure-local.
+    #: DLQ retention: most records kept; the oldest are evicted, counted and logged.
+    #: `0` = no cap.
+    dlq_max_records: Annotated[int, Field(ge=0)] = 1_000_000
+    #: DLQ retention: older records are evicted, counted and logged. `0` = keep forever.
+    dlq_max_age_s: Annotated[float, Field(ge=0)] = 30 * 24 * 3600.0
+    #: bearer token of the HTTP API; `pipeline serve` refuses to start without one
+    #: unless `--insecure-local`.
     api_token: SecretStr | None = None
-    #: largest HTTP request body accepted by the API.
+    #: further named bearer tokens (`PIPELINE_API_TOKENS='{"ops": "..."}'`); DLQ audit
+    #: entries record the name.
+    api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    #: largest HTTP request body accepted by the API (413 above).
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
-    #: most events in one POST /events/batch.
+    #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
+    #: the tiers by name, each a `[tiers.NAME]` table. A file that declares any replaces
+    #: the built-in tiers and rules.
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
+    #: circuit breakers by downstream name, each a `[breakers.NAME]` table; handlers name
+    #: them in `@handler(..., downstreams=[...])`.
+    breakers: dict[str, BreakerConfig] = Field(default_factory=dict)
+    #: classification rules, `[[rules]]`, tried in order: the first match wins.
     rules: list[Rule] = Field(default_factory=list)
 
     @classmethod
@@ -288,4 +310,37 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
                 problems.append(
                     FieldProblem(f"handler_modules[{i}]", module, f"cannot import: {exc!r}")
                 )
+        problems += _handler_problems(settings)
+    return problems
+
+
+def _handler_problems(settings: Settings) -> list[FieldProblem]:
+    """Handlers against the config: undefined breakers, unbatchable handlers on batch tiers."""
+    from pipeline.events import Event
+    from pipeline.handlers import registry
+    from pipeline.tiers import classify
+
+    problems = []
+    modules = tuple(settings.handler_modules)
+    for name in registry.names():
+        entry = registry.get(name)
+        assert entry is not None
+        module = getattr(entry.func, "__module__", "")
+        if not any(module == m or module.startswith(m + ".") for m in modules):
+            continue  # registered by something else in this process, not by this config
+        for downstream in entry.downstreams:
+            if downstream not in settings.breakers:
+                problems.append(FieldProblem(
+                    f"breakers.{downstream}", None,
+                    f"handler {name!r} declares downstream {downstream!r} but no "
+                    f"[breakers.{downstream}] is configured"))
+        if entry.batchable or any(c in entry.pattern for c in "*?["):
+            continue
+        probe = Event(type=entry.pattern, source="config-check")
+        tier = classify(probe, settings.rules, settings.tiers, settings.default_tier)
+        if tier in settings.tiers and settings.tiers[tier].batch_size > 0:
+            problems.append(FieldProblem(
+                f"tiers.{tier}.batch_size", settings.tiers[tier].batch_size,
+                f"handler {name!r} (batchable=False) handles {entry.pattern!r}, which the "
+                f"rules send to this batched tier"))
     return problems

@@ -10,16 +10,19 @@ yields at worst a duplicate record (same deterministic ``id``), never a loss.
 from __future__ import annotations
 
 import base64
-import json
+import logging
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from kombu import Connection, Exchange, Queue
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.retry import Reason
+from pipeline.state import Keys
 
 if TYPE_CHECKING:
     import redis
@@ -29,6 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["DeadLetterQueue", "DeadLetterRecord", "dead_letter_queue", "record_id"]
 
+log = logging.getLogger(__name__)
+
+DEAD_LETTERED_AT_HEADER = "pipeline_dead_lettered_at"  # message header: epoch seconds
+_TRIM_BATCH = 1000  # most records one retention pass evicts
 _RECORD_NAMESPACE = uuid.UUID("0b5f4a4e-8d0e-4b8e-9c55-3f1c2f7d9a10")  # uuid5 namespace for ids
 
 
@@ -71,16 +78,29 @@ def dead_letter_queue(settings: Settings) -> Queue:
 
 
 class DeadLetterQueue:
-    """Write and read DLQ records on the broker."""
+    """Write, read and remove DLQ records on the broker.
+
+    On Redis the DLQ is kombu's list for the queue (oldest at the right end);
+    removal is by exact entry (``LREM``), and :meth:`move_to_queue` removes a
+    record and enqueues its replacement task in one Lua script, so a record is
+    always either in the DLQ or back on a tier queue. On RabbitMQ records are
+    read with ``basic_get`` and settled by ack (removed) or requeue.
+    """
 
     def __init__(self, app: Celery, settings: Settings, state: redis.Redis | None) -> None:
         self._app = app
         self._settings = settings
         self._state = state
         self.queue = dead_letter_queue(settings)
+        self._move = state.register_script(_MOVE_LUA) if state is not None else None
+        self._trim = state.register_script(_TRIM_LUA) if state is not None else None
+
+    @property
+    def on_redis(self) -> bool:
+        return self._settings.broker_is_redis and self._state is not None
 
     def put(self, record: DeadLetterRecord) -> None:
-        """Publish ``record``; raises if the broker did not take it."""
+        """Publish ``record``, then apply retention; raises if the broker did not take it."""
         with self._app.producer_or_acquire() as producer:
             producer.publish(
                 record.model_dump(mode="json"),
@@ -89,31 +109,103 @@ class DeadLetterQueue:
                 serializer="json",
                 delivery_mode=2,
                 declare=[self.queue],
+                headers={DEAD_LETTERED_AT_HEADER: time.time(), "pipeline_record_id": record.id},
                 retry=True,
                 retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
                               "interval_max": 2.0},
             )
+        if self.on_redis:
+            try:
+                self.enforce_retention()
+            except Exception:  # retention must never turn a dead letter into a failure
+                log.exception("DLQ retention failed; will retry on the next dead letter")
 
     def records(self, limit: int | None = None) -> list[DeadLetterRecord]:
         """Records, oldest first, without removing them."""
-        return list(self.iter_records(limit))
+        return [record for _, record in self.entries(limit)]
 
     def iter_records(self, limit: int | None = None) -> Iterator[DeadLetterRecord]:
-        if self._settings.broker_is_redis and self._state is not None:
+        for _, record in self.entries(limit):
+            yield record
+
+    def entries(self, limit: int | None = None) -> Iterator[tuple[bytes, DeadLetterRecord]]:
+        """``(raw entry, record)`` pairs, oldest first (raw is empty on RabbitMQ)."""
+        if self.on_redis:
             yield from self._iter_redis(limit)
         else:
-            yield from self._iter_amqp(limit)
+            for record in self._iter_amqp(limit):
+                yield b"", record
 
     def depth(self) -> int:
-        if self._settings.broker_is_redis and self._state is not None:
+        if self.on_redis:
+            assert self._state is not None
             return int(self._state.llen(self.queue.name))
         with self._connection() as conn:
             declared: Any = self.queue(conn.default_channel).queue_declare(passive=True)
             return int(declared.message_count)
 
-    def _iter_redis(self, limit: int | None) -> Iterator[DeadLetterRecord]:
+    def move_to_queue(self, moves: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
+        """Redis: for each ``(raw entry, list key, message)``, remove the entry and push
+        the message, atomically; False where the entry was already gone."""
+        assert self._move is not None
+        argv: list[bytes] = [part for move in moves for part in move]
+        return [bool(x) for x in self._move(keys=[self.queue.name], args=argv)]
+
+    def remove(self, raws: list[bytes]) -> int:
+        """Redis: delete these exact entries; returns how many were there."""
+        assert self._state is not None
+        pipe = self._state.pipeline(transaction=False)
+        for raw in raws:
+            pipe.lrem(self.queue.name, -1, raw)  # type: ignore[arg-type]  # bytes are fine
+        return int(sum(pipe.execute()))
+
+    def settle_amqp(self, decide: Callable[[DeadLetterRecord], bool | None]) -> tuple[int, int]:
+        """RabbitMQ: read every record; ``decide`` returns True to remove it (after it
+        did its work, e.g. a confirmed republish), False/None to keep it. Kept
+        records are requeued when the channel closes; returns (removed, kept)."""
+        removed = kept = 0
+        with self._connection() as conn:
+            channel: Any = conn.channel()
+            try:
+                bound = self.queue(channel)
+                bound.declare()
+                for _ in range(self.depth()):
+                    message = bound.get(no_ack=False, accept=["json"])
+                    if message is None:
+                        break
+                    if decide(DeadLetterRecord.model_validate(message.decode())):
+                        message.ack()
+                        removed += 1
+                    else:
+                        kept += 1
+            finally:
+                channel.close()
+        return removed, kept
+
+    def enforce_retention(self) -> list[DeadLetterRecord]:
+        """Evict the oldest records past ``dlq_max_records`` or ``dlq_max_age_s``;
+        each eviction is counted (``pipeline:dlq:evictions``) and logged."""
+        assert self._trim is not None
+        s = self._settings
+        evicted_raw = self._trim(
+            keys=[self.queue.name, Keys.dlq_evictions()],
+            args=[s.dlq_max_records, time.time() - s.dlq_max_age_s if s.dlq_max_age_s else 0,
+                  _TRIM_BATCH],
+        )
+        from pipeline.triage import fingerprint  # triage builds on this module
+
+        evicted = [_decode_kombu_redis(raw) for raw in evicted_raw]
+        for record in evicted:
+            log.warning("DLQ retention evicted record %s (fingerprint %s, event %s, "
+                        "handler %s, %s: %s)", record.id, fingerprint(record.handler,
+                        record.exception, record.message), record.event_id, record.handler,
+                        record.exception, record.message[:200])
+        return evicted
+
+    def _iter_redis(self, limit: int | None) -> Iterator[tuple[bytes, DeadLetterRecord]]:
         assert self._state is not None
         # kombu LPUSHes and consumers BRPOP: the oldest record is at the right end.
+        # Indexes counted from the right stay valid while new records arrive on the left.
         page_size = 1000
         end = -1
         produced = 0
@@ -123,7 +215,7 @@ class DeadLetterQueue:
             if not raw:
                 return
             for item in reversed(raw):
-                yield _decode_kombu_redis(item)
+                yield item, _decode_kombu_redis(item)
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
@@ -153,8 +245,44 @@ class DeadLetterQueue:
 
 
 def _decode_kombu_redis(raw: bytes) -> DeadLetterRecord:
-    envelope = json.loads(raw)
+    envelope = orjson.loads(raw)
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     return DeadLetterRecord.model_validate_json(body)
+
+
+# ARGV: (raw entry, list key, message) * n. Remove from the tail end (oldest first).
+_MOVE_LUA = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 1 then
+    redis.call('LPUSH', ARGV[i + 1], ARGV[i + 2])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# ARGV: max records (0 = no cap), oldest allowed dead-lettered-at (0 = no age cap), batch.
+_TRIM_LUA = """
+local evicted = {}
+local max_n, min_ts, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+while #evicted < batch do
+  local n = redis.call('LLEN', KEYS[1])
+  if n == 0 then break end
+  local evict = max_n > 0 and n > max_n
+  if not evict and min_ts > 0 then
+    local oldest = redis.call('LINDEX', KEYS[1], -1)
+    local ok, doc = pcall(cjson.decode, oldest)
+    local ts = ok and doc['headers'] and doc['headers']['pipeline_dead_lettered_at']
+    evict = type(ts) == 'number' and ts < min_ts
+  end
+  if not evict then break end
+  evicted[#evicted + 1] = redis.call('RPOP', KEYS[1])
+end
+if #evicted > 0 then redis.call('INCRBY', KEYS[2], #evicted) end
+return evicted
+"""

@@ -25,7 +25,8 @@ from pipeline.handlers import current, handler
 from pipeline.runtime import runtime_for
 from pipeline.state import Keys
 
-__all__ = ["DemoTransientError", "report"]
+__all__ = ["DEMO_DOWNSTREAM", "DemoTransientError", "calls_key", "down_key", "fixed_key",
+           "report"]
 
 
 class DemoTransientError(RuntimeError):
@@ -58,7 +59,15 @@ def _record(event: Event, suffix: str = "") -> None:
 
 @handler("demo.ok", name="demo.ok")
 def ok(event: Event) -> None:
+    """Succeeds; ``payload.poison`` makes it fail every time (a poisoned event)."""
+    if event.payload.get("poison"):
+        raise DemoTransientError("poisoned event")
     _record(event)
+
+
+@handler("demo.noop", name="demo.noop")
+def noop(event: Event) -> None:
+    """Does nothing at all: for throughput benchmarks."""
 
 
 @handler("demo.slow", name="demo.slow", model=SlowPayload)
@@ -73,16 +82,45 @@ def slow(event: Event, payload: SlowPayload) -> None:
     _record(event)
 
 
-@handler("demo.flaky", name="demo.flaky", model=FlakyPayload)
+DEMO_DOWNSTREAM = "demo-api"  # the downstream demo.flaky calls (a circuit breaker name)
+
+
+@handler("demo.flaky", name="demo.flaky", model=FlakyPayload, downstreams=[DEMO_DOWNSTREAM])
 def flaky(event: Event, payload: FlakyPayload) -> None:
+    """Calls "demo-api": fails with probability ``fail_rate``, and always while
+    ``pipeline demo down demo-api`` holds it down. Every call is counted."""
+    state: redis.Redis = current().state
+    state.incr(calls_key(DEMO_DOWNSTREAM))
+    if state.exists(down_key(DEMO_DOWNSTREAM)):
+        raise DemoTransientError(f"{DEMO_DOWNSTREAM} is down (connection refused)")
     if random.random() < payload.fail_rate:
         raise DemoTransientError(f"demo.flaky failed (fail_rate={payload.fail_rate})")
     _record(event)
 
 
+def down_key(downstream: str) -> str:
+    """Set: the demo downstream is fully down."""
+    return f"{Keys.prefix}demo:down:{downstream}"
+
+
+def calls_key(downstream: str) -> str:
+    """Counter: calls the demo handlers made to ``downstream``."""
+    return f"{Keys.prefix}demo:calls:{downstream}"
+
+
 @handler("demo.fail", name="demo.fail")
 def fail(event: Event) -> None:
+    """Always fails, until ``pipeline demo fix demo.fail`` "deploys the fix"."""
+    current().state.incr(calls_key("demo.fail"))
+    if current().state.exists(fixed_key("demo.fail")):
+        _record(event)
+        return
     raise DemoTransientError(f"demo.fail always fails (attempt {current().attempt})")
+
+
+def fixed_key(handler_name: str) -> str:
+    """Set: the demo handler ``handler_name`` behaves as if its bug were fixed."""
+    return f"{Keys.prefix}demo:fixed:{handler_name}"
 
 
 @handler("demo.invalid", name="demo.invalid")
@@ -92,8 +130,9 @@ def invalid(event: Event) -> None:
 
 @handler("demo.retry_after", name="demo.retry_after", model=RetryAfterPayload)
 def retry_after(event: Event, payload: RetryAfterPayload) -> None:
-    """Asks for a retry in ``delay_s`` on its first ``fail_times`` attempts, then succeeds."""
-    if current().attempt <= payload.fail_times:
+    """Asks for a delay of ``delay_s`` on its first ``fail_times`` calls, then succeeds."""
+    calls = current().state.incr(f"{Keys.prefix}demo:calls:retry_after:{event.id}")
+    if calls <= payload.fail_times:
         raise RetryAfter(payload.delay_s, "downstream said Retry-After")
     _record(event)
 

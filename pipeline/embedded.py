@@ -85,11 +85,12 @@ class EmbeddedServer:
 
 
 def start_server(data_dir: Path, *, port: int | None = None, persist: bool = True,
-                 binary: str | None = None) -> EmbeddedServer:
+                 binary: str | None = None, new_session: bool = False) -> EmbeddedServer:
     """Start a server on 127.0.0.1:``port`` (a free one if None) with data in ``data_dir``.
 
     ``persist`` turns on the append-only file (fsync every second), so a restart
-    after a crash keeps what was acknowledged.
+    after a crash keeps what was acknowledged. ``new_session`` keeps a terminal's
+    Ctrl-C from reaching the server, so its owner can stop it last.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -102,7 +103,8 @@ def start_server(data_dir: Path, *, port: int | None = None, persist: bool = Tru
         argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
     else:
         argv += ["--appendonly", "no"]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=new_session)
     server = EmbeddedServer(process, port, data_dir)
     deadline = time.monotonic() + READY_TIMEOUT_S
     client = redis.Redis(port=port, socket_connect_timeout=0.5)

@@ -54,6 +54,8 @@ class Handler:
     pattern: str
     func: Callable[..., Any]
     model: type[BaseModel] | None = None
+    downstreams: tuple[str, ...] = ()  # circuit breakers this handler's calls go through
+    batchable: bool = True  # False: never run as part of a packed batch message
 
     def __call__(self, event: Event) -> Any:
         if self.model is None:
@@ -114,11 +116,15 @@ def handler(
     *,
     model: type[BaseModel] | None = None,
     name: str | None = None,
+    downstreams: Iterable[str] = (),
+    batchable: bool = True,
 ) -> Callable[[F], F]:
     """Register the decorated function for ``event_type`` (exact type or glob).
 
     ``name`` defaults to ``module.function`` and is what DLQ records and metrics
     show; keep it stable across deploys, since pending retries refer to it.
+    ``downstreams`` names the circuit breakers its calls go through (configured in
+    ``[breakers.NAME]``); ``batchable=False`` keeps it off batched tiers.
     """
 
     def decorate(func: F) -> F:
@@ -128,6 +134,8 @@ def handler(
                 pattern=event_type,
                 func=func,
                 model=model,
+                downstreams=tuple(downstreams),
+                batchable=batchable,
             )
         )
         return func

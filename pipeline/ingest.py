@@ -27,6 +27,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from pipeline.admission import TIER_FULL, DepthCache, admitted
+from pipeline.batch import PACK_LUA
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
@@ -127,9 +128,17 @@ class Publisher:
         self._renderer = RedisMessageRenderer(runtime.app) if settings.broker_is_redis else None
         self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) \
             if settings.broker_is_redis else None
+        self._pack_script = runtime.state.register_script(PACK_LUA)
         self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
         self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier
         self._limits: dict[str, tuple[str, float, float]] = {}  # tier -> queue, hard, soft
+
+    @property
+    def renderer(self) -> RedisMessageRenderer:
+        """The Redis message renderer (Redis brokers only)."""
+        if self._renderer is None:
+            raise RuntimeError("message rendering is for Redis brokers")
+        return self._renderer
 
     def validate(self, data: Item) -> Event:
         if isinstance(data, Event):
@@ -195,7 +204,7 @@ class Publisher:
     def enqueue(self, event: Event, tier: str, handlers: Sequence[Handler]) -> list[str]:
         """Enqueue ``event``'s tasks without admission or dedupe (worker-side fan-out)."""
         plan = self._plan(event, tier, [h.name for h in handlers])
-        self._send(plan.specs)
+        self.send(plan.specs)
         return [s.task_id for s in plan.specs]
 
     def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
@@ -293,11 +302,51 @@ class Publisher:
             return []
         ttl = self.rt.settings.idempotency_window_s
         try:
-            if self._enqueue_script is not None:
+            if self._enqueue_script is None:
+                return self._send_amqp(plans, ttl)
+            packed = [p for p in plans if self._packable(p)]
+            if not packed:
                 return self._send_redis(plans, ttl)
-            return self._send_amqp(plans, ttl)
+            single = [p for p in plans if not self._packable(p)]
+            fresh = dict(zip(map(id, single), self._send_redis(single, ttl), strict=True))
+            fresh.update(self._send_packed(packed, ttl))
+            return [fresh[id(p)] for p in plans]
         except (redis.RedisError, OperationalError, OSError) as exc:
             raise self._unavailable(exc) from exc
+
+    def _packable(self, plan: _Planned) -> bool:
+        """Events of a batched tier with exactly one handler that may run in a batch."""
+        if self.rt.settings.tier(plan.tier).batch_size <= 0 or len(plan.handlers) != 1:
+            return False
+        entry = registry.get(plan.handlers[0])
+        return entry is not None and entry.batchable
+
+    def _send_packed(self, plans: list[_Planned], ttl: int) -> dict[int, bool]:
+        """Pack events into ``pipeline.handle_batch`` messages, one Lua call per message."""
+        from pipeline.batch import batch_spec
+
+        fresh: dict[int, bool] = {}
+        groups: dict[tuple[str, str], list[_Planned]] = {}
+        for plan in plans:
+            groups.setdefault((plan.tier, plan.handlers[0]), []).append(plan)
+        for (tier, handler), members in groups.items():
+            size = self.rt.settings.tier(tier).batch_size
+            for start in range(0, len(members), size):
+                chunk = members[start:start + size]
+                while chunk:
+                    spec = batch_spec(self.rt, [p.specs[0].args[0] for p in chunk],
+                                      handler=handler, tier=tier,
+                                      accepted_at=chunk[0].specs[0].kwargs["accepted_at"])
+                    key, payload = self.renderer.render(spec)
+                    keys = [Keys.seen(p.event.idempotency_key or p.event_id) for p in chunk]
+                    dups = self._pack_script(keys=[], args=[ttl, len(chunk), *keys, key, payload])
+                    if not dups:
+                        fresh.update((id(p), True) for p in chunk)
+                        break
+                    dup_ids = {id(chunk[int(i) - 1]) for i in dups}
+                    fresh.update((i, False) for i in dup_ids)
+                    chunk = [p for p in chunk if id(p) not in dup_ids]
+        return fresh
 
     def _send_redis(self, plans: list[_Planned], ttl: int) -> list[bool]:
         assert self._renderer is not None
@@ -323,7 +372,7 @@ class Publisher:
             if not fresh[i]:
                 continue
             try:
-                self._send(plan.specs)
+                self.send(plan.specs)
             except BrokerUnavailable:
                 if ttl > 0:  # release the claims of everything not confirmed
                     state.delete(*[Keys.seen(p.event.dedupe_key)
@@ -331,7 +380,7 @@ class Publisher:
                 raise
         return fresh
 
-    def _send(self, specs: Iterable[TaskSpec]) -> None:
+    def send(self, specs: Iterable[TaskSpec]) -> None:
         """Publish with Celery's own path (confirmed on RabbitMQ)."""
         task = self.rt.app.tasks[TASK_NAME]
         policy = {"max_retries": self.rt.settings.publish_max_retries, "interval_start": 0,

@@ -30,13 +30,15 @@ __all__ = [
     "RedisMessageRenderer",
     "TaskSpec",
     "redis_list_key",
+    "shadow_name",
 ]
 
 TASK_NAME = "pipeline.handle"
 ENQUEUED_AT_HEADER = "pipeline_enqueued_at"  # message header: epoch seconds it was queued
 REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue and its priority sub-list
 _REPR_MAX_CHARS = 1024  # argsrepr shown by Flower; the event id comes first
-_VARYING_HEADERS = ("id", "root_id", "timelimit", "argsrepr", "kwargsrepr")  # set per message
+_VARYING_HEADERS = ("id", "root_id", "shadow", "timelimit", "argsrepr",
+                    "kwargsrepr")  # set per message
 
 
 @dataclass(slots=True)
@@ -54,6 +56,14 @@ class TaskSpec:
     #: when the message counts as queued (epoch s; default: when rendered). The
     #: ``pipeline_enqueued_at`` header carries it, for queue wait and oldest-age.
     enqueued_at: float | None = None
+    #: the Celery task the message is for.
+    task: str = TASK_NAME
+
+    @property
+    def shadow(self) -> str:
+        """The task name Flower and worker logs show: ``pipeline.handle[<event type>]``
+        (Celery's ``shadow``; the worker still runs ``pipeline.handle``)."""
+        return shadow_name(self.args) if self.task == TASK_NAME else self.task
 
     def apply_async_options(self) -> dict[str, Any]:
         headers = {ENQUEUED_AT_HEADER: self.enqueued_at or time.time(), **self.headers}
@@ -61,11 +71,20 @@ class TaskSpec:
             "queue": self.queue,
             "routing_key": self.queue,
             "task_id": self.task_id,
+            "shadow": self.shadow,
             "priority": self.priority,
             "time_limit": self.time_limit_s,
             "soft_time_limit": self.soft_time_limit_s,
             "headers": headers,
         }
+
+
+def shadow_name(args: list[Any]) -> str:
+    """``pipeline.handle[reward.granted]`` for a task whose first argument is an event
+    of that type, so Flower's task list and filters show (and find) the event type."""
+    event = args[0] if args and isinstance(args[0], dict) else {}
+    kind = event.get("type")
+    return f"{TASK_NAME}[{kind}]" if isinstance(kind, str) and kind else TASK_NAME
 
 
 def redis_list_key(queue: str, priority: int | None) -> str:
@@ -98,7 +117,7 @@ class RedisMessageRenderer:
         Splices pre-serialised constant parts around the varying ones; produces the
         same document as :meth:`render_reference` (a unit test holds them equal).
         """
-        if spec.headers:
+        if spec.headers or spec.task != TASK_NAME:
             return self.render_reference(spec)
         args_json = orjson.dumps(spec.args)
         kwargs_json = orjson.dumps(spec.kwargs)
@@ -109,6 +128,7 @@ class RedisMessageRenderer:
             b'{"body":"', base64.b64encode(body),
             b'","content-encoding":"utf-8","content-type":"application/json","headers":{',
             self._fixed_headers, b',"id":', task_id, b',"root_id":', task_id,
+            b',"shadow":', orjson.dumps(spec.shadow),
             b',"timelimit":', orjson.dumps([spec.time_limit_s, spec.soft_time_limit_s]),
             b',"argsrepr":', orjson.dumps(args_json[:_REPR_MAX_CHARS].decode(errors="replace")),
             b',"kwargsrepr":', orjson.dumps(kwargs_json.decode()),
@@ -127,7 +147,9 @@ class RedisMessageRenderer:
         body = orjson.dumps([spec.args, spec.kwargs, self._embed])
         headers = dict(self._headers)
         headers.update(spec.headers)
+        headers["task"] = spec.task
         headers["id"] = headers["root_id"] = spec.task_id
+        headers["shadow"] = spec.shadow
         headers["timelimit"] = [spec.time_limit_s, spec.soft_time_limit_s]
         args_json = orjson.dumps(spec.args)
         headers["argsrepr"] = args_json[:_REPR_MAX_CHARS].decode(errors="replace")

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     INVALID_PAYLOAD = "invalid_payload"
     NO_HANDLER = "no_handler"
     MAX_DELIVERIES = "max_deliveries"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True)

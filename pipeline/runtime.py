@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 import redis
 
 from pipeline import state
+from pipeline.breaker import Breakers
 from pipeline.deadletter import DeadLetterQueue
+from pipeline.ledger import Ledger
 from pipeline.schedule import RetrySchedule
-from pipeline.state import DeliveryCounter
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -39,6 +40,8 @@ class Runtime:
         self._schedule: RetrySchedule | None = None
         self._dlq: DeadLetterQueue | None = None
         self._publisher: Publisher | None = None
+        self._ledger: Ledger | None = None
+        self._breakers: Breakers | None = None
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
@@ -47,6 +50,8 @@ class Runtime:
             self._schedule = None
             self._dlq = None
             self._publisher = None
+            self._ledger = None
+            self._breakers = None
 
     @property
     def state(self) -> redis.Redis:
@@ -59,8 +64,18 @@ class Runtime:
         return self._state
 
     @property
-    def deliveries(self) -> DeliveryCounter:
-        return DeliveryCounter(self.state, self.settings.idempotency_window_s)
+    def ledger(self) -> Ledger:
+        self._check_fork()
+        if self._ledger is None:
+            self._ledger = Ledger(self.state, self.settings.idempotency_window_s)
+        return self._ledger
+
+    @property
+    def breakers(self) -> Breakers:
+        self._check_fork()
+        if self._breakers is None:
+            self._breakers = Breakers(self.state, self.settings.breakers)
+        return self._breakers
 
     @property
     def schedule(self) -> RetrySchedule:

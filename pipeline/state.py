@@ -2,7 +2,7 @@
 
 With a Redis broker this is the broker itself (so retries move onto tier queues
 atomically); with RabbitMQ it is the Redis named by ``state_url``. It holds the
-scheduled-retry sets, per-attempt delivery counts and the demo's effect log.
+scheduled-retry sets, per-attempt delivery counts the demo's effect log, breakers and retry budgets.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import redis
 from redis.sentinel import Sentinel
 
-__all__ = ["DeliveryCounter", "Keys", "connect"]
+__all__ = ["Keys", "connect"]
 
-DELIVERY_COUNT_TTL_S = 7 * 24 * 3600  # a delivery count outlives any redelivery delay
 SOCKET_TIMEOUT_S = 10.0  # a state-store call that takes longer than this fails
 CONNECT_TIMEOUT_S = 3.0  # how long to wait for the state store to accept a connection
 
@@ -42,6 +41,26 @@ class Keys:
     def done(cls, task_id: str) -> str:
         """A (event, handler) task whose handler succeeded (TTL: the idempotency window)."""
         return f"{cls.prefix}done:{task_id}"
+
+    @classmethod
+    def breaker(cls, name: str) -> str:
+        """A downstream's circuit breaker (hash; window buckets under ``<key>:w:``)."""
+        return f"{cls.prefix}breaker:{name}"
+
+    @classmethod
+    def retry_budget(cls, tier: str) -> str:
+        """Prefix of a tier's retry-budget buckets; ``<prefix>exhausted`` counts refusals."""
+        return f"{cls.prefix}budget:{tier}:"
+
+    @classmethod
+    def dlq_evictions(cls) -> str:
+        """Records evicted from the DLQ by retention (a counter)."""
+        return f"{cls.prefix}dlq:evictions"
+
+    @classmethod
+    def dlq_audit(cls) -> str:
+        """Audit entries of DLQ replays and purges (a list, newest first)."""
+        return f"{cls.prefix}dlq:audit"
 
     @classmethod
     def demo_effects(cls) -> str:
@@ -89,37 +108,3 @@ def _redis_py_url(url: str) -> str:
     fixed = [(k, v.lower().removeprefix("cert_") if k == "ssl_cert_reqs" else v)
              for k, v in query]
     return url if fixed == query else urlunsplit(parts._replace(query=urlencode(fixed)))
-
-
-class DeliveryCounter:
-    """Per-task bookkeeping around a handler run, one round trip each side.
-
-    Redis keeps no delivery count and a crashing handler kills its worker before
-    it can record anything, so deliveries are counted *before* the handler runs
-    and cleared once the attempt settles. A handler that succeeded leaves a
-    ``done`` mark for ``window_s`` so a redelivery of its task does not run it again.
-    """
-
-    def __init__(self, client: redis.Redis, window_s: int) -> None:
-        self._client = client
-        self._window_s = window_s
-
-    def begin(self, task_id: str, attempt: int) -> tuple[bool, int]:
-        """``(already done, deliveries of this attempt including this one)``."""
-        key = Keys.deliveries(task_id, attempt)
-        pipe = self._client.pipeline()
-        pipe.exists(Keys.done(task_id))
-        pipe.incr(key)
-        pipe.expire(key, DELIVERY_COUNT_TTL_S)
-        done, count, _ = pipe.execute()
-        return bool(done) and self._window_s > 0, int(count)
-
-    def succeeded(self, task_id: str, attempt: int) -> None:
-        pipe = self._client.pipeline()
-        if self._window_s > 0:
-            pipe.set(Keys.done(task_id), "1", ex=self._window_s)
-        pipe.delete(Keys.deliveries(task_id, attempt))
-        pipe.execute()
-
-    def clear(self, task_id: str, attempt: int) -> None:
-        self._client.delete(Keys.deliveries(task_id, attempt))

@@ -11,6 +11,7 @@ for redelivery rather than acknowledged.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import time
 import traceback as tb
@@ -22,8 +23,10 @@ from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from pipeline.deadletter import DeadLetterRecord, record_id
+from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
 from pipeline.handlers import HandlerContext, registry, running
+from pipeline.logs import attempt_fields
 from pipeline.retry import Reason, decide
 from pipeline.runtime import Runtime, runtime_for
 
@@ -50,6 +53,7 @@ class Attempt:
         self.attempt = int(kwargs.get("attempt", 1))
         self.first_failed_at: str | None = kwargs.get("first_failed_at")
         self.accepted_at: float | None = kwargs.get("accepted_at")
+        self.deferrals = int(kwargs.get("deferrals", 0))
 
     @property
     def queue(self) -> str:
@@ -58,16 +62,20 @@ class Attempt:
     def run(self) -> str:
         settings = self.rt.settings
         tier = settings.tier(self.tier)
-        done, deliveries = self.rt.deliveries.begin(self.task_id, self.attempt)
-        if done:
+        begin = self.rt.ledger.begin(self.task_id, self.attempt, self.tier, tier)
+        if begin.done:
             log.info("event %s handler %s already succeeded; not running it again",
-                     self.event.get("id"), self.handler)
-            self.rt.deliveries.clear(self.task_id, self.attempt)
+                     self.event.get("id"), self.handler,
+                     extra=attempt_fields(self, outcome="already_done"))
+            self.rt.ledger.clear(self.task_id, self.attempt)
             return "already_done"
-        if deliveries > tier.max_deliveries:
+        if not begin.admitted:  # a retry over the tier's retry budget
+            window_s = tier.retry_budget_window_s
+            return self.defer(window_s / 10 + random.uniform(0, window_s / 2), "retry_budget")
+        if begin.deliveries > tier.max_deliveries:
             return self.dead_letter(
                 Reason.MAX_DELIVERIES, "WorkerLost",
-                f"attempt {self.attempt} was delivered {deliveries - 1} times and never "
+                f"attempt {self.attempt} was delivered {begin.deliveries - 1} times and never "
                 f"finished (worker killed: crash, OOM or hard kill)", "",
             )
         try:
@@ -88,13 +96,50 @@ class Attempt:
         ctx = HandlerContext(task_id=self.task_id, handler=self.handler, tier=self.tier,
                              attempt=self.attempt, max_attempts=tier.max_retries + 1,
                              state=self.rt.state)
+        for downstream in entry.downstreams:
+            status = self.rt.breakers.allow(downstream)
+            if status.retry_in_s > 0:
+                return self.defer(status.retry_in_s * random.uniform(1.0, 1.5),
+                                  f"breaker_open:{downstream}")
         try:
             with running(ctx):
                 entry(event)
+        except RetryAfter as exc:  # the handler asks for a delay: not a failure
+            return self.defer(exc.delay_s, "requested")
         except Exception as exc:
+            if not isinstance(exc, PermanentError):
+                for downstream in entry.downstreams:
+                    self.rt.breakers.record(downstream, ok=False)
             return self.failed(exc)
-        self.rt.deliveries.succeeded(self.task_id, self.attempt)
+        for downstream in entry.downstreams:
+            self.rt.breakers.record(downstream, ok=True)
+        self.rt.ledger.succeeded(self.task_id, self.attempt)
         return "succeeded"
+
+    def defer(self, delay_s: float, why: str) -> str:
+        """Run this same attempt again later: no attempt is consumed. Past the tier's
+        ``max_defer_age_s`` (counted from acceptance) the work is dead-lettered."""
+        tier = self.rt.settings.tier(self.tier)
+        now = time.time()
+        age_s = now - (self.accepted_at or now)
+        if age_s + delay_s > tier.max_defer_age_s:
+            return self.dead_letter(
+                Reason.EXPIRED, "Deferred",
+                f"deferred ({why}) for {age_s:.0f}s, past the tier's max_defer_age_s "
+                f"of {tier.max_defer_age_s:g}s", "")
+        spec = self.rt.publisher.spec(
+            self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
+            attempt=self.attempt, first_failed_at=self.first_failed_at,
+            priority=self.event.get("priority"), accepted_at=self.accepted_at,
+        )
+        spec.kwargs["deferrals"] = self.deferrals + 1
+        spec.enqueued_at = now + delay_s
+        self.rt.schedule.add(spec, now + delay_s)
+        self.rt.ledger.clear(self.task_id, self.attempt)
+        log.info("event %s handler %s deferred %.2fs (%s)", self.event.get("id"),
+                 self.handler, delay_s, why,
+                 extra=attempt_fields(self, outcome="deferred", why=why))
+        return f"deferred:{why}"
 
     def fan_out(self, event: Event) -> str:
         """The producer knew no handler for this type; this worker may know some."""
@@ -103,7 +148,7 @@ class Attempt:
             return self.dead_letter(Reason.NO_HANDLER, "LookupError",
                                     f"no handler registered for event type {event.type!r}", "")
         self.rt.publisher.enqueue(event, self.tier, handlers)
-        self.rt.deliveries.clear(self.task_id, self.attempt)
+        self.rt.ledger.clear(self.task_id, self.attempt)
         return "fanned_out"
 
     def failed(self, exc: BaseException) -> str:
@@ -122,8 +167,10 @@ class Attempt:
         self.rt.schedule.add(spec, due_at)
         log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
                     self.event.get("id"), self.handler, self.attempt, type(exc).__name__, exc,
-                    decision.delay_s)
-        self.rt.deliveries.clear(self.task_id, self.attempt)
+                    decision.delay_s,
+                    extra=attempt_fields(self, outcome="retried", exception=_qualname(type(exc)),
+                                         delay_s=round(decision.delay_s, 3)))
+        self.rt.ledger.clear(self.task_id, self.attempt)
         return "retry_scheduled"
 
     def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
@@ -141,8 +188,10 @@ class Attempt:
         )
         self.rt.dlq.put(record)
         log.error("event %s handler %s dead-lettered: %s (%s: %s)", self.event.get("id"),
-                  self.handler or "-", reason.value, exception, message)
-        self.rt.deliveries.clear(self.task_id, self.attempt)
+                  self.handler or "-", reason.value, exception, message,
+                  extra=attempt_fields(self, outcome="dead_lettered", reason=reason.value,
+                                       exception=exception))
+        self.rt.ledger.clear(self.task_id, self.attempt)
         return f"dead_lettered:{reason.value}"
 
 
@@ -171,7 +220,7 @@ class PipelineTask(Task):  # type: ignore[type-arg]
             self.acks_on_timeout = True
         except Exception:
             log.exception("could not settle task %s after its hard time limit; requeueing",
-                          task_id)
+                          task_id, extra={"task_id": task_id})
             self.acks_on_timeout = False
 
 

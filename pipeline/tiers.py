@@ -24,34 +24,56 @@ class TierConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: Celery/broker queue name; defaults to the tier's name.
+    #: broker queue of the tier. Unset: the tier's name.
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
-    #: worker processes per tier worker (prefork children).
+    #: worker processes per tier worker (`pipeline worker --tier` passes it as `-c`).
     concurrency: Annotated[int, Field(ge=1, le=512)] = 2
     #: messages reserved per process; 1 for latency-sensitive tiers.
     prefetch_multiplier: Annotated[int, Field(ge=1, le=1000)] = 4
     #: retries after the first attempt; attempts in all = max_retries + 1.
     max_retries: Annotated[int, Field(ge=0, le=1000)] = 5
-    #: first backoff window; attempt n waits uniform(0, min(cap, base * 2**(n-1))).
+    #: first backoff window; attempt n waits
+    #: `uniform(0, min(backoff_max_s, backoff_base_s * 2**(n-1)))`.
     backoff_base_s: Annotated[float, Field(gt=0)] = 2.0
     #: cap on one backoff window.
     backoff_max_s: Annotated[float, Field(gt=0)] = 300.0
-    #: SoftTimeLimitExceeded is raised in the handler after this long (retryable).
+    #: `SoftTimeLimitExceeded` is raised in the handler after this long (retryable).
+    #: Must be below `time_limit_s`.
     soft_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
     #: the worker child is killed after this long; counts as a failed attempt.
     time_limit_s: Annotated[float, Field(gt=0)] = 90.0
-    #: Celery rate limit per worker, e.g. "100/s"; None = unlimited.
+    #: Celery rate limit per worker, e.g. `"100/s"`, applied by a worker serving this
+    #: tier alone. Unset: unlimited.
     rate_limit: Annotated[str, Field(pattern=r"^\d+(\.\d+)?/[smh]$")] | None = None
-    #: admission control refuses new events past this many queued; 0 = unbounded.
+    #: admission control refuses new events past this many queued; `0` = unbounded.
     max_depth: Annotated[int, Field(ge=0)] = 0
-    #: past max_depth: "reject" (tier_full, HTTP 429) or "accept" (never refuse).
+    #: past `max_depth`: `"reject"` (publish says `rejected: tier_full`, HTTP 429 with
+    #: `Retry-After`) or `"accept"` (never refuse; the built-in `critical` tier).
     overflow: Literal["reject", "accept"] = "reject"
-    #: deliveries of one attempt that never finished (worker crash) before it is dead-lettered.
+    #: deliveries of one attempt that never finished (worker crash) before it is
+    #: dead-lettered as `max_deliveries`.
     max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
     #: exception classes (dotted paths or builtin names) that are retried.
     retry_on: list[str] = Field(default_factory=lambda: ["Exception"])
-    #: exception classes never retried (checked first); PermanentError always is.
+    #: exception classes never retried (checked first); `PermanentError` never is.
     dont_retry_on: list[str] = Field(default_factory=list)
+    #: the tier is late when its oldest queued message is older than this
+    #: (`pipeline status` exits 1, the `PipelineTierOldestMessageOverSLO` alert fires;
+    #: the exporter publishes it as `pipeline_tier_slo_seconds`).
+    slo_s: Annotated[float, Field(gt=0)] = 300.0
+    #: retry budget: retries per window stay under this fraction of first attempts
+    #: (retries beyond it are deferred, not dropped, not counted); `0` = no budget.
+    retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.2
+    #: retries always admitted per window, however few first attempts there were.
+    retry_budget_min: Annotated[int, Field(ge=0)] = 10
+    #: sliding window of the retry budget.
+    retry_budget_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    #: deferred work (breaker open, over budget, handler asked) older than this,
+    #: counted from acceptance, is dead-lettered as `expired`.
+    max_defer_age_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    #: events per `pipeline.handle_batch` message on this tier (packed at publish);
+    #: `0` = no batching.
+    batch_size: Annotated[int, Field(ge=0, le=10_000)] = 0
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> TierConfig:
@@ -82,8 +104,12 @@ class Rule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: glob (`fnmatch`, case-sensitive) on the event's `type`.
     type: str | None = None
+    #: glob on the event's `source`. A rule needs `type` or `source`; with both, both
+    #: must match.
     source: str | None = None
+    #: the tier the matching events go to.
     tier: Annotated[str, Field(pattern=TIER_PATTERN)]
 
     @model_validator(mode="after")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.cli import config, demo, dlq, run, send  # noqa: F401  (register commands)
+from pipeline.cli import breaker, config, demo, dlq, observe, run, send  # noqa: F401  (register commands)
 from pipeline.cli.base import cli
 
 __all__ = ["cli", "main"]

@@ -29,3 +29,19 @@ def demo_report(as_json: bool, with_ids: bool) -> None:
                    f"{result['duplicate_effects']}")
 
 
+
+
+@demo.command("fix")
+@click.argument("handler_name", metavar="HANDLER", default="demo.fail")
+@click.option("--undo", is_flag=True, help="Break it again.")
+def demo_fix(handler_name: str, undo: bool) -> None:
+    """Pretend a fix for a failing demo handler was deployed (or --undo it)."""
+    from pipeline.demo import fixed_key
+
+    state = runtime().state
+    if undo:
+        state.delete(fixed_key(handler_name))
+        click.echo(f"{handler_name}: broken again")
+    else:
+        state.set(fixed_key(handler_name), "1")
+        click.echo(f"{handler_name}: fixed (replay its dead letters now)")

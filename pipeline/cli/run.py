@@ -47,7 +47,8 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
 
     rt = runtime()
     secret = rt.settings.api_token
-    if secret is None:
+    named = {name: value.get_secret_value() for name, value in rt.settings.api_tokens.items()}
+    if secret is None and not named:
         if not insecure_local:
             click.echo("error: PIPELINE_API_TOKEN is not set; refusing to serve without "
                        "authentication (use --insecure-local for a loopback-only dev server)",
@@ -59,7 +60,7 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
         click.secho("WARNING: serving WITHOUT AUTHENTICATION (--insecure-local); anyone on "
                     "this machine can publish events", fg="red", bold=True, err=True)
         logging.getLogger("pipeline.api").warning("serving without authentication")
-    api = create_api(rt, token=secret.get_secret_value() if secret else None)
+    api = create_api(rt, token=secret.get_secret_value() if secret else None, tokens=named)
     uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from typing import IO, Any
 
 import click
 
-from pipeline.cli.base import EXIT_BROKER, EXIT_REJECTED, cli, runtime
+from pipeline.cli.base import EXIT_BROKER, EXIT_REJECTED, cli, progress_bar, runtime
 from pipeline.errors import BrokerUnavailable
 
 
@@ -60,23 +58,12 @@ def send(source: IO[bytes], as_json: bool) -> None:
     sys.exit(EXIT_REJECTED if rejected else 0)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _progress(source: IO[bytes]) -> Iterator[Any]:
-    """A progress bar on stderr when it is a terminal, sized by the file when it has one."""
-    if not sys.stderr.isatty():
-        yield _NoBar()
-        return
+def _progress(source: IO[bytes]) -> Any:
+    """A progress bar in bytes, sized by the file when it has a size."""
     try:
-        size = os.fstat(source.fileno()).st_size or None
+        size = os.fstat(source.fileno()).st_size
     except (OSError, ValueError):
-        size = None
-    with click.progressbar(length=size or 0, label="sending", file=sys.stderr,
-                           show_pos=size is None) as bar:
-        yield bar
+        size = 0
+    return progress_bar(size, "sending")
 
 

@@ -45,6 +45,7 @@ backoff_base_s = 0.1
 backoff_max_s = 0.3
 soft_time_limit_s = {soft}
 time_limit_s = {hard}
+retry_budget_ratio = {budget}
 
 [tiers.standard]
 queue = "{prefix}standard"
@@ -55,6 +56,7 @@ backoff_base_s = 0.1
 backoff_max_s = 0.3
 soft_time_limit_s = {soft}
 time_limit_s = {hard}
+retry_budget_ratio = {budget}
 max_deliveries = 2
 
 [tiers.bulk]
@@ -66,6 +68,7 @@ backoff_base_s = 60
 backoff_max_s = 120
 soft_time_limit_s = {soft}
 time_limit_s = {hard}
+retry_budget_ratio = {budget}
 
 [[rules]]
 type = "demo.*"
@@ -194,6 +197,9 @@ class Stack:
 
 
 def write_config(path: Path, *, prefix: str = "", vt: float = 30.0, soft: float = 4.0,
-                 hard: float = 5.0, extra: str = "") -> Path:
-    path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard) + extra)
+                 hard: float = 5.0, budget: float = 0.0, extra: str = "") -> Path:
+    """The test config; ``budget`` is the tiers' retry_budget_ratio (0: off, so tests that
+    fail many events on purpose are not throttled by it)."""
+    path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard, budget=budget)
+                    + extra)
     return path

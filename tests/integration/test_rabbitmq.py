@@ -88,3 +88,21 @@ def test_rabbitmq_handler_delay_goes_through_the_retry_schedule(stack: Stack) ->
     result = stack.publish("demo.retry_after", payload={"delay_s": 0.5, "fail_times": 2})
     stack.wait_effect(result.id, timeout_s=20)
     assert stack.effects(result.id) == 1
+
+
+def test_rabbitmq_dlq_replay_republishes_then_acks(stack: Stack) -> None:
+    from pipeline.demo import fixed_key
+    from pipeline.replay import Replayer
+    from pipeline.triage import RecordFilter
+
+    result = stack.publish("demo.fail")
+    assert result.id is not None
+    stack.wait_dlq(result.id, timeout_s=30)
+    stack.state.set(fixed_key("demo.fail"), "1")
+    try:
+        summary = Replayer(stack.rt).replay(RecordFilter(ids=frozenset({result.id})), by="t")
+        assert summary.replayed == 1
+        stack.wait_effect(result.id, timeout_s=20)
+        assert stack.dlq_for(result.id) == []
+    finally:
+        stack.state.delete(fixed_key("demo.fail"))

@@ -89,3 +89,49 @@ def test_check_with_a_non_json_list_env_value_exits_2(monkeypatch: pytest.Monkey
     code, _, err = run("config", "check")
     assert code == 2
     assert "PIPELINE_HANDLER_MODULES" in err
+
+
+BAD_HANDLERS_MODULE = '''
+from pipeline import handler
+
+@handler("partner.sync", name="badmod.partner_sync", downstreams=["partner-api"])
+def partner_sync(event):
+    pass
+
+@handler("bulk.export", name="badmod.export", batchable=False)
+def export(event):
+    pass
+'''
+
+BATCHED_CONFIG = """
+handler_modules = ["badmod_{suffix}"]
+default_tier = "standard"
+[tiers.standard]
+[tiers.bulk]
+batch_size = 100
+[[rules]]
+type = "bulk.*"
+tier = "bulk"
+"""
+
+
+def test_check_reports_undefined_breakers_and_unbatchable_handlers_on_batch_tiers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suffix = tmp_path.name.replace("-", "_")
+    (tmp_path / f"badmod_{suffix}.py").write_text(BAD_HANDLERS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from pipeline.handlers import registry
+
+    try:
+        code, _, err = run("config", "check",
+                           str(write(tmp_path, BATCHED_CONFIG.format(suffix=suffix))))
+    finally:
+        registry.unregister("badmod.partner_sync")
+        registry.unregister("badmod.export")
+    assert code == 2
+    lines = err.splitlines()
+    assert any(line.startswith("error: breakers.partner-api=") and "badmod.partner_sync" in line
+               for line in lines), lines
+    assert any(line.startswith("error: tiers.bulk.batch_size=100") and "batchable=False" in line
+               for line in lines), lines

@@ -1,0 +1,135 @@
+"""One PNG per scenario, drawn from its results JSON alone (so ``python -m bench
+report`` can redraw every chart): ``<dir>/<scenario>.json`` -> ``<dir>/<scenario>.png``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render"]
+
+COLORS = {"shared": "tab:red", "tiered": "tab:green", "bare": "tab:blue"}
+
+
+def render(scenario: str, directory: Path) -> Path | None:
+    """Draw ``scenario``'s chart next to its JSON; None when there is no drawer for it."""
+    draw = DRAWERS.get(scenario)
+    source = directory / f"{scenario}.json"
+    if draw is None or not source.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(source.read_text())
+    fig = draw(plt, data)
+    fig.suptitle(f"{scenario}{' (quick)' if data.get('quick') else ''}: "
+                 f"{data.get('when', '')}, {data['machine'].get('cpus', '?')} cores", fontsize=9,
+                 y=0.995)
+    fig.tight_layout()
+    out = directory / f"{scenario}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _bars(ax: Any, labels: list[str], values: list[float], fmt: str = "{:,.0f}") -> None:
+    bars = ax.bar(labels, values, color="tab:blue")
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+
+
+def _isolation(plt: Any, data: dict[str, Any]) -> Any:
+    sides = data["sides"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(sides)
+    width = 0.38
+    for offset, q in ((-width / 2, "p50"), (width / 2, "p99")):
+        values = [sides[n]["critical_ms"][q] for n in names]
+        bars = left.bar([i + offset for i in range(len(names))], values, width, label=q,
+                        color="tab:gray" if q == "p50" else "tab:orange")
+        for bar, value in zip(bars, values, strict=True):
+            left.annotate(f"{value:,.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+    left.set_xticks(range(len(names)),
+                    [f"{n}\nbulk {sides[n]['bulk_events_per_s']:,.0f}/s" for n in names])
+    left.set_yscale("log")
+    left.set_ylabel("critical latency, ms (log)")
+    left.set_title(f"critical enqueue -> handler start, {data['backlog']:,} bulk backlog, "
+                   f"{data['slots']} slots per side", fontsize=9)
+    left.legend()
+    for name in names:
+        samples = sides[name]["samples"]
+        right.scatter([s[0] for s in samples], [max(s[1], 0.01) for s in samples], s=4,
+                      color=COLORS.get(name), label=name, alpha=0.6)
+    right.set_yscale("log")
+    right.set_xlabel("seconds since the first critical event")
+    right.set_ylabel("latency, ms (log)")
+    right.set_title("each critical event (spaced every "
+                    f"{data['interval_ms']:g} ms, bursts of {data['burst_size']})", fontsize=9)
+    right.legend()
+    return fig
+
+
+def _overhead(plt: Any, data: dict[str, Any]) -> Any:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rates = data["events_per_s_median"]
+    _bars(left, ["bare Celery no-op", "pipeline (demo.noop)"],
+          [rates["stock_noop"], rates["pipeline"]])
+    left.set_ylabel("events/s, one worker")
+    left.set_title(f"drain of a pre-filled queue, -c {data['concurrency']} prefork: "
+                   f"{data['ratio']:.2f}x", fontsize=9)
+    rss = data["rss"]
+    samples = rss["samples"]
+    right.plot([s[0] * 100 for s in samples], [s[1] / 1024 for s in samples], label="main")
+    right.plot([s[0] * 100 for s in samples], [s[2] / 1024 for s in samples],
+               label="pool children (sum)")
+    right.plot([s[0] * 100 for s in samples], [(s[1] + s[2]) / 1024 for s in samples],
+               label="total")
+    right.axvline(10, color="gray", linestyle=":")
+    right.set_xlabel(f"% of {rss['events']:,} events handled")
+    right.set_ylabel("RSS, MiB")
+    right.set_ylim(bottom=0)
+    right.set_title(f"worker RSS growth 10% -> 100%: {rss['growth_pct']:+.1f}%", fontsize=9)
+    right.legend()
+    return fig
+
+
+def _ingest(plt: Any, data: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rates = data["events_per_s_median"]
+    _bars(ax, list(rates), list(rates.values()))
+    ax.set_ylabel("events/s published")
+    ax.set_title(f"{data['events']:,} events, median of {data['repeats']}", fontsize=9)
+    return fig
+
+
+def _batch(plt: Any, data: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rates = data["events_per_s_median"]
+    _bars(ax, list(rates), list(rates.values()))
+    ax.set_yscale("log")
+    ax.set_ylabel("events/s, one worker (log)")
+    ax.set_title(f"batch_size {data['batch_size']}, -c {data['concurrency']}: "
+                 f"{data['ratio']:.1f}x", fontsize=9)
+    return fig
+
+
+def _dlq(plt: Any, data: dict[str, Any]) -> Any:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    secs = data["seconds_median"]
+    _bars(ax, list(secs), list(secs.values()), "{:.2f}s")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"{data['records']:,} DLQ records, median of {data['repeats']}", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    return fig
+
+
+DRAWERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
+    "isolation": _isolation, "overhead": _overhead, "ingest": _ingest, "batch": _batch,
+    "dlq": _dlq,
+}

@@ -1,0 +1,29 @@
+"""Pipeline handlers for the isolation benchmark (loaded with
+``PIPELINE_HANDLER_MODULES='["bench.handlers"]'``); their stock Celery twins
+are in :mod:`bench.stock_app`. Both write the same Redis keys, so one reader
+accounts for either side.
+
+* ``bench.critical``: records when its handler started (``HSET``
+  :data:`STARTED_KEY` event id -> epoch seconds); the sender knows when it sent.
+* ``bench.bulk``: keeps one worker slot busy for ``payload.ms`` and counts
+  itself (``INCR`` :data:`BULK_DONE_KEY`).
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.keys import BULK_DONE_KEY, STARTED_KEY
+from pipeline.events import Event
+from pipeline.handlers import current, handler
+
+
+@handler("bench.critical", name="bench.critical")
+def critical(event: Event) -> None:
+    current().state.hset(STARTED_KEY, event.id, repr(time.time()))
+
+
+@handler("bench.bulk", name="bench.bulk")
+def bulk(event: Event) -> None:
+    time.sleep(float(event.payload.get("ms", 5)) / 1000)
+    current().state.incr(BULK_DONE_KEY)

@@ -1,0 +1,46 @@
+"""A bare Celery app: the stock side of the batch, overhead and isolation benchmarks.
+
+``stock.noop`` does nothing; ``stock.critical`` and ``stock.bulk`` are the plain
+Celery twins of :mod:`bench.handlers` (same Redis keys, same work).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+from bench.keys import BULK_DONE_KEY, STARTED_KEY
+
+app = Celery("stock", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0"))
+app.conf.update(task_serializer="json", accept_content=["json"], task_acks_late=True,
+                task_ignore_result=True, worker_hijack_root_logger=False)
+
+_client: redis.Redis | None = None  # per (pool) process, made on first use
+
+
+def _redis() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(str(app.conf.broker_url))
+    return _client
+
+
+@app.task(name="stock.noop")
+def noop(event: dict[str, object]) -> None:
+    return None
+
+
+@app.task(name="stock.critical")
+def critical(event: dict[str, object]) -> None:
+    _redis().hset(STARTED_KEY, str(event["id"]), repr(time.time()))
+
+
+@app.task(name="stock.bulk")
+def bulk(event: dict[str, object]) -> None:
+    payload = event.get("payload")
+    ms = payload.get("ms", 5) if isinstance(payload, dict) else 5
+    time.sleep(float(ms) / 1000)
+    _redis().incr(BULK_DONE_KEY)

@@ -1,0 +1,79 @@
+"""Circuit breaker state machine, against the suite's real Redis (no workers)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from pipeline.breaker import BreakerConfig, Breakers
+
+CFG = BreakerConfig(failure_ratio=0.5, min_calls=4, consecutive_failures=3, window_s=10,
+                    open_s=5, half_open_probes=1)
+
+
+@pytest.fixture
+def breakers(redis_url: str) -> Iterator[tuple[Breakers, str]]:
+    client = redis.Redis.from_url(redis_url)
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    yield Breakers(client, {name: CFG}), name
+    client.close()
+
+
+def test_consecutive_failures_open_the_breaker(breakers: tuple[Breakers, str]) -> None:
+    b, name = breakers
+    states = [b.record(name, ok=False, now=100.0 + i) for i in range(3)]
+    assert states == ["closed", "closed", "open"]
+    status = b.allow(name, now=104.0)
+    assert status.state == "open"
+    assert status.retry_in_s == pytest.approx(3.0)
+
+
+def test_failure_ratio_over_min_calls_opens_it(breakers: tuple[Breakers, str]) -> None:
+    b, name = breakers
+    for i, ok in enumerate([True, False, True, False]):
+        state = b.record(name, ok=ok, now=100.0 + i / 10)
+    assert state == "open"  # 2 of 4 failed: ratio 0.5 reached at min_calls
+
+
+def test_old_failures_leave_the_window(breakers: tuple[Breakers, str]) -> None:
+    b, name = breakers
+    b.record(name, ok=False, now=100.0)
+    b.record(name, ok=True, now=100.5)
+    b.record(name, ok=False, now=101.0)
+    # 30 s later the window holds only the new calls: 1 failure in 4 stays closed.
+    states = [b.record(name, ok=ok, now=131.0 + i / 10) for i, ok in
+              enumerate([True, True, True, False])]
+    assert states[-1] == "closed"
+
+
+def test_after_the_cool_down_one_probe_passes_and_success_closes(
+    breakers: tuple[Breakers, str],
+) -> None:
+    b, name = breakers
+    for i in range(3):
+        b.record(name, ok=False, now=100.0 + i)
+    assert b.allow(name, now=108.0).state == "half_open"  # the probe
+    assert b.allow(name, now=108.1).retry_in_s > 0  # only one probe at a time
+    assert b.record(name, ok=True, now=108.2) == "closed"
+    assert b.allow(name, now=108.3).retry_in_s == 0
+
+
+def test_failed_probe_opens_it_again(breakers: tuple[Breakers, str]) -> None:
+    b, name = breakers
+    for i in range(3):
+        b.record(name, ok=False, now=100.0 + i)
+    assert b.allow(name, now=108.0).retry_in_s == 0
+    assert b.record(name, ok=False, now=108.5) == "open"
+    assert b.allow(name, now=110.0).retry_in_s == pytest.approx(3.5)
+
+
+def test_manual_override_forces_and_close_resets(breakers: tuple[Breakers, str]) -> None:
+    b, name = breakers
+    b.force(name, "open")
+    assert b.allow(name).state == "forced_open"
+    assert b.status(name)["state"] == "forced_open"
+    b.force(name, None)
+    assert b.allow(name).state == "closed"

@@ -1,0 +1,122 @@
+"""Resilience controls with real workers: a downstream outage behind a circuit
+breaker, a retry budget under a burst, and deferrals that expire."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.demo import DEMO_DOWNSTREAM, calls_key, down_key, fixed_key
+from pipeline.retry import Reason
+from pipeline.state import Keys
+from tests.integration.support import Stack, wait_for, write_config
+
+OUTAGE_EVENTS = 200  # demo.flaky events sent while the downstream is down
+BURST_EVENTS = 300  # demo.fail events in the retry-budget burst
+
+EXTRA = """
+[breakers.demo-api]
+consecutive_failures = 5
+min_calls = 10
+failure_ratio = 0.5
+window_s = 10
+open_s = 1.5
+half_open_probes = 1
+
+[tiers.budgeted]
+concurrency = 2
+prefetch_multiplier = 4
+max_retries = 2
+backoff_base_s = 0.05
+backoff_max_s = 0.1
+retry_budget_ratio = 0.2
+retry_budget_min = 2
+retry_budget_window_s = 2
+soft_time_limit_s = 4
+time_limit_s = 5
+
+[tiers.short]
+concurrency = 1
+max_defer_age_s = 1.5
+soft_time_limit_s = 4
+time_limit_s = 5
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("outage")
+    s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=EXTRA), tmp)
+    try:
+        for tier in ("standard", "budgeted", "short"):
+            s.start_worker(tier, wait=False)
+        for w in s.workers:
+            w.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def calls(stack: Stack, name: str) -> int:
+    return int(stack.state.get(calls_key(name)) or 0)
+
+
+def test_outage_opens_the_breaker_defers_work_and_loses_nothing(stack: Stack) -> None:
+    stack.state.set(down_key(DEMO_DOWNSTREAM), "1")
+    before = calls(stack, DEMO_DOWNSTREAM)
+    events = [stack.publish("demo.flaky", payload={"fail_rate": 0.0})
+              for _ in range(OUTAGE_EVENTS)]
+    wait_for(lambda: stack.rt.breakers.status(DEMO_DOWNSTREAM)["opened_total"] >= 1, 10,
+             "the breaker to open")
+    time.sleep(5)  # the outage goes on: only half-open probes may call the downstream
+    calls_during_outage = calls(stack, DEMO_DOWNSTREAM) - before
+    print(f"outage: {calls_during_outage} downstream calls for {OUTAGE_EVENTS} events")
+    assert calls_during_outage <= 30, calls_during_outage  # 200 events x 3 attempts without it
+    assert all(stack.effects(str(e.id)) == 0 for e in events)
+
+    stack.state.delete(down_key(DEMO_DOWNSTREAM))  # the downstream is back
+    for e in events:
+        stack.wait_effect(str(e.id), timeout_s=60)
+    dead = [r for r in stack.rt.dlq.iter_records() if r.handler == "demo.flaky"]
+    assert dead == []  # the outage burned no retries into the DLQ
+    total_calls = calls(stack, DEMO_DOWNSTREAM) - before
+    print(f"attempts per event over the whole run: {total_calls / OUTAGE_EVENTS:.2f}")
+    assert total_calls <= OUTAGE_EVENTS + 40
+
+
+def test_burst_of_failures_is_held_to_the_retry_budget(stack: Stack) -> None:
+    stack.state.delete(fixed_key("demo.fail"))
+    before = calls(stack, "demo.fail")
+    exhausted_before = stack.rt.ledger.budget_exhausted_total("budgeted")
+    for _ in range(BURST_EVENTS):
+        stack.publish("demo.fail", tier="budgeted")
+    time.sleep(3)
+    made = calls(stack, "demo.fail") - before
+    print(f"burst: {made} handler calls for {BURST_EVENTS} first attempts in 3 s")
+    # Without a budget: 300 x 3 attempts in well under 3 s. With it: firsts + <= 20% + min.
+    assert made <= BURST_EVENTS * 1.2 + 2 * 3 + 10, made
+    assert stack.rt.ledger.budget_exhausted_total("budgeted") > exhausted_before
+    assert stack.state.zcard(Keys.retries("budgeted")) > 0  # deferred, not dropped
+
+
+def test_deferral_past_the_tiers_max_age_is_dead_lettered_as_expired(stack: Stack) -> None:
+    result = stack.publish("demo.retry_after", tier="short",
+                           payload={"delay_s": 1.0, "fail_times": 10})
+    record = stack.wait_dlq(str(result.id), timeout_s=20)
+    assert record.reason is Reason.EXPIRED
+    assert record.attempts == 1  # deferrals consume no attempt
+    assert "max_defer_age_s" in record.message
+
+
+def test_forced_open_breaker_defers_without_calling(stack: Stack) -> None:
+    stack.rt.breakers.force(DEMO_DOWNSTREAM, "open")
+    try:
+        before = calls(stack, DEMO_DOWNSTREAM)
+        event = stack.publish("demo.flaky", payload={"fail_rate": 0.0})
+        wait_for(lambda: stack.state.zcard(Keys.retries("standard")) >= 1, 10, "a deferral")
+        assert calls(stack, DEMO_DOWNSTREAM) == before
+    finally:
+        stack.rt.breakers.force(DEMO_DOWNSTREAM, None)
+    stack.wait_effect(str(event.id), timeout_s=30)

@@ -1,0 +1,243 @@
+"""`pipeline up` as a user runs it: its printed URLs answer, its stack.env is private,
+a crashed worker comes back, and SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import pipeline.cli  # noqa: F401  (registers every command)
+from pipeline.cli.base import cli
+from pipeline.state import Keys
+from tests.integration.support import wait_for
+
+STARTUP_TIMEOUT_S = 60.0  # banner and every worker ready
+HTTP_TIMEOUT_S = 5.0  # one request to a service of the stack
+SMALL_TOML = ('handler_modules = ["pipeline.demo"]\n'
+              "[tiers.critical]\nconcurrency = 1\nprefetch_multiplier = 1\n"
+              "[tiers.standard]\nconcurrency = 1\n")
+
+
+def descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        for child in map(int, children):
+            found |= {child} | descendants(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    stat_path = Path(f"/proc/{pid}/stat")
+    try:
+        return stat_path.read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def direct_children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
+
+
+class Up:
+    """A `pipeline up` subprocess with its output in a file."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        config = tmp / "small.toml"
+        config.write_text(SMALL_TOML)
+        self.state = tmp / "state"
+        self.out = tmp / "up.out"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+        with self.out.open("wb") as handle:
+            # Its own process group, as a shell gives a foreground job: a test can send
+            # the group a terminal's Ctrl-C.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "up", "--config", str(config),
+                 "--state-dir", str(self.state), *extra],
+                env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seen: set[int] = set()
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def banner_value(self, label: str) -> str:
+        found = wait_for(lambda: re.search(rf"^\s+{label}:\s+(\S+)", self.output(), re.M),
+                         STARTUP_TIMEOUT_S, f"{label!r} in the banner")
+        return found.group(1)
+
+    def worker_log(self, tier: str) -> str:
+        path = self.state / "logs" / f"worker-{tier}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_ready(self, tier: str, times: int = 1) -> None:
+        wait_for(lambda: self.worker_log(tier).count(" ready.") >= times, STARTUP_TIMEOUT_S,
+                 f"worker {tier} ready x{times}")
+
+    def children(self) -> set[int]:
+        found = descendants(self.process.pid)
+        self.seen |= found
+        return found
+
+    def stop(self) -> None:
+        self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(90)
+
+
+@pytest.fixture
+def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    """Starts `pipeline up [extra...]`; at teardown stops it with SIGTERM and fails if
+    any process it ever had survives."""
+    started: list[Up] = []
+
+    def start(*extra: str) -> Up:
+        started.append(Up(tmp_path, *extra))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for stack in started:
+            stack.stop()
+        time.sleep(0.2)
+        leftovers = [pid for stack in started for pid in stack.seen if alive(pid)]
+        for pid in leftovers:  # ours, by pid; reported below
+            os.kill(pid, signal.SIGKILL)
+        assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def up(start_up: Callable[..., Up]) -> Up:
+    return start_up()
+
+
+def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        return int(response.status), response.read()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values[key] = value.strip("'")
+    return values
+
+
+@pytest.mark.skipif("serve" not in cli.commands, reason="no `pipeline serve` in this install")
+def test_pipeline_up_serves_the_printed_urls_and_a_private_stack_env(up: Up) -> None:
+    api_url = up.banner_value("API")
+    assert get(f"{api_url}/healthz")[0] == 200
+    env_file = up.state / "stack.env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    values = read_env_file(env_file)
+    assert values["PIPELINE_API_URL"] == api_url
+    token = values["PIPELINE_API_TOKEN"]
+    assert f"PIPELINE_API_TOKEN={token}" in up.output()  # generated, printed once
+    assert up.output().count(token) == 1
+
+    up.wait_ready("standard")
+    body = json.dumps({"type": "demo.ok", "source": "stack-test"}).encode()
+    request = urllib.request.Request(f"{api_url}/events", data=body, method="POST", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+        assert response.status == 202
+        event_id = json.loads(response.read())["id"]
+    client = redis.Redis.from_url(values["PIPELINE_BROKER_URL"])
+    try:
+        wait_for(lambda: client.hexists(Keys.demo_effects(), event_id), 30,
+                 "the event sent over HTTP to be processed")
+    finally:
+        client.close()
+
+    if "flower" in cli.commands:
+        assert get(f"{up.banner_value('Flower')}/healthcheck")[0] == 200
+        assert ":" in values["PIPELINE_FLOWER_BASIC_AUTH"]
+    if "exporter" in cli.commands:
+        status, metrics = get(up.banner_value("metrics"))
+        assert status == 200
+        assert b"pipeline_" in metrics
+
+    up.stop()
+    assert up.process.returncode == 0, up.output()[-2000:]
+    assert not env_file.exists()  # it names a stack that is gone
+
+
+def test_pipeline_up_restarts_a_crashed_worker(up: Up) -> None:
+    up.banner_value("broker")
+    up.wait_ready("critical")
+    up.children()
+    (first,) = [pid for pid in direct_children(up.process.pid)
+                if cmdline(pid).endswith("worker --tier critical ")]
+    os.kill(first, signal.SIGKILL)  # the worker's main process; its pool is orphaned
+
+    wait_for(lambda: "worker-critical exited with -9; restarting" in up.output(), 20,
+             "the crash to be reported")
+    up.wait_ready("critical", times=2)
+    now = [pid for pid in up.children() if cmdline(pid).endswith("worker --tier critical ")]
+    assert now
+    assert first not in now
+
+
+def test_ctrl_c_stops_the_workers_before_the_broker(up: Up) -> None:
+    broker = up.banner_value("broker")
+    up.wait_ready("critical")
+    up.wait_ready("standard")
+    up.children()
+    os.killpg(up.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    up.process.wait(90)
+
+    assert up.process.returncode == 0, up.output()[-2000:]
+    assert up.output().rstrip().endswith("stopped")
+    for tier in ("critical", "standard"):
+        assert "Warm shutdown" in up.worker_log(tier)
+    # The broker did not get the terminal's SIGINT: `pipeline up` stopped it last.
+    server_log = (up.state / "broker" / "server.log").read_text()
+    assert "Received SIGTERM" in server_log, server_log[-1000:]
+    assert "Received SIGINT" not in server_log
+    assert broker.startswith("redis://127.0.0.1:")
+
+
+def test_pipeline_up_demo_fills_the_dlq_with_the_failing_demo_handlers(
+    start_up: Callable[..., Up],
+) -> None:
+    demo = start_up("--demo")
+    demo.banner_value("broker")
+    env = {**demo.env, **read_env_file(demo.state / "stack.env")}
+
+    def dead_letters() -> list[dict[str, Any]]:
+        listed = subprocess.run([sys.executable, "-m", "pipeline", "dlq", "list", "--json"],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        return [r for r in json.loads(listed.stdout) if r["event"]["source"] == "demo"]
+
+    records = wait_for(dead_letters, STARTUP_TIMEOUT_S, "demo events in the DLQ", 1.0)
+    assert {r["handler"] for r in records} <= {"demo.fail", "demo.invalid", "demo.flaky",
+                                                "demo.typed"}
+    demo.stop()
+    assert demo.process.returncode == 0, demo.output()[-2000:]

@@ -1,0 +1,106 @@
+"""Metric recording that needs no broker: outcome mapping, publish counters, rates."""
+
+from __future__ import annotations
+
+import pytest
+from celery.exceptions import TimeLimitExceeded
+from prometheus_client import REGISTRY
+
+from pipeline import metrics
+from pipeline.app import create_app
+from pipeline.config import load_settings
+from pipeline.ingest import PublishResult
+from pipeline.rates import minute_of, per_minute, rate_key, window_keys
+from pipeline.runtime import runtime_for
+
+
+@pytest.mark.parametrize(("retval", "state", "expected"), [
+    ("succeeded", "SUCCESS", ("succeeded", None)),
+    ("retry_scheduled", "SUCCESS", ("retried", None)),
+    ("dead_lettered:permanent_error", "SUCCESS", ("dead_lettered", "permanent_error")),
+    ("dead_lettered:max_deliveries", "SUCCESS", ("dead_lettered", "max_deliveries")),
+    ("already_done", "SUCCESS", ("already_done", None)),
+    ("fanned_out", "SUCCESS", ("fanned_out", None)),
+    ("deferred:retry_budget", "SUCCESS", ("deferred", None)),
+    ("deferred:breaker_open:payments-api", "SUCCESS", ("deferred", None)),
+    (None, "REJECTED", ("failed", None)),
+    ("succeeded", "FAILURE", ("failed", None)),
+    ("something new", "SUCCESS", ("failed", None)),
+])
+def test_task_return_value_maps_to_the_outcome_label(
+    retval: object, state: str, expected: tuple[str, str | None]
+) -> None:
+    assert metrics.task_outcome(retval, state) == expected
+
+
+def test_hard_time_limit_counts_as_retried_until_retries_run_out() -> None:
+    settings = load_settings(broker_url="redis://127.0.0.1:1/0")
+    rt = runtime_for(create_app(settings, main="metrics-timeout"))
+    limit = settings.tier("critical").max_retries
+    exc = TimeLimitExceeded(15)
+
+    def outcome(attempt: int, settled: bool = True) -> tuple[str, str | None]:
+        return metrics.timeout_outcome(exc, settled=settled, attempt=attempt, runtime=rt,
+                                       tier="critical")
+
+    assert outcome(1) == ("retried", None)
+    assert outcome(limit) == ("retried", None)
+    assert outcome(limit + 1) == ("dead_lettered", "retries_exhausted")
+    assert outcome(1, settled=False) == ("failed", None)
+
+
+def sample(tier: str, kind: str, outcome: str, reason: str = "") -> float:
+    value = REGISTRY.get_sample_value("pipeline_events_total", {
+        "tier": tier, "type": kind, "outcome": outcome, "reason": reason})
+    return value or 0.0
+
+
+def test_publish_results_are_counted_by_tier_type_outcome_and_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "_types_seen", set())  # earlier tests may have filled it
+    before = (sample("critical", "unit.counted", "accepted"),
+              sample("critical", "unit.counted", "duplicate"),
+              sample("", "", "rejected", "invalid"),
+              sample("bulk", "unit.counted", "rejected", "tier_full"))
+    metrics.record_publish([
+        PublishResult(id="1", tier="critical", type="unit.counted"),
+        PublishResult(id="2", tier="critical", type="unit.counted"),
+        PublishResult(id="1", tier="critical", type="unit.counted", outcome="duplicate"),
+        PublishResult(id=None, tier=None, outcome="rejected", reason="invalid"),
+        PublishResult(id="3", tier="bulk", type="unit.counted", outcome="rejected",
+                      reason="tier_full"),
+    ])
+    after = (sample("critical", "unit.counted", "accepted"),
+             sample("critical", "unit.counted", "duplicate"),
+             sample("", "", "rejected", "invalid"),
+             sample("bulk", "unit.counted", "rejected", "tier_full"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1]
+
+
+def test_event_types_past_the_label_limit_are_counted_as_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics, "_types_seen", {"seen.before"})
+    monkeypatch.setattr(metrics, "TYPE_LABELS_MAX", 1)
+    before = sample("standard", metrics.OTHER_TYPE, "accepted")
+    metrics.record_publish([PublishResult(id="1", tier="standard", type="brand.new"),
+                            PublishResult(id="2", tier="standard", type="seen.before")])
+    assert sample("standard", metrics.OTHER_TYPE, "accepted") == before + 1
+    assert sample("standard", "brand.new", "accepted") == 0
+
+
+def test_sliding_rate_weighs_the_previous_minute_by_what_is_left_of_this_one() -> None:
+    start = 600.0 * 60  # a minute boundary
+    assert per_minute(current=0, previous=60, now=start) == 60
+    assert per_minute(current=30, previous=60, now=start + 30) == 60
+    assert per_minute(current=60, previous=60, now=start + 59.999) == pytest.approx(60, abs=0.01)
+    assert per_minute(current=0, previous=0, now=start + 10) == 0
+
+
+def test_rate_keys_name_tier_outcome_and_minute() -> None:
+    now = 1_800_000_030.0
+    assert minute_of(now) == 30_000_000
+    assert rate_key("bulk", "failed", 7) == "pipeline:stats:bulk:failed:7"
+    assert window_keys("bulk", "failed", now) == ("pipeline:stats:bulk:failed:30000000",
+                                                  "pipeline:stats:bulk:failed:29999999")

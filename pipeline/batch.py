@@ -134,16 +134,12 @@ def run_batch(rt: Runtime, batch_id: str, events: list[dict[str, Any]],
 
 def register_batch_task(app: Celery) -> Any:
     from pipeline.runtime import runtime_for
-    from pipeline.tasks import PipelineTask
+    from pipeline.tasks import PipelineTask, settle_or_requeue
 
     @app.task(name=BATCH_TASK_NAME, bind=True, base=PipelineTask, shared=False)
     def handle_batch(self: PipelineTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
-        try:
-            return run_batch(runtime_for(self.app), str(self.request.id), events, kwargs)
-        except (Reject, TimeLimitExceeded):
-            raise
-        except Exception as exc:
-            log.exception("could not settle batch %s; requeueing", self.request.id)
-            raise Reject(exc, requeue=True) from exc
+        batch_id = str(self.request.id)
+        return settle_or_requeue(
+            batch_id, lambda: run_batch(runtime_for(self.app), batch_id, events, kwargs))
 
     return handle_batch

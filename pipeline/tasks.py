@@ -15,6 +15,7 @@ import random
 import socket
 import time
 import traceback as tb
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -234,16 +235,21 @@ def register_task(app: Celery) -> Any:
     @app.task(name=TASK_NAME, bind=True, base=PipelineTask, shared=False)
     def handle(self: PipelineTask, /, event: dict[str, Any], **kwargs: Any) -> str:
         attempt = _attempt(self.app, str(self.request.id), [event], kwargs)
-        try:
-            return attempt.run()
-        except (Reject, TimeLimitExceeded):
-            raise
-        except Exception as exc:
-            # The broker or state store failed while settling: do not ack.
-            log.exception("could not settle task %s; requeueing", self.request.id)
-            raise Reject(exc, requeue=True) from exc
+        return settle_or_requeue(str(self.request.id), attempt.run)
 
     return handle
+
+
+def settle_or_requeue(task_id: str, run: Callable[[], str]) -> str:
+    """``run()``; if the broker or state store fails while the work is being settled,
+    reject the message for redelivery instead of letting Celery acknowledge it."""
+    try:
+        return run()
+    except (Reject, TimeLimitExceeded):
+        raise
+    except Exception as exc:
+        log.exception("could not settle task %s; requeueing", task_id)
+        raise Reject(exc, requeue=True) from exc
 
 
 def _now_iso() -> str:

@@ -203,3 +203,20 @@ def write_config(path: Path, *, prefix: str = "", vt: float = 30.0, soft: float 
     path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard, budget=budget)
                     + extra)
     return path
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), to check none outlives a stop."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        for child in map(int, children):
+            found |= {child} | descendants(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

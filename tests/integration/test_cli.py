@@ -17,7 +17,7 @@ import redis
 
 from pipeline.embedded import free_port
 from pipeline.state import Keys
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import Stack, alive, descendants, wait_for, write_config
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +94,6 @@ def test_demo_report_accounts_for_processed_events(stack: Stack) -> None:
     assert report["duplicate_effects"] == 0
 
 
-def descendants(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        children = (task / "children").read_text().split() if (task / "children").exists() else []
-        for child in map(int, children):
-            found |= {child} | descendants(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
 def test_pipeline_up_runs_a_broker_and_tier_workers_and_leaves_nothing_behind(

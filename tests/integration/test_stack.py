@@ -22,7 +22,7 @@ import redis
 import pipeline.cli  # noqa: F401  (registers every command)
 from pipeline.cli.base import cli
 from pipeline.state import Keys
-from tests.integration.support import wait_for
+from tests.integration.support import alive, descendants, wait_for
 
 STARTUP_TIMEOUT_S = 60.0  # banner and every worker ready
 HTTP_TIMEOUT_S = 5.0  # one request to a service of the stack
@@ -31,21 +31,6 @@ SMALL_TOML = ('handler_modules = ["pipeline.demo"]\n'
               "[tiers.standard]\nconcurrency = 1\n")
 
 
-def descendants(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        children = (task / "children").read_text().split() if (task / "children").exists() else []
-        for child in map(int, children):
-            found |= {child} | descendants(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    stat_path = Path(f"/proc/{pid}/stat")
-    try:
-        return stat_path.read_text().split()[2] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def direct_children(pid: int) -> list[int]:

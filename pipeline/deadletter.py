@@ -136,6 +136,12 @@ class DeadLetterQueue:
             for record in self._iter_amqp(limit):
                 yield b"", record
 
+    def stats(self) -> list[Any]:
+        """Records grouped by error fingerprint, largest group first (``triage``)."""
+        from pipeline.triage import group_by_fingerprint  # triage builds on this module
+
+        return group_by_fingerprint(self.iter_records())
+
     def depth(self) -> int:
         if self.on_redis:
             assert self._state is not None

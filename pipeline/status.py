@@ -50,12 +50,9 @@ def _tier_dict(t: TierReading) -> dict[str, Any]:
     }
 
 
-def _dlq_top(runtime: Runtime) -> list[dict[str, Any]] | None:
-    """The largest DLQ fingerprint groups, when the DLQ tooling offers ``stats()``."""
-    stats = getattr(runtime.dlq, "stats", None)
-    if not callable(stats):
-        return None
-    groups = sorted(stats(), key=lambda g: -int(g.count))[:TOP_FINGERPRINTS]
+def _dlq_top(runtime: Runtime) -> list[dict[str, Any]]:
+    """The largest DLQ fingerprint groups."""
+    groups = runtime.dlq.stats()[:TOP_FINGERPRINTS]
     return [{"fingerprint": str(g.fingerprint), "count": int(g.count),
              "exception": str(g.exception), "handler": str(g.handler)} for g in groups]
 

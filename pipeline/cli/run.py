@@ -61,7 +61,10 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
                     "this machine can publish events", fg="red", bold=True, err=True)
         logging.getLogger("pipeline.api").warning("serving without authentication")
     api = create_api(rt, token=secret.get_secret_value() if secret else None, tokens=named)
-    uvicorn.run(api, host=host, port=port, log_level="info", access_log=False)
+    from pipeline.logs import configure
+
+    configure()  # JSON lines in production, readable on a terminal, as the workers
+    uvicorn.run(api, host=host, port=port, log_config=None, access_log=False)
 
 
 

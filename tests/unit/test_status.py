@@ -32,8 +32,8 @@ class Group:
 
 
 class FakeDlq:
-    def stats(self) -> list[Group]:
-        return [Group("aaa", 2, "ValueError", "h1"), Group("bbb", 9, "KeyError", "h2")]
+    def stats(self) -> list[Group]:  # as DeadLetterQueue.stats: the largest group first
+        return [Group("bbb", 9, "KeyError", "h2"), Group("aaa", 2, "ValueError", "h1")]
 
 
 class FakeRuntime:
@@ -68,7 +68,7 @@ def test_report_lists_late_tiers_and_sums_failed_attempts() -> None:
     assert report["dlq"] == {"depth": 0, "evictions": 4}
 
 
-def test_dlq_groups_are_shown_largest_first_when_the_dlq_offers_stats() -> None:
+def test_dlq_groups_are_shown_in_the_order_dlq_stats_gives_largest_first() -> None:
     report = build_report(FakeRuntime(), snapshot(reading("standard"), dlq_depth=11))  # type: ignore[arg-type]
     assert [g["fingerprint"] for g in report["dlq"]["top"]] == ["bbb", "aaa"]
     text = render_text(report)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,10 @@ if TYPE_CHECKING:
 
     from pipeline.runtime import Runtime
 
-__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "batch_spec", "register_batch_task"]
+__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "batch_outcomes", "batch_spec", "register_batch_task"]
 
 BATCH_TASK_NAME = "pipeline.handle_batch"
+BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
 log = logging.getLogger(__name__)
 
 # ARGV: ttl_s, n, dedupe keys * n, list key, message. Returns {} when pushed, else the
@@ -98,14 +100,13 @@ def run_batch(rt: Runtime, batch_id: str, events: list[dict[str, Any]],
         pipe.exists(Keys.done(a.task_id))
     already = pipe.execute()
     succeeded: list[str] = []
-    outcomes = {"succeeded": 0, "already_done": 0, "failed": 0}
+    outcomes: Counter[str] = Counter()  # per-event results, as pipeline.handle returns them
     for a, done in zip(attempts, already, strict=True):
         if done:
             outcomes["already_done"] += 1
             continue
         if entry is None:
-            a.run()  # dead-letters as no_handler with its own record
-            outcomes["failed"] += 1
+            outcomes[a.run()] += 1  # dead-letters as no_handler with its own record
             continue
         try:
             event = Event.model_validate(a.event)
@@ -116,12 +117,10 @@ def run_batch(rt: Runtime, batch_id: str, events: list[dict[str, Any]],
         except (Reject, TimeLimitExceeded):
             raise
         except RetryAfter as exc:
-            a.defer(exc.delay_s, "requested")
-            outcomes["failed"] += 1
+            outcomes[a.defer(exc.delay_s, "requested")] += 1
             continue
         except Exception as exc:
-            a.failed(exc)  # retried alone (attempt 2) or dead-lettered alone
-            outcomes["failed"] += 1
+            outcomes[a.failed(exc)] += 1  # retried alone (attempt 2) or dead-lettered alone
             continue
         succeeded.append(a.task_id)
         outcomes["succeeded"] += 1
@@ -129,7 +128,14 @@ def run_batch(rt: Runtime, batch_id: str, events: list[dict[str, Any]],
         rt.ledger.mark_done(task_id, pipe)
     pipe.execute()
     rt.ledger.clear(batch_id, 1)
-    return "batch:" + ",".join(f"{k}={v}" for k, v in outcomes.items())
+    return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
+
+
+def batch_outcomes(retval: str) -> list[tuple[str, int]]:
+    """``[(per-event result, count)]`` from what ``pipeline.handle_batch`` returned."""
+    body = retval.removeprefix(BATCH_RESULT_PREFIX)
+    pairs = (part.rpartition("=") for part in body.split(";") if part)
+    return [(result, int(n)) for result, _, n in pairs if n.isdigit()]
 
 
 def register_batch_task(app: Celery) -> Any:

@@ -28,6 +28,7 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 from prometheus_client import Counter, Histogram
 
+from pipeline.batch import BATCH_TASK_NAME, batch_outcomes
 from pipeline.ingest import PublishResult, publish_listeners
 from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
 from pipeline.rates import OutcomeRates
@@ -148,7 +149,7 @@ def _type_label(kind: str | None) -> str:
 
 
 def _ours(task: Any) -> Runtime | None:
-    if getattr(task, "name", None) != TASK_NAME:
+    if getattr(task, "name", None) not in (TASK_NAME, BATCH_TASK_NAME):
         return None
     try:
         return runtime_for(task.app)
@@ -162,13 +163,13 @@ def _tier(runtime: Runtime, kwargs: Any) -> str:
 
 
 def _record(runtime: Runtime, tier: str, handler: str, outcome: str, reason: str | None,
-            duration_s: float | None) -> None:
-    TASKS.labels(tier, handler, outcome).inc()
+            duration_s: float | None, count: int = 1) -> None:
+    TASKS.labels(tier, handler, outcome).inc(count)
     if outcome == "dead_lettered":
-        DEAD_LETTERS.labels(tier, reason or "").inc()
+        DEAD_LETTERS.labels(tier, reason or "").inc(count)
     if duration_s is not None:
         HANDLER_DURATION.labels(tier, handler).observe(duration_s)
-    OutcomeRates(runtime.state).incr(tier, outcome)
+    OutcomeRates(runtime.state).incr(tier, outcome, count=count)
 
 
 def _on_prerun(task_id: str = "", task: Any = None, kwargs: Any = None, **_: Any) -> None:
@@ -189,8 +190,16 @@ def _on_postrun(task_id: str = "", task: Any = None, kwargs: Any = None, retval:
     started = _started.pop(task_id, None)
     duration_s = time.monotonic() - started if started is not None else None
     tier = _tier(runtime, kwargs)
+    handler = str((kwargs or {}).get("handler", ""))
+    if task.name == BATCH_TASK_NAME and state == "SUCCESS" and isinstance(retval, str):
+        for result, count in batch_outcomes(retval):  # one batch message, many events
+            outcome, reason = task_outcome(result, state)
+            _record(runtime, tier, handler, outcome, reason, None, count)
+        if duration_s is not None:
+            HANDLER_DURATION.labels(tier, handler).observe(duration_s)
+        return
     outcome, reason = task_outcome(retval, state)
-    _record(runtime, tier, str((kwargs or {}).get("handler", "")), outcome, reason, duration_s)
+    _record(runtime, tier, handler, outcome, reason, duration_s)
     accepted_at = (kwargs or {}).get("accepted_at")
     if outcome == "succeeded" and isinstance(accepted_at, int | float):
         END_TO_END.labels(tier).observe(max(0.0, time.time() - accepted_at))

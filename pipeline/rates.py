@@ -58,11 +58,11 @@ class OutcomeRates:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
 
-    def incr(self, tier: str, outcome: str, now: float | None = None) -> None:
+    def incr(self, tier: str, outcome: str, now: float | None = None, count: int = 1) -> None:
         key = rate_key(tier, outcome, minute_of(time.time() if now is None else now))
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.incr(key)
+            pipe.incrby(key, count)
             pipe.expire(key, RATE_TTL_S)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:  # a statistic is not worth a failed task

@@ -104,3 +104,14 @@ def test_rate_keys_name_tier_outcome_and_minute() -> None:
     assert rate_key("bulk", "failed", 7) == "pipeline:stats:bulk:failed:7"
     assert window_keys("bulk", "failed", now) == ("pipeline:stats:bulk:failed:30000000",
                                                   "pipeline:stats:bulk:failed:29999999")
+
+
+def test_a_batch_result_counts_each_event_under_its_own_outcome() -> None:
+    from pipeline.batch import batch_outcomes
+
+    retval = "batch:succeeded=97;retry_scheduled=2;dead_lettered:retries_exhausted=1"
+    pairs = batch_outcomes(retval)
+    assert pairs == [("succeeded", 97), ("retry_scheduled", 2),
+                     ("dead_lettered:retries_exhausted", 1)]
+    assert [metrics.task_outcome(r, "SUCCESS") for r, _ in pairs] == [
+        ("succeeded", None), ("retried", None), ("dead_lettered", "retries_exhausted")]

@@ -19,7 +19,8 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --system --uid 10001 --user-group --home-dir /app --create-home pipeline
+RUN useradd --system --uid 10001 --user-group --home-dir /app --create-home pipeline \
+    && install -d -o 10001 -g 10001 /var/lib/pipeline/metrics  # the shared metrics volume
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels celery-event-pipeline \
     && rm -rf /wheels

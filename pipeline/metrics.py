@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import Counter as Tally
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from typing import Any
 
 from celery import signals
 from celery.exceptions import TimeLimitExceeded
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, values
 
 from pipeline.batch import BATCH_TASK_NAME, batch_outcomes
 from pipeline.ingest import PublishResult, publish_listeners
@@ -34,6 +35,18 @@ from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
 from pipeline.rates import OutcomeRates
 from pipeline.retry import decide
 from pipeline.runtime import Runtime, runtime_for
+
+
+def _process_identifier() -> str:
+    """Host and pid: containers reuse pids, so files of workers in several containers
+    sharing one multiprocess directory (a compose volume) must not collide."""
+    return f"{socket.gethostname()}_{os.getpid()}"
+
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Before any metric exists: prometheus-client keys its files by this identifier.
+    values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]
+        process_identifier=_process_identifier)
 
 __all__ = ["install", "multiprocess_dir", "record_publish", "task_outcome", "timeout_outcome"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -28,6 +29,7 @@ from kombu.exceptions import OperationalError
 
 from pipeline.admission import TIER_FULL, DepthCache, admitted
 from pipeline.batch import PACK_LUA
+from pipeline.coalesce import Coalescer
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
@@ -132,6 +134,8 @@ class Publisher:
         self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
         self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier
         self._limits: dict[str, tuple[str, float, float]] = {}  # tier -> queue, hard, soft
+        self._coalescers: dict[str, Coalescer[Event, PublishResult]] = {}  # batch_wait_ms tiers
+        self._coalescers_lock = threading.Lock()
 
     @property
     def renderer(self) -> RedisMessageRenderer:
@@ -158,8 +162,28 @@ class Publisher:
         return tier
 
     def publish(self, data: Item) -> PublishResult:
-        """Validate and enqueue one event; raises EventValidationError / BrokerUnavailable."""
-        return self._publish_events([self.validate(data)])[0]
+        """Validate and enqueue one event; raises EventValidationError / BrokerUnavailable.
+
+        On a tier with ``batch_size`` and ``batch_wait_ms`` the call waits up to
+        ``batch_wait_ms`` for concurrent publishes to share its batch message.
+        """
+        event = self.validate(data)
+        coalescer = self._coalescer(self.tier_for(event))
+        if coalescer is not None:
+            return coalescer.submit(event)
+        return self._publish_events([event])[0]
+
+    def _coalescer(self, tier: str) -> Coalescer[Event, PublishResult] | None:
+        cfg = self.rt.settings.tier(tier)
+        if cfg.batch_size <= 0 or cfg.batch_wait_ms <= 0 or self._enqueue_script is None:
+            return None
+        with self._coalescers_lock:
+            found = self._coalescers.get(tier)
+            if found is None:
+                found = self._coalescers[tier] = Coalescer(
+                    self._publish_events, wait_s=cfg.batch_wait_ms / 1000,
+                    max_items=cfg.batch_size)
+        return found
 
     def publish_many(self, items: Iterable[Item]) -> list[PublishResult]:
         """Validate and enqueue many events in batched round trips; one result per item.
@@ -183,6 +207,11 @@ class Publisher:
                                                  reason="invalid", errors=exc.as_dicts()))
                     slots.append(invalid[-1])
             _notify(invalid)
+            if len(chunk) == 1 and len(valid) == 1:  # a lone event (POST /events) may coalesce
+                coalescer = self._coalescer(self.tier_for(valid[0]))
+                if coalescer is not None:
+                    results.append(coalescer.submit(valid[0]))
+                    continue
             try:
                 published = iter(self._publish_events(valid))
             except BrokerUnavailable as exc:

@@ -74,6 +74,8 @@ class TierConfig(BaseModel):
     #: events per `pipeline.handle_batch` message on this tier (packed at publish);
     #: `0` = no batching.
     batch_size: Annotated[int, Field(ge=0, le=10_000)] = 0
+    #: how long a single publish waits for concurrent ones to share its batch message.
+    batch_wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 0
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> TierConfig:

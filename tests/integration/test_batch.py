@@ -71,3 +71,40 @@ def test_duplicates_are_left_out_of_a_batch(stack: Stack) -> None:
     assert outcomes == ["duplicate", "accepted"]
     stack.wait_effect(again[1]["id"])
     assert stack.effects(first["id"]) == 1
+
+
+def test_concurrent_single_publishes_wait_to_share_batch_messages(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import threading
+
+    from pipeline.app import create_app
+    from pipeline.config import load_settings
+    from pipeline.runtime import runtime_for
+
+    tmp = tmp_path_factory.mktemp("coalesce")
+    config = write_config(tmp / "pipeline.toml", prefix="co-",
+                          extra=BATCHED.replace("[tiers.batched]", "[tiers.waiting]")
+                          .replace("batch_size = 100", "batch_size = 50\nbatch_wait_ms = 300"))
+    settings = load_settings(config, broker_url=redis_url)
+    publisher = runtime_for(create_app(settings, main="coalesce")).publisher
+    outcomes: list[str] = []
+    threads = [threading.Thread(target=lambda: outcomes.append(publisher.publish(
+        {"type": "demo.ok", "source": "api", "tier": "waiting"}).outcome)) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert outcomes == ["accepted"] * 40
+    assert 1 <= stack_len(redis_url, "waiting") <= 4  # 40 requests, a handful of messages
+
+
+def stack_len(url: str, key: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.llen(key))
+    finally:
+        client.delete(key)
+        client.close()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 from pipeline.errors import BrokerUnavailable
 from pipeline.metrics import multiprocess_dir
 from pipeline.snapshot import read_snapshot
+from pipeline.state import Keys
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9808  # the exporter's HTTP port
 CONTENT_TYPE = CONTENT_TYPE_LATEST  # Prometheus text exposition format
+# pipeline_breaker_state values: forced open counts as open.
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class BrokerCollector(Collector):
@@ -95,10 +99,43 @@ class BrokerCollector(Collector):
                                       "DLQ records evicted by retention (max records or age).")
         evicted.add_metric([], snap.dlq_evictions)
         yield evicted
+        yield from self._resilience()
         took = GaugeMetricFamily("pipeline_scrape_duration_seconds",
                                  "Time the last scrape took to read the broker.")
         took.add_metric([], time.perf_counter() - started)
         yield took
+
+
+    def _resilience(self) -> Iterator[Metric]:
+        """Circuit breakers and retry budgets (one pipelined round trip)."""
+        settings = self._rt.settings
+        breakers, tiers = list(settings.breakers), list(settings.tiers)
+        try:
+            pipe = self._rt.state.pipeline(transaction=False)
+            for name in breakers:
+                pipe.hmget(Keys.breaker(name), "state", "forced", "opened_total")
+            for tier in tiers:
+                pipe.get(Keys.retry_budget(tier) + "exhausted")
+            answers = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("scrape could not read breakers and budgets: %s", exc)
+            return
+        state = GaugeMetricFamily(
+            "pipeline_breaker_state", "Circuit breaker of a downstream: 0 closed, "
+            "1 half-open (probing), 2 open (forced open included).", labels=["downstream"])
+        opened = CounterMetricFamily("pipeline_breaker_opened",
+                                     "Times the downstream's breaker opened.",
+                                     labels=["downstream"])
+        for name, (st, forced, total) in zip(breakers, answers, strict=False):
+            text = (forced or st or b"closed").decode()
+            state.add_metric([name], BREAKER_STATE_VALUES.get(text, 0))
+            opened.add_metric([name], int(total or 0))
+        exhausted = CounterMetricFamily(
+            "pipeline_retry_budget_exhausted", "Retries deferred because the tier's retry "
+            "budget was spent (each is run later, never dropped).", labels=["tier"])
+        for tier, count in zip(tiers, answers[len(breakers):], strict=True):
+            exhausted.add_metric([tier], int(count or 0))
+        yield from (state, opened, exhausted)
 
 
 class _ThisProcess(Collector):

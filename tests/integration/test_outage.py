@@ -59,6 +59,16 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         s.stop()
 
 
+def metric(stack: Stack, series: str) -> float:
+    """One series' value as the exporter serves it."""
+    from pipeline.exporter import build_registry, scrape
+
+    for line in scrape(build_registry(stack.rt)).decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not exported")
+
+
 def calls(stack: Stack, name: str) -> int:
     return int(stack.state.get(calls_key(name)) or 0)
 
@@ -70,6 +80,7 @@ def test_outage_opens_the_breaker_defers_work_and_loses_nothing(stack: Stack) ->
               for _ in range(OUTAGE_EVENTS)]
     wait_for(lambda: stack.rt.breakers.status(DEMO_DOWNSTREAM)["opened_total"] >= 1, 10,
              "the breaker to open")
+    assert metric(stack, 'pipeline_breaker_opened_total{downstream="demo-api"}') >= 1
     time.sleep(5)  # the outage goes on: only half-open probes may call the downstream
     calls_during_outage = calls(stack, DEMO_DOWNSTREAM) - before
     print(f"outage: {calls_during_outage} downstream calls for {OUTAGE_EVENTS} events")
@@ -99,6 +110,7 @@ def test_burst_of_failures_is_held_to_the_retry_budget(stack: Stack) -> None:
     assert made <= BURST_EVENTS * 1.2 + 2 * 3 + 10, made
     assert stack.rt.ledger.budget_exhausted_total("budgeted") > exhausted_before
     assert stack.state.zcard(Keys.retries("budgeted")) > 0  # deferred, not dropped
+    assert metric(stack, 'pipeline_retry_budget_exhausted_total{tier="budgeted"}') > 0
 
 
 def test_deferral_past_the_tiers_max_age_is_dead_lettered_as_expired(stack: Stack) -> None:

@@ -68,7 +68,14 @@ def build_report(runtime: Runtime, snapshot: Snapshot | None = None) -> dict[str
         "late": snap.late,
         "tiers": [_tier_dict(t) for t in snap.tiers],
         "dlq": dlq,
+        "breakers": _breakers(runtime),
     }
+
+
+def _breakers(runtime: Runtime) -> list[dict[str, Any]]:
+    """Each configured downstream's breaker: its state and how often it opened."""
+    return [{k: v for k, v in runtime.breakers.status(n).items() if k != "config"}
+            for n in runtime.settings.breakers]
 
 
 def render_text(report: dict[str, Any]) -> str:
@@ -89,6 +96,8 @@ def render_text(report: dict[str, Any]) -> str:
     for g in dlq.get("top") or []:
         lines.append(f"  {g['count']:>7}x  {g['fingerprint']}  {g['handler'] or '-'}  "
                      f"{g['exception']}")
+    for b in report.get("breakers") or []:
+        lines.append(f"breaker {b['name']}: {b['state']} (opened {b['opened_total']} time(s))")
     late = [t for t in report["tiers"] if t["late"]]
     if late:
         lines.append("")

@@ -36,8 +36,13 @@ class FakeDlq:
         return [Group("bbb", 9, "KeyError", "h2"), Group("aaa", 2, "ValueError", "h1")]
 
 
+class FakeSettings:
+    breakers: dict[str, object] = {}
+
+
 class FakeRuntime:
     dlq = FakeDlq()
+    settings = FakeSettings()
 
 
 def snapshot(*tiers: TierReading, dlq_depth: int = 0) -> Snapshot:

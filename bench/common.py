@@ -49,11 +49,25 @@ def results_dir(quick: bool = False) -> Path:
 def write_results(scenario: str, data: dict[str, Any], *, quick: bool = False,
                   machine: dict[str, Any] | None = None) -> Path:
     data = {"scenario": scenario, "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "commit": commit(),
             "machine": {"python": platform.python_version(), "cpus": _cpus(),
                         **(machine or {})}, **data}
     path = results_dir(quick) / f"{scenario}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def commit() -> str:
+    """``git rev-parse --short HEAD``, marked when the tree has uncommitted changes."""
+    here = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
 
 
 def versions(url: str | None = None) -> dict[str, str]:
@@ -67,7 +81,7 @@ def versions(url: str | None = None) -> dict[str, str]:
     if url:
         client = redis.Redis.from_url(url)
         try:
-            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+            info: dict[str, Any] = client.info("server")
         finally:
             client.close()
         if "valkey_version" in info:

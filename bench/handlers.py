@@ -20,7 +20,7 @@ from pipeline.handlers import current, handler
 
 @handler("bench.critical", name="bench.critical")
 def critical(event: Event) -> None:
-    current().state.hset(STARTED_KEY, event.id, repr(time.time()))
+    current().state.hset(STARTED_KEY, str(event.id), repr(time.time()))
 
 
 @handler("bench.bulk", name="bench.bulk")

@@ -29,6 +29,7 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 from prometheus_client import Counter, Histogram, values
 
+from pipeline import rates
 from pipeline.batch import BATCH_TASK_NAME, batch_outcomes
 from pipeline.ingest import PublishResult, publish_listeners
 from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
@@ -103,6 +104,7 @@ def install() -> None:
     signals.task_postrun.connect(_on_postrun, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
     signals.worker_ready.connect(_on_worker_ready, weak=False)
+    signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)
     if record_publish not in publish_listeners:
         publish_listeners.append(record_publish)
     _installed = True
@@ -239,6 +241,10 @@ def _on_failure(sender: Any = None, task_id: str = "", exception: BaseException 
         exception, settled=bool(getattr(sender, "acks_on_timeout", False)),
         attempt=attempt, runtime=runtime, tier=tier)
     _record(runtime, tier, str((kwargs or {}).get("handler", "")), outcome, reason, None)
+
+
+def _on_process_shutdown(**_: Any) -> None:
+    rates.flush()  # a pool process leaves no buffered outcome counts behind
 
 
 def _on_worker_ready(**_: Any) -> None:

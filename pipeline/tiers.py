@@ -71,6 +71,10 @@ class TierConfig(BaseModel):
     #: deferred work (breaker open, over budget, handler asked) older than this,
     #: counted from acceptance, is dead-lettered as `expired`.
     max_defer_age_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+    #: Celery task events (what Flower shows live) from this tier's workers. Each
+    #: costs the worker's main process a broker round trip per task state, so a
+    #: throughput tier may turn them off; the pipeline's metrics and status still work.
+    task_events: bool = True
     #: events per `pipeline.handle_batch` message on this tier (packed at publish);
     #: `0` = no batching.
     batch_size: Annotated[int, Field(ge=0, le=10_000)] = 0

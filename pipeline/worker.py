@@ -69,8 +69,9 @@ def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> l
         "--prefetch-multiplier", str(cfg.prefetch_multiplier),
         "--time-limit", f"{cfg.time_limit_s:g}",
         "--soft-time-limit", f"{cfg.soft_time_limit_s:g}",
-        "--task-events",
         "--hostname", f"{tier}@%h",
         "--loglevel", "INFO",
     ]
+    if cfg.task_events:
+        argv.append("--task-events")
     return argv + list(extra)

@@ -30,6 +30,7 @@ def worker(tier: str, celery_args: tuple[str, ...]) -> None:
     if tier not in settings.tiers:
         raise click.BadParameter(f"unknown tier {tier!r} (tiers: {', '.join(settings.tiers)})",
                                  param_hint="--tier")
+    app.conf.worker_send_task_events = settings.tier(tier).task_events
     app.worker_main(worker_argv(settings, tier, celery_args))
 
 

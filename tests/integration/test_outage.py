@@ -37,6 +37,17 @@ retry_budget_window_s = 2
 soft_time_limit_s = 4
 time_limit_s = 5
 
+[tiers.steady]
+concurrency = 2
+max_retries = 2
+backoff_base_s = 0.05
+backoff_max_s = 0.1
+retry_budget_ratio = 0.2
+retry_budget_min = 2
+retry_budget_window_s = 2
+soft_time_limit_s = 4
+time_limit_s = 5
+
 [tiers.short]
 concurrency = 1
 max_defer_age_s = 1.5
@@ -50,7 +61,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("outage")
     s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=EXTRA), tmp)
     try:
-        for tier in ("standard", "budgeted", "short"):
+        for tier in ("standard", "budgeted", "steady", "short"):
             s.start_worker(tier, wait=False)
         for w in s.workers:
             w.wait_ready()
@@ -140,7 +151,7 @@ def test_steady_transient_failures_keep_retries_within_the_budget_and_lose_nothi
     before = calls(stack, DEMO_DOWNSTREAM)
     events = []
     for _ in range(10):  # 10 events/100 ms: a steady load, not a burst
-        events += [stack.publish("demo.flaky", tier="budgeted", payload={"fail_rate": 0.2})
+        events += [stack.publish("demo.flaky", tier="steady", payload={"fail_rate": 0.2})
                    for _ in range(10)]
         time.sleep(0.1)
     ids = {str(e.id) for e in events}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,32 +22,23 @@ from pathlib import Path
 
 import redis
 
-from bench.common import median, own_broker, write_results
+from bench.common import median, own_broker, start_worker, stop_worker, write_results
 from pipeline.app import create_app
 from pipeline.config import load_settings
 from pipeline.runtime import runtime_for
-
-READY_TIMEOUT_S = 60.0  # a worker that is not ready by then fails the run
 
 
 def drain(argv: list[str], env: dict[str, str], url: str, queue: str, log: Path) -> float:
     """Start a worker, return seconds from ready to the queue drained and acked."""
     client = redis.Redis.from_url(url)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = start_worker(argv, env, log)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while " ready." not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.02)
         started = time.perf_counter()
         while client.llen(queue) or client.hlen("unacked"):
             time.sleep(0.01)
         return time.perf_counter() - started
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_worker(proc)
         client.close()
 
 

@@ -81,6 +81,20 @@ tier = "bulk"
 """
 
 
+# A tier whose soft (0.5 s) and hard (1.5 s) time limits tests can hit quickly.
+SLOW_TIER = """
+[tiers.slow]
+queue = "slow"
+concurrency = 1
+prefetch_multiplier = 1
+max_retries = 1
+backoff_base_s = 0.1
+backoff_max_s = 0.2
+soft_time_limit_s = 0.5
+time_limit_s = 1.5
+"""
+
+
 def wait_for(predicate: Callable[[], T], timeout_s: float, what: str,
              interval_s: float = 0.05) -> T:
     deadline = time.monotonic() + timeout_s

@@ -12,19 +12,7 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from pipeline.retry import Reason
-from tests.integration.support import Stack, wait_for, write_config
-
-SLOW_TIER = """
-[tiers.slow]
-queue = "slow"
-concurrency = 1
-prefetch_multiplier = 1
-max_retries = 1
-backoff_base_s = 0.1
-backoff_max_s = 0.2
-soft_time_limit_s = 0.5
-time_limit_s = 1.5
-"""
+from tests.integration.support import SLOW_TIER, Stack, wait_for, write_config
 
 
 @pytest.fixture(scope="module")

@@ -34,19 +34,8 @@ from pipeline.events import Event
 from pipeline.messages import RedisMessageRenderer, redis_list_key
 from pipeline.retry import Reason
 from pipeline.snapshot import DLQ_EVICTIONS_KEY
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import SLOW_TIER, Stack, wait_for, write_config
 
-SLOW_TIER = """
-[tiers.slow]
-queue = "slow"
-concurrency = 1
-prefetch_multiplier = 1
-max_retries = 1
-backoff_base_s = 0.1
-backoff_max_s = 0.2
-soft_time_limit_s = 0.5
-time_limit_s = 1.5
-"""
 SECRET = "do-not-log-this-card-4111"  # a payload value that must never reach a log
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-pw"
 ROOT = Path(__file__).resolve().parents[2]

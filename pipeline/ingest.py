@@ -1,11 +1,8 @@
 """Publishing: validate -> classify -> admit -> dedupe -> fan out per handler -> enqueue.
 
-:meth:`Publisher.publish_many` is the fast path. On a Redis broker each chunk of
-``publish_batch_size`` events costs one round trip: a Lua script that, per
-event, claims its idempotency key (``SET NX EX``) and, only if fresh, ``LPUSH``es
-its pre-rendered task messages — atomically, so an event is never marked seen
-without being enqueued. On RabbitMQ keys are claimed in one pipeline, messages
-published with confirms, and the keys of anything unconfirmed released.
+:meth:`Publisher.publish_many` is the fast path. Each chunk of
+``publish_batch_size`` events is validated, classified, admitted and planned
+here, then claimed and enqueued in one round trip by :mod:`pipeline.enqueue`.
 
 Nothing is reported ``accepted`` that is not on the broker: if the broker cannot
 be reached, :class:`~pipeline.errors.BrokerUnavailable` is raised for the chunk.
@@ -28,13 +25,12 @@ import redis
 from kombu.exceptions import OperationalError
 
 from pipeline.admission import TIER_FULL, DepthCache, admitted
-from pipeline.batch import PACK_LUA
 from pipeline.coalesce import Coalescer
+from pipeline.enqueue import Enqueuer, Planned, unavailable
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
-from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec, redis_list_key
-from pipeline.state import Keys
+from pipeline.messages import RedisMessageRenderer, TaskSpec, redis_list_key
 from pipeline.tiers import classify
 
 if TYPE_CHECKING:
@@ -47,35 +43,6 @@ _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _CACHE_MAX_ENTRIES = 100_000  # classification results kept per publisher
 FAN_OUT_HANDLER = ""  # handler name of a task that asks the worker to fan out
 Item = Event | Mapping[str, Any] | str | bytes
-
-# ARGV: ttl_s, n_events, then per event: dedupe key, n messages, (list key, payload) * n.
-_ENQUEUE_LUA = """
-local ttl = tonumber(ARGV[1])
-local i = 3
-local out, lists = {}, {}
-for e = 1, tonumber(ARGV[2]) do
-  local key, n = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  local fresh = 1
-  if ttl > 0 and not redis.call('SET', key, '1', 'NX', 'EX', ttl) then fresh = 0 end
-  if fresh == 1 then
-    for m = 0, n - 1 do
-      local list = ARGV[i + 2 * m]
-      local pending = lists[list]
-      if pending == nil then pending = {}; lists[list] = pending end
-      pending[#pending + 1] = ARGV[i + 2 * m + 1]
-      if #pending == 1000 then redis.call('LPUSH', list, unpack(pending)); lists[list] = {} end
-    end
-  end
-  i = i + 2 * n
-  out[e] = fresh
-end
-for list, pending in pairs(lists) do
-  if #pending > 0 then redis.call('LPUSH', list, unpack(pending)) end
-end
-return out
-"""
-
 
 @dataclass(frozen=True)
 class PublishResult:
@@ -99,15 +66,6 @@ class PublishResult:
         return data
 
 
-@dataclass
-class _Planned:
-    event: Event
-    event_id: str
-    tier: str
-    handlers: list[str]
-    specs: list[TaskSpec]
-
-
 def task_id_for(event_id: uuid.UUID | str, handler: str) -> str:
     """Deterministic task id for (event, handler): a re-publish reuses it.
 
@@ -128,9 +86,7 @@ class Publisher:
         self.rt = runtime
         settings = runtime.settings
         self._renderer = RedisMessageRenderer(runtime.app) if settings.broker_is_redis else None
-        self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) \
-            if settings.broker_is_redis else None
-        self._pack_script = runtime.state.register_script(PACK_LUA)
+        self._enqueuer = Enqueuer(runtime, self._renderer)
         self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
         self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier
         self._limits: dict[str, tuple[str, float, float]] = {}  # tier -> queue, hard, soft
@@ -175,7 +131,7 @@ class Publisher:
 
     def _coalescer(self, tier: str) -> Coalescer[Event, PublishResult] | None:
         cfg = self.rt.settings.tier(tier)
-        if cfg.batch_size <= 0 or cfg.batch_wait_ms <= 0 or self._enqueue_script is None:
+        if cfg.batch_size <= 0 or cfg.batch_wait_ms <= 0 or self._renderer is None:
             return None
         with self._coalescers_lock:
             found = self._coalescers.get(tier)
@@ -228,13 +184,17 @@ class Publisher:
                 with self.rt.app.connection_for_write() as conn:
                     conn.ensure_connection(max_retries=0)
         except (redis.RedisError, OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+            raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 
     def enqueue(self, event: Event, tier: str, handlers: Sequence[Handler]) -> list[str]:
         """Enqueue ``event``'s tasks without admission or dedupe (worker-side fan-out)."""
         plan = self._plan(event, tier, [h.name for h in handlers])
         self.send(plan.specs)
         return [s.task_id for s in plan.specs]
+
+    def send(self, specs: Iterable[TaskSpec]) -> None:
+        """Publish task messages with Celery's own path (confirmed on RabbitMQ)."""
+        self._enqueuer.send(specs)
 
     def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
              attempt: int, first_failed_at: str | None = None,
@@ -270,15 +230,15 @@ class Publisher:
                 declared = channel.queue_declare(queue, passive=True)
                 return int(declared.message_count)
         except (redis.RedisError, OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+            raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 
-    def _plan(self, event: Event, tier: str, handlers: list[str]) -> _Planned:
+    def _plan(self, event: Event, tier: str, handlers: list[str]) -> Planned:
         names = handlers or [FAN_OUT_HANDLER]
         message = event.to_message()
         event_id = message["id"]
         specs = [self.spec(message, handler=name, tier=tier, task_id=task_id_for(event_id, name),
                            attempt=1, priority=event.priority) for name in names]
-        return _Planned(event, event_id, tier, handlers, specs)
+        return Planned(event, event_id, tier, handlers, specs)
 
     def _publish_events(self, events: list[Event]) -> list[PublishResult]:
         if not events:
@@ -288,7 +248,7 @@ class Publisher:
             tier = self.tier_for(event)
             plans.append(self._plan(event, tier, [h.name for h in registry.for_type(event.type)]))
         admitted_plans, rejected = self._admit(plans)
-        fresh = self._dedupe_and_send(admitted_plans)
+        fresh = self._enqueuer.claim_and_send(admitted_plans)
         outcome: dict[int, PublishResult] = {}
         for plan in rejected:
             outcome[id(plan)] = PublishResult(id=plan.event_id, tier=plan.tier,
@@ -309,7 +269,7 @@ class Publisher:
         _notify(results)
         return results
 
-    def _admit(self, plans: list[_Planned]) -> tuple[list[_Planned], list[_Planned]]:
+    def _admit(self, plans: list[Planned]) -> tuple[list[Planned], list[Planned]]:
         wanted = Counter(p.tier for p in plans)
         room = {}
         for tier, n in wanted.items():
@@ -326,105 +286,6 @@ class Publisher:
                 refused.append(plan)
         return taken, refused
 
-    def _dedupe_and_send(self, plans: list[_Planned]) -> list[bool]:
-        if not plans:
-            return []
-        ttl = self.rt.settings.idempotency_window_s
-        try:
-            if self._enqueue_script is None:
-                return self._send_amqp(plans, ttl)
-            packed = [p for p in plans if self._packable(p)]
-            if not packed:
-                return self._send_redis(plans, ttl)
-            single = [p for p in plans if not self._packable(p)]
-            fresh = dict(zip(map(id, single), self._send_redis(single, ttl), strict=True))
-            fresh.update(self._send_packed(packed, ttl))
-            return [fresh[id(p)] for p in plans]
-        except (redis.RedisError, OperationalError, OSError) as exc:
-            raise self._unavailable(exc) from exc
-
-    def _packable(self, plan: _Planned) -> bool:
-        """Events of a batched tier with exactly one handler that may run in a batch."""
-        if self.rt.settings.tier(plan.tier).batch_size <= 0 or len(plan.handlers) != 1:
-            return False
-        entry = registry.get(plan.handlers[0])
-        return entry is not None and entry.batchable
-
-    def _send_packed(self, plans: list[_Planned], ttl: int) -> dict[int, bool]:
-        """Pack events into ``pipeline.handle_batch`` messages, one Lua call per message."""
-        from pipeline.batch import batch_spec
-
-        fresh: dict[int, bool] = {}
-        groups: dict[tuple[str, str], list[_Planned]] = {}
-        for plan in plans:
-            groups.setdefault((plan.tier, plan.handlers[0]), []).append(plan)
-        for (tier, handler), members in groups.items():
-            size = self.rt.settings.tier(tier).batch_size
-            for start in range(0, len(members), size):
-                chunk = members[start:start + size]
-                while chunk:
-                    spec = batch_spec(self.rt, [p.specs[0].args[0] for p in chunk],
-                                      handler=handler, tier=tier,
-                                      accepted_at=chunk[0].specs[0].kwargs["accepted_at"])
-                    key, payload = self.renderer.render(spec)
-                    keys = [Keys.seen(p.event.idempotency_key or p.event_id) for p in chunk]
-                    dups = self._pack_script(keys=[], args=[ttl, len(chunk), *keys, key, payload])
-                    if not dups:
-                        fresh.update((id(p), True) for p in chunk)
-                        break
-                    dup_ids = {id(chunk[int(i) - 1]) for i in dups}
-                    fresh.update((i, False) for i in dup_ids)
-                    chunk = [p for p in chunk if id(p) not in dup_ids]
-        return fresh
-
-    def _send_redis(self, plans: list[_Planned], ttl: int) -> list[bool]:
-        assert self._renderer is not None
-        assert self._enqueue_script is not None
-        argv: list[Any] = [ttl, len(plans)]
-        for plan in plans:
-            key = plan.event.idempotency_key or plan.event_id
-            argv += [Keys.seen(key).encode(), len(plan.specs)]
-            for spec in plan.specs:
-                argv.extend(self._renderer.render(spec))
-        return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]
-
-    def _send_amqp(self, plans: list[_Planned], ttl: int) -> list[bool]:
-        state = self.rt.state
-        if ttl > 0:
-            pipe = state.pipeline(transaction=False)
-            for plan in plans:
-                pipe.set(Keys.seen(plan.event.dedupe_key), "1", nx=True, ex=ttl)
-            fresh = [bool(x) for x in pipe.execute()]
-        else:
-            fresh = [True] * len(plans)
-        for i, plan in enumerate(plans):
-            if not fresh[i]:
-                continue
-            try:
-                self.send(plan.specs)
-            except BrokerUnavailable:
-                if ttl > 0:  # release the claims of everything not confirmed
-                    state.delete(*[Keys.seen(p.event.dedupe_key)
-                                   for p, f in zip(plans[i:], fresh[i:], strict=True) if f])
-                raise
-        return fresh
-
-    def send(self, specs: Iterable[TaskSpec]) -> None:
-        """Publish with Celery's own path (confirmed on RabbitMQ)."""
-        task = self.rt.app.tasks[TASK_NAME]
-        policy = {"max_retries": self.rt.settings.publish_max_retries, "interval_start": 0,
-                  "interval_step": 0.5, "interval_max": 1.0}
-        try:
-            for spec in specs:
-                task.apply_async(args=tuple(spec.args), kwargs=spec.kwargs, retry=True,
-                                 retry_policy=policy, **spec.apply_async_options())
-        except (OperationalError, ConnectionError, OSError) as exc:
-            raise self._unavailable(exc) from exc
-
-    def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
-        return BrokerUnavailable(
-            f"broker {_redact(self.rt.settings.effective_broker_url)} unreachable: {exc}"
-        )
 
 
 #: Called with the results of every publish (metrics hang off this).
@@ -444,13 +305,3 @@ def _raw_id(item: Item) -> str | None:
         value = item.get("id")
         return str(value) if value is not None else None
     return None
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -10,8 +10,9 @@ from celery import Celery
 
 from pipeline.config import load_settings
 from pipeline.embedded import free_port
+from pipeline.enqueue import _redact
 from pipeline.errors import BrokerUnavailable, EventValidationError
-from pipeline.ingest import PublishResult, _redact, task_id_for
+from pipeline.ingest import PublishResult, task_id_for
 
 PASSWORD = "s3cret-pw"
 EVENT = {"type": "reward.granted", "source": "game-server", "payload": {"user_id": 7}}

@@ -1,0 +1,194 @@
+"""Enqueueing planned events on the broker, with their idempotency claims.
+
+On a Redis broker each chunk costs one round trip: a Lua script that, per event,
+claims its idempotency key (``SET NX EX``) and, only if fresh, ``LPUSH``es its
+pre-rendered task messages — atomically, so an event is never marked seen without
+being enqueued. Events of batched tiers are packed into ``pipeline.handle_batch``
+messages (one Lua call per message, see :mod:`pipeline.batch`). On RabbitMQ the
+keys are claimed in one pipeline, messages published with publisher confirms, and
+the claims of anything unconfirmed released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from pipeline.batch import PACK_LUA
+from pipeline.errors import BrokerUnavailable
+from pipeline.events import Event
+from pipeline.handlers import registry
+from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec
+from pipeline.state import Keys
+
+if TYPE_CHECKING:
+    from pipeline.runtime import Runtime
+
+__all__ = ["Enqueuer", "Planned", "unavailable"]
+
+# ARGV: ttl_s, n_events, then per event: dedupe key, n messages, (list key, payload) * n.
+_ENQUEUE_LUA = """
+local ttl = tonumber(ARGV[1])
+local i = 3
+local out, lists = {}, {}
+for e = 1, tonumber(ARGV[2]) do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  local fresh = 1
+  if ttl > 0 and not redis.call('SET', key, '1', 'NX', 'EX', ttl) then fresh = 0 end
+  if fresh == 1 then
+    for m = 0, n - 1 do
+      local list = ARGV[i + 2 * m]
+      local pending = lists[list]
+      if pending == nil then pending = {}; lists[list] = pending end
+      pending[#pending + 1] = ARGV[i + 2 * m + 1]
+      if #pending == 1000 then redis.call('LPUSH', list, unpack(pending)); lists[list] = {} end
+    end
+  end
+  i = i + 2 * n
+  out[e] = fresh
+end
+for list, pending in pairs(lists) do
+  if #pending > 0 then redis.call('LPUSH', list, unpack(pending)) end
+end
+return out
+"""
+
+
+@dataclass
+class Planned:
+    """One event on its way: its tier, handlers and task messages."""
+
+    event: Event
+    event_id: str
+    tier: str
+    handlers: list[str]
+    specs: list[TaskSpec]
+
+
+class Enqueuer:
+    """Claims idempotency keys and puts task messages on the broker."""
+
+    def __init__(self, runtime: Runtime, renderer: RedisMessageRenderer | None) -> None:
+        self.rt = runtime
+        self._renderer = renderer
+        on_redis = renderer is not None
+        self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) if on_redis else None
+        self._pack_script = runtime.state.register_script(PACK_LUA)
+
+    def claim_and_send(self, plans: list[Planned]) -> list[bool]:
+        """Per plan: whether it was fresh (claimed and enqueued) or a duplicate."""
+        if not plans:
+            return []
+        ttl = self.rt.settings.idempotency_window_s
+        try:
+            if self._enqueue_script is None:
+                return self._send_amqp(plans, ttl)
+            packed = [p for p in plans if self._packable(p)]
+            if not packed:
+                return self._send_redis(plans, ttl)
+            single = [p for p in plans if not self._packable(p)]
+            fresh = dict(zip(map(id, single), self._send_redis(single, ttl), strict=True))
+            fresh.update(self._send_packed(packed, ttl))
+            return [fresh[id(p)] for p in plans]
+        except (redis.RedisError, OperationalError, OSError) as exc:
+            raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
+
+    def _packable(self, plan: Planned) -> bool:
+        """Events of a batched tier with exactly one handler that may run in a batch."""
+        if self.rt.settings.tier(plan.tier).batch_size <= 0 or len(plan.handlers) != 1:
+            return False
+        entry = registry.get(plan.handlers[0])
+        return entry is not None and entry.batchable
+
+    def _send_packed(self, plans: list[Planned], ttl: int) -> dict[int, bool]:
+        """Pack events into ``pipeline.handle_batch`` messages, one Lua call per message."""
+        from pipeline.batch import batch_spec
+
+        renderer = self._renderer
+        assert renderer is not None  # packing is for Redis brokers
+        fresh: dict[int, bool] = {}
+        groups: dict[tuple[str, str], list[Planned]] = {}
+        for plan in plans:
+            groups.setdefault((plan.tier, plan.handlers[0]), []).append(plan)
+        for (tier, handler), members in groups.items():
+            size = self.rt.settings.tier(tier).batch_size
+            for start in range(0, len(members), size):
+                chunk = members[start:start + size]
+                while chunk:
+                    spec = batch_spec(self.rt, [p.specs[0].args[0] for p in chunk],
+                                      handler=handler, tier=tier,
+                                      accepted_at=chunk[0].specs[0].kwargs["accepted_at"])
+                    key, payload = renderer.render(spec)
+                    keys = [Keys.seen(p.event.idempotency_key or p.event_id) for p in chunk]
+                    dups = self._pack_script(keys=[], args=[ttl, len(chunk), *keys, key, payload])
+                    if not dups:
+                        fresh.update((id(p), True) for p in chunk)
+                        break
+                    dup_ids = {id(chunk[int(i) - 1]) for i in dups}
+                    fresh.update((i, False) for i in dup_ids)
+                    chunk = [p for p in chunk if id(p) not in dup_ids]
+        return fresh
+
+    def _send_redis(self, plans: list[Planned], ttl: int) -> list[bool]:
+        assert self._enqueue_script is not None
+        assert self._renderer is not None
+        renderer = self._renderer
+        argv: list[Any] = [ttl, len(plans)]
+        for plan in plans:
+            key = plan.event.idempotency_key or plan.event_id
+            argv += [Keys.seen(key).encode(), len(plan.specs)]
+            for spec in plan.specs:
+                argv.extend(renderer.render(spec))
+        return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]
+
+    def _send_amqp(self, plans: list[Planned], ttl: int) -> list[bool]:
+        state = self.rt.state
+        if ttl > 0:
+            pipe = state.pipeline(transaction=False)
+            for plan in plans:
+                pipe.set(Keys.seen(plan.event.dedupe_key), "1", nx=True, ex=ttl)
+            fresh = [bool(x) for x in pipe.execute()]
+        else:
+            fresh = [True] * len(plans)
+        for i, plan in enumerate(plans):
+            if not fresh[i]:
+                continue
+            try:
+                self.send(plan.specs)
+            except BrokerUnavailable:
+                if ttl > 0:  # release the claims of everything not confirmed
+                    state.delete(*[Keys.seen(p.event.dedupe_key)
+                                   for p, f in zip(plans[i:], fresh[i:], strict=True) if f])
+                raise
+        return fresh
+
+    def send(self, specs: Iterable[TaskSpec]) -> None:
+        """Publish with Celery's own path (confirmed on RabbitMQ)."""
+        task = self.rt.app.tasks[TASK_NAME]
+        policy = {"max_retries": self.rt.settings.publish_max_retries, "interval_start": 0,
+                  "interval_step": 0.5, "interval_max": 1.0}
+        try:
+            for spec in specs:
+                task.apply_async(args=tuple(spec.args), kwargs=spec.kwargs, retry=True,
+                                 retry_policy=policy, **spec.apply_async_options())
+        except (OperationalError, ConnectionError, OSError) as exc:
+            raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
+
+
+def unavailable(broker_url: str, exc: BaseException) -> BrokerUnavailable:
+    return BrokerUnavailable(f"broker {_redact(broker_url)} unreachable: {exc}")
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -189,6 +189,11 @@ class Stack:
         self.workers.append(worker)
         return worker.wait_ready() if wait else worker
 
+    def start_workers(self, *tiers: str) -> list[Worker]:
+        """One worker per tier, started together (they boot in parallel), all ready."""
+        started = [self.start_worker(tier, wait=False) for tier in tiers]
+        return [w.wait_ready() for w in started]
+
     def stop(self) -> None:
         for worker in self.workers:
             worker.stop()

@@ -27,10 +27,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config.write_text(RETENTION + config.read_text())
     s = Stack(redis_url, config, tmp)
     try:
-        s.start_worker("standard", wait=False)
-        s.start_worker("critical", wait=False)
-        for w in s.workers:
-            w.wait_ready()
+        s.start_workers("standard", "critical")
         yield s
     finally:
         s.stop()

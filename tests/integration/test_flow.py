@@ -21,11 +21,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config = write_config(tmp / "pipeline.toml", extra=SLOW_TIER)
     s = Stack(redis_url, config, tmp)
     try:
-        s.start_worker("critical", wait=False)
-        s.start_worker("standard", wait=False)
-        s.start_worker("slow", wait=False)
-        for w in s.workers:
-            w.wait_ready()
+        s.start_workers("critical", "standard", "slow")
         yield s
     finally:
         s.stop()

@@ -33,10 +33,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                       + config.read_text())
     s = Stack(redis_url, config, tmp)
     try:
-        s.start_worker("critical", wait=False)
-        s.start_worker("standard", wait=False)
-        for w in s.workers:
-            w.wait_ready()
+        s.start_workers("critical", "standard")
         yield s
     finally:
         s.stop()

@@ -50,10 +50,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=SLOW_TIER), tmp,
               env_extra={"PROMETHEUS_MULTIPROC_DIR": str(tmp / "prom")})
     try:
-        s.start_worker("standard", wait=False)
-        s.start_worker("slow", wait=False)
-        for w in s.workers:
-            w.wait_ready()
+        s.start_workers("standard", "slow")
         yield s
     finally:
         s.stop()

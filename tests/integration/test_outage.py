@@ -61,10 +61,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     tmp = tmp_path_factory.mktemp("outage")
     s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=EXTRA), tmp)
     try:
-        for tier in ("standard", "budgeted", "steady", "short"):
-            s.start_worker(tier, wait=False)
-        for w in s.workers:
-            w.wait_ready()
+        s.start_workers("standard", "budgeted", "steady", "short")
         yield s
     finally:
         s.stop()

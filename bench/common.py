@@ -36,6 +36,13 @@ def own_broker() -> Iterator[EmbeddedServer]:
             server.stop()
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without pipeline settings or a metrics directory,
+    so each side of a scenario starts from the same, explicit configuration."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PIPELINE_", "PROMETHEUS_MULTIPROC_DIR"))}
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

@@ -41,6 +41,7 @@ from typing import Any
 import redis
 
 from bench.common import (
+    clean_env,
     own_broker,
     percentile,
     results_dir,
@@ -112,7 +113,7 @@ def wait_started(client: redis.Redis, n: int, timeout_s: float) -> None:
 
 
 def measure(client: redis.Redis, sent: list[Sent], window: tuple[float, int, float, int],
-            backlog: int, queues: list[str]) -> dict[str, Any]:
+            backlog: int, queues: list[str], held_max: int) -> dict[str, Any]:
     """Latencies and bulk throughput of one side; asserts every event is accounted for."""
     raw: dict[bytes, bytes] = client.hgetall(STARTED_KEY)  # type: ignore[assignment]
     started = {k.decode(): float(v) for k, v in raw.items()}
@@ -127,9 +128,13 @@ def measure(client: redis.Redis, sent: list[Sent], window: tuple[float, int, flo
     done = bulk_done(client)
     queued = sum(queue_depth(client, q) for q in queues)
     unacked = int(client.hlen("unacked"))
-    assert done + queued + unacked == backlog, (
+    # Nothing may be lost. An event handled just as its worker got SIGTERM can also be
+    # back on the queue (at-least-once: acked late, restored by the warm shutdown), so
+    # the count may exceed the backlog by at most what the workers held.
+    counted = done + queued + unacked
+    assert backlog <= counted <= backlog + held_max, (
         f"bulk events unaccounted for: {done} handled + {queued} queued + {unacked} unacked "
-        f"!= {backlog}")
+        f"= {counted}, expected {backlog} (+ at most {held_max} redelivered)")
     t0, done0, t1, done1 = window
     return {
         "critical_events": len(sent),
@@ -168,7 +173,8 @@ def run_side(client: redis.Redis, args: argparse.Namespace, *, fill: Callable[[]
     finally:
         for proc in procs:
             stop_worker(proc)
-    return measure(client, sent, (t0, done0, t1, done1), args.backlog, queues)
+    return measure(client, sent, (t0, done0, t1, done1), args.backlog, queues,
+                   held_max=args.slots * args.prefetch)
 
 
 def stock_argv(queue: str, slots: int, prefetch: int, name: str) -> list[str]:
@@ -207,8 +213,7 @@ def main(argv: list[str]) -> int:
     try:
         with own_broker() as server:
             url = server.url
-            base = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("PIPELINE_", "PROMETHEUS_MULTIPROC_DIR"))}
+            base = clean_env()
             pipeline_env = {
                 "PIPELINE_BROKER_URL": url,
                 "PIPELINE_HANDLER_MODULES": '["bench.handlers"]',

@@ -34,6 +34,7 @@ from typing import Any
 import redis
 
 from bench.common import (
+    clean_env,
     median,
     own_broker,
     results_dir,
@@ -128,8 +129,7 @@ def main(argv: list[str]) -> int:
     try:
         with own_broker() as server:
             url = server.url
-            base = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("PIPELINE_", "PROMETHEUS_MULTIPROC_DIR"))}
+            base = clean_env()
             pipeline_env = {
                 "PIPELINE_BROKER_URL": url,
                 "PIPELINE_HANDLER_MODULES": '["pipeline.demo"]',

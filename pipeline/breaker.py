@@ -11,7 +11,8 @@ it returns or raises, the outcome is recorded. States:
   schedule without consuming an attempt, so an outage burns neither retries nor
   DLQ records.
 * ``half_open``: after the cool-down up to ``half_open_probes`` calls go through;
-  a success closes the breaker, a failure opens it again.
+  a success closes the breaker with an empty window (the failures that opened it
+  would otherwise reopen it on the next ordinary failure), a failure opens it again.
 
 ``pipeline breaker open|close NAME`` forces a state until the next ``close``.
 State lives in the pipeline's Redis (the broker itself with a Redis broker; the
@@ -88,9 +89,13 @@ local window, min_calls, ratio = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(
 local consecutive_max, buckets = tonumber(ARGV[6]), tonumber(ARGV[7])
 local st = redis.call('HGET', key, 'state') or 'closed'
 if redis.call('HGET', key, 'forced') then return st end
+local width = window / buckets
+local b = math.floor(now / width)
 if st == 'half_open' then
   if ok then
     redis.call('HSET', key, 'state', 'closed', 'consecutive', 0, 'probes', 0)
+    -- a fresh window: the failures that opened it must not reopen it on the next one
+    for i = 0, buckets do redis.call('DEL', key .. ':w:' .. (b - i)) end
     return 'closed'
   end
   redis.call('HSET', key, 'state', 'open', 'opened_at', now, 'probes', 0)
@@ -98,8 +103,6 @@ if st == 'half_open' then
   return 'open'
 end
 if st == 'open' then return 'open' end
-local width = window / buckets
-local b = math.floor(now / width)
 local wkey = key .. ':w:' .. b
 redis.call('HINCRBY', wkey, 'calls', 1)
 if not ok then redis.call('HINCRBY', wkey, 'fails', 1) end

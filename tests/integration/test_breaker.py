@@ -61,6 +61,21 @@ def test_after_the_cool_down_one_probe_passes_and_success_closes(
     assert b.allow(name, now=108.3).retry_in_s == 0
 
 
+def test_closing_after_a_probe_forgets_the_failures_that_opened_it(
+    breakers: tuple[Breakers, str],
+) -> None:
+    b, name = breakers
+    for i, ok in enumerate([True, False, False, False]):  # 3 of 4 failed: open
+        b.record(name, ok=ok, now=100.0 + i / 10)
+    assert b.allow(name, now=106.0).state == "half_open"
+    assert b.record(name, ok=True, now=106.1) == "closed"
+    # Still inside the 10 s window of those failures: one ordinary failure among
+    # ordinary calls must not reopen it (4 calls, 1 failure, fresh window).
+    states = [b.record(name, ok=ok, now=106.2 + i / 10) for i, ok in
+              enumerate([True, True, False, True])]
+    assert states == ["closed"] * 4
+
+
 def test_failed_probe_opens_it_again(breakers: tuple[Breakers, str]) -> None:
     b, name = breakers
     for i in range(3):

@@ -9,7 +9,7 @@ import sys
 # scenario name -> module with main(argv)
 SCENARIOS = {"ingest": "bench.ingest", "dlq": "bench.dlq", "batch": "bench.batch",
              "isolation": "bench.isolation", "overhead": "bench.overhead",
-             "report": "bench.report"}
+             "seed": "bench.seed", "report": "bench.report"}
 
 
 def main() -> int:

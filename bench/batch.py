@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
         publisher = runtime_for(create_app(load_settings(), main="bench-batch")).publisher
         from bench.stock_app import app as stock
 
-        stock.conf.broker_url = server.url
+        stock.conf.update(broker_url=server.url)
         client = redis.Redis.from_url(server.url)
         for rep in range(args.repeats):
             client.flushdb()

@@ -78,11 +78,14 @@ def _isolation(plt: Any, data: dict[str, Any]) -> Any:
 def _overhead(plt: Any, data: dict[str, Any]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rates = data["events_per_s_median"]
-    _bars(left, ["bare Celery no-op", "pipeline (demo.noop)"],
-          [rates["stock_noop"], rates["pipeline"]])
-    left.set_ylabel("events/s, one worker")
+    labels = {"stock_noop": "bare Celery", "stock_noop_task_events": "bare Celery -E",
+              "pipeline": "pipeline", "pipeline_no_task_events": "pipeline\nno task events"}
+    shown = [k for k in labels if k in rates]
+    _bars(left, [labels[k] for k in shown], [rates[k] for k in shown])
+    left.tick_params(axis="x", labelsize=8)
+    left.set_ylabel("no-op events/s, one worker")
     left.set_title(f"drain of a pre-filled queue, -c {data['concurrency']} prefork: "
-                   f"{data['ratio']:.2f}x", fontsize=9)
+                   f"{data['ratio']:.2f}x (task events on vs off)", fontsize=9)
     rss = data["rss"]
     samples = rss["samples"]
     right.plot([s[0] * 100 for s in samples], [s[1] / 1024 for s in samples], label="main")
@@ -129,7 +132,65 @@ def _dlq(plt: Any, data: dict[str, Any]) -> Any:
     return fig
 
 
+CLASS_COLORS = {"reward": "tab:red", "game": "tab:orange", "interaction": "tab:blue",
+                "analytics": "tab:gray"}
+
+
+def _seed(plt: Any, data: dict[str, Any]) -> Any:
+    sides = data["sides"]
+    fig = plt.figure(figsize=(13, 8))
+    grid = fig.add_gridspec(2, len(sides))
+    top = [fig.add_subplot(grid[0, i]) for i in range(len(sides))]
+    for ax in top[1:]:
+        ax.sharey(top[0])
+    start, end = data["outage"]
+    for ax, (name, side) in zip(top, sides.items(), strict=True):
+        for cls, c in side["classes"].items():
+            if cls == "all":
+                continue
+            rows = c["timeline"]
+            ax.plot([r[0] for r in rows], [max(r[2], 1e-3) for r in rows],
+                    color=CLASS_COLORS.get(cls), label=f"{cls} p99")
+            ax.plot([r[0] for r in rows], [max(r[1], 1e-3) for r in rows],
+                    color=CLASS_COLORS.get(cls), linestyle=":", alpha=0.7)
+        ax.axvspan(start, end, color="tab:red", alpha=0.1, label="partner API down")
+        ax.set_yscale("log")
+        ax.set_xlabel("send time, s")
+        ax.set_ylabel("latency send -> delivered, s (log; dotted p50)")
+        every = side["classes"]["all"]
+        ax.set_title(f"{name}: delivered {every['pct']['delivered']:.2f}%, lost "
+                     f"{every['pct']['lost']:.2f}%, DLQ {every['pct']['dead_lettered']:.2f}%\n"
+                     f"{side.get('layout', '')}", fontsize=8)
+        ax.legend(fontsize=7)
+    bottom = fig.add_subplot(grid[1, :])
+    classes = [c for c in next(iter(sides.values()))["classes"] if c != "all"] + ["all"]
+    width = 0.8 / (2 * len(sides))
+    for k, (name, side) in enumerate(sides.items()):
+        for j, what in enumerate(("lost", "dead_lettered")):
+            values = [side["classes"][c]["pct"][what] for c in classes]
+            offset = (2 * k + j - len(sides) + 0.5) * width
+            bars = bottom.bar([i + offset for i in range(len(classes))], values, width,
+                              label=f"{name}: {what.replace('_', '-')} %",
+                              color=COLORS.get("shared" if name == "default" else name),
+                              alpha=1.0 if what == "lost" else 0.45)
+            for bar, value in zip(bars, values, strict=True):
+                bottom.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2,
+                                                 bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+    bottom.set_xticks(range(len(classes)), [
+        f"{c}\ncalls/event " + " vs ".join(
+            f"{s['classes'][c]['calls_per_event']['mean']:.2f}" for s in sides.values())
+        for c in classes], fontsize=8)
+    bottom.set_ylabel("% of the class's events")
+    bottom.set_title(f"{data['events']:,} events at {data['rate']:g}/s, {data['fail_rate']:.0%} "
+                     f"transient failures, outage {start:g}-{end:g} s; downstream calls while "
+                     "it was down: " + ", ".join(f"{n} {s['outage_calls']:,}"
+                                                 for n, s in sides.items()), fontsize=9)
+    bottom.legend(fontsize=8)
+    return fig
+
+
 DRAWERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
     "isolation": _isolation, "overhead": _overhead, "ingest": _ingest, "batch": _batch,
-    "dlq": _dlq,
+    "dlq": _dlq, "seed": _seed,
 }

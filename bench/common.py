@@ -83,7 +83,7 @@ def versions(url: str | None = None) -> dict[str, str]:
     import kombu
     import redis
 
-    found = {"celery": celery.__version__, "kombu": kombu.__version__,
+    found = {"celery": celery.__version__, "kombu": kombu.__version__,  # type: ignore[attr-defined]
              "redis_py": redis.__version__}
     if url:
         client = redis.Redis.from_url(url)
@@ -100,18 +100,30 @@ def versions(url: str | None = None) -> dict[str, str]:
 
 def start_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start a worker subprocess and return once its log says it is ready."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return start_workers([(argv, env, log)])[0]
+
+
+def start_workers(specs: list[tuple[list[str], dict[str, str], Path]]
+                  ) -> list[subprocess.Popen[bytes]]:
+    """Start every ``(argv, env, log)`` worker at once; return when all logs say ready
+    (on failure, stop the ones started and raise with the failing worker's log)."""
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        for argv, env, log in specs:
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen(argv, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while " ready." not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.02)
+        for proc, (_, _, log) in zip(procs, specs, strict=True):
+            while " ready." not in log.read_text(errors="replace"):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"worker did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.02)
     except BaseException:
-        stop_worker(proc)
+        for proc in procs:
+            stop_worker(proc)
         raise
-    return proc
+    return procs
 
 
 def child_pids(pid: int) -> list[int]:

@@ -233,7 +233,7 @@ def main(argv: list[str]) -> int:
             publisher = runtime_for(create_app(load_settings(), main="bench-iso")).publisher
             from bench.stock_app import app as stock
 
-            stock.conf.broker_url = url
+            stock.conf.update(broker_url=url)
             client = redis.Redis.from_url(url)
             payload = {"ms": args.bulk_ms}
 

@@ -4,7 +4,8 @@ One worker per side, the same pool (prefork), concurrency, prefetch, broker and
 acks_late, draining a pre-filled queue (time from "ready" to queue and unacked
 empty), alternated ``--repeats`` times, medians and the ratio:
 
-* **stock**: ``celery -A bench.stock_app worker`` running ``stock.noop``;
+* **stock**: ``celery -A bench.stock_app worker`` running ``stock.noop``, on
+  Celery's default of no task events, and again with ``-E`` (task events on);
 * **pipeline**: ``pipeline worker --tier standard`` running ``demo.noop``, not
   batched, idempotency marks on (the default window) and metrics on (prometheus
   multiprocess mode, as deployed), task events on (the tier worker's default).
@@ -124,8 +125,8 @@ def main(argv: list[str]) -> int:
         print(f"note: RSS run over {args.rss_events:,} events, not the issue's 1,000,000 "
               "(~20 min at ~1k/s; pass --rss-events 1000000 for it)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    rates: dict[str, list[float]] = {"stock_noop": [], "pipeline": [],
-                                     "pipeline_no_task_events": []}
+    rates: dict[str, list[float]] = {"stock_noop": [], "stock_noop_task_events": [],
+                                     "pipeline": [], "pipeline_no_task_events": []}
     try:
         with own_broker() as server:
             url = server.url
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> int:
             queue = settings.queue_for(TIER)
             from bench.stock_app import app as stock
 
-            stock.conf.broker_url = url
+            stock.conf.update(broker_url=url)
             client = redis.Redis.from_url(url)
             stock_argv = [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker",
                           "-Q", "stock", "-c", str(args.concurrency), "-P", "prefork",
@@ -181,6 +182,18 @@ def main(argv: list[str]) -> int:
                 handled = log.read_text(errors="replace").count("] succeeded in ")
                 assert handled == args.events, f"stock: {handled} of {args.events} handled"
                 rates["stock_noop"].append(args.events / seconds)
+                # The same with task events (-E), what the pipeline's tiers send by default.
+                client.flushdb()
+                with stock.producer_or_acquire() as producer:
+                    for i in range(args.events):
+                        stock.send_task("stock.noop", args=({"n": i},), queue="stock",
+                                        producer=producer)
+                log = tmp / f"stock-events-{rep}.log"
+                seconds, _ = drain([*stock_argv, "-E"], {**base, "BENCH_BROKER_URL": url},
+                                   client, "stock", log, args.events)
+                handled = log.read_text(errors="replace").count("] succeeded in ")
+                assert handled == args.events, f"stock -E: {handled} of {args.events} handled"
+                rates["stock_noop_task_events"].append(args.events / seconds)
                 client.flushdb()
                 fill_pipeline(args.events)
                 seconds, _ = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
@@ -199,8 +212,8 @@ def main(argv: list[str]) -> int:
                 handled = succeeded(client)
                 assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
                 rates["pipeline_no_task_events"].append(args.events / seconds)
-                print(f"repeat {rep + 1}: stock {rates['stock_noop'][-1]:,.0f}/s, pipeline "
-                      f"{rates['pipeline'][-1]:,.0f}/s", flush=True)
+                print(f"repeat {rep + 1}: " + ", ".join(
+                    f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
 
             print(f"RSS run: {args.rss_events:,} events through one pipeline worker ...",
                   flush=True)
@@ -220,6 +233,7 @@ def main(argv: list[str]) -> int:
     med = {k: median(v) for k, v in rates.items()}
     ratio = med["pipeline"] / med["stock_noop"]
     quiet_ratio = med["pipeline_no_task_events"] / med["stock_noop"]
+    events_ratio = med["pipeline"] / med["stock_noop_task_events"]
     before, after, growth_pct = growth(samples)
     checks = [
         {"name": "pipeline / bare Celery events per s", "value": ratio, "op": ">=",
@@ -227,6 +241,9 @@ def main(argv: list[str]) -> int:
         {"name": "pipeline without task events / bare Celery events per s",
          "value": quiet_ratio, "op": ">=", "target": TARGET_RATIO,
          "met": quiet_ratio >= TARGET_RATIO},
+        {"name": "pipeline / bare Celery, both with task events (-E)",
+         "value": events_ratio, "op": ">=", "target": TARGET_RATIO,
+         "met": events_ratio >= TARGET_RATIO},
         {"name": f"worker RSS growth 10%->100% of {args.rss_events:,} events (%)",
          "value": growth_pct, "op": "<=", "target": TARGET_RSS_GROWTH_PCT,
          "met": growth_pct <= TARGET_RSS_GROWTH_PCT},
@@ -242,7 +259,8 @@ def main(argv: list[str]) -> int:
     path = write_results("overhead", {
         "quick": args.quick, "events": args.events, "repeats": args.repeats,
         "concurrency": args.concurrency, "prefetch": args.prefetch, "pool": "prefork",
-        "events_per_s_median": med, "ratio": ratio, "events_per_s": rates,
+        "events_per_s_median": med, "ratio": ratio, "ratio_no_task_events": quiet_ratio,
+        "ratio_both_task_events": events_ratio, "events_per_s": rates,
         "rss": {"events": args.rss_events, "seconds": seconds,
                 "events_per_s": args.rss_events / seconds, "kb_at_10pct": before,
                 "kb_at_end": after, "growth_pct": growth_pct,

@@ -12,7 +12,7 @@ from typing import Any
 from bench.charts import render
 from bench.common import commit, results_dir, versions
 
-ORDER = ["isolation", "overhead", "ingest", "batch", "dlq"]  # others follow, by name
+ORDER = ["seed", "isolation", "overhead", "ingest", "batch", "dlq"]  # others follow, by name
 
 
 def _server_version() -> str:
@@ -84,12 +84,58 @@ def _figures(name: str, data: dict[str, Any]) -> list[str]:
                 f"Worker RSS (main + children) over {rss['events']:,} events "
                 f"({rss['events_per_s']:,.0f}/s): {rss['kb_at_10pct'] / 1024:,.1f} MiB at 10%, "
                 f"{rss['kb_at_end'] / 1024:,.1f} MiB at the end: {rss['growth_pct']:+.1f}%."]
+    if name == "seed":
+        return _seed(data)
     for key in ("events_per_s_median", "seconds_median"):
         if key in data:
             unit = "events/s" if key.startswith("events") else "seconds"
             rows = [[k, _fmt(v)] for k, v in data[key].items()]
             return _table(rows, ["side", f"{unit} (median)"])
     return []
+
+
+def _seed(data: dict[str, Any]) -> list[str]:
+    start, end = data["outage"]
+    rows = [[side, cls, f"{c['sent']:,}", f"{c['pct']['delivered']:.2f}",
+             f"{c['pct']['dead_lettered']:.2f}", f"**{c['pct']['lost']:.2f}**",
+             str(c["duplicates"]), f"{c['calls_per_event']['mean']:.2f}",
+             _fmt(c["latency_s"]["p50"]), _fmt(c["latency_s"]["p99"]),
+             _fmt(c["latency_s_outside_outage"]["p99"])]
+            for side, s in data["sides"].items() for cls, c in s["classes"].items()]
+    lines = [f"{data['events']:,} events at {data['rate']:g}/s for {data['duration_s']:g} s "
+             f"(reward 5% critical, game 20% high, interaction 50% standard, analytics 25% "
+             f"bulk); the partner API fails {data['fail_rate']:.0%} of calls and is down "
+             f"{start:g}-{end:g} s (calls hang {data['timeout_ms']:g} ms). Latency: send -> "
+             "delivered, seconds.", ""]
+    lines += [f"* **{side}**: {s.get('layout', '')}; {s['calls']:,} downstream calls "
+              f"({s['outage_calls']:,} while it was down), settled {s['settle_s']:.0f} s after "
+              "the traffic." for side, s in data["sides"].items()]
+    lines += ["", *_table(rows, ["side", "class", "sent", "delivered %", "DLQ %", "lost %",
+                                 "duplicates", "calls/event", "p50 s", "p99 s",
+                                 "p99 s outside outage"]), ""]
+    for side, s in data["sides"].items():
+        found = s.get("alerts")
+        if not found:
+            continue
+        if not found.get("evaluated"):
+            lines.append(f"Alerts ({side}): not evaluated: {found.get('why')}.")
+            continue
+        lines.append(f"Alerts ({side}), `ops/prometheus/alerts.yml` evaluated by promtool over "
+                     f"the run's scrapes every {found['interval_s']:g} s (times in s since "
+                     "the traffic started):")
+        lines += [f"* {a['alertname']} {_labels(a['labels'])}: pending {_span(a['pending'])}, "
+                  f"firing {_span(a['firing'])}" for a in found["alerts"]] or [
+                      "* none pending, none firing"]
+    return lines
+
+
+def _labels(labels: dict[str, str]) -> str:
+    shown = {k: v for k, v in labels.items() if k not in ("alertname", "severity")}
+    return "{" + ", ".join(f"{k}={v}" for k, v in shown.items()) + "}" if shown else ""
+
+
+def _span(span: list[float] | None) -> str:
+    return "never" if not span else f"{span[0]:g}-{span[1]:g} s"
 
 
 def _spaced(sides: dict[str, Any]) -> list[str]:

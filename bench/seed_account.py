@@ -1,0 +1,97 @@
+"""Pure accounting of one side of the seed scenario: from what was sent and what the
+downstream and the DLQ saw, each event's outcome, per-class figures and latency
+over time. No I/O, so it is tested without a broker."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.common import percentile
+
+__all__ = ["Observed", "Sent", "summarize"]
+
+OUTCOMES = ("delivered", "dead_lettered", "failed_logged", "unsettled")
+
+
+@dataclass(frozen=True)
+class Sent:
+    event_id: str
+    cls: str  # traffic class (bench.seed_downstream.CLASSES)
+    at: float  # epoch s, just before the send call
+
+
+@dataclass
+class Observed:
+    delivered: dict[str, float] = field(default_factory=dict)  # id -> first success (epoch s)
+    effects: dict[str, int] = field(default_factory=dict)  # id -> successful calls
+    calls: dict[str, int] = field(default_factory=dict)  # id -> downstream calls
+    dead_lettered: set[str] = field(default_factory=set)  # ids with a DLQ record
+    failed_logged: set[str] = field(default_factory=set)  # ids the stock side gave up on
+    broker_holds: int = 0  # messages still queued, unacked or scheduled at the end
+
+
+def outcome(event_id: str, seen: Observed) -> str:
+    if event_id in seen.delivered:
+        return "delivered"
+    if event_id in seen.dead_lettered:
+        return "dead_lettered"
+    if event_id in seen.failed_logged:
+        return "failed_logged"
+    return "unsettled"
+
+
+def summarize(sent: list[Sent], seen: Observed, *, t0: float, outage: tuple[float, float],
+              bucket_s: float) -> dict[str, Any]:
+    """Per class and in all: outcome counts and %, lost, duplicates, downstream calls
+    per event, latency (s) in all / outside the outage / per ``bucket_s`` of send time.
+
+    Lost = neither delivered nor dead-lettered nor still held by the broker: an event
+    the stock side gave up on (only logged), or one that left no trace. An event still
+    held when the run stopped is ``unsettled``, not lost."""
+    by_class: dict[str, list[Sent]] = defaultdict(list)
+    for s in sent:
+        by_class[s.cls].append(s)
+    classes = {cls: _one_class(items, seen, t0=t0, outage=outage, bucket_s=bucket_s)
+               for cls, items in by_class.items()}
+    classes["all"] = _one_class(sent, seen, t0=t0, outage=outage, bucket_s=bucket_s)
+    return classes
+
+
+def _one_class(items: list[Sent], seen: Observed, *, t0: float, outage: tuple[float, float],
+               bucket_s: float) -> dict[str, Any]:
+    counts = dict.fromkeys(OUTCOMES, 0)
+    latency: list[float] = []
+    outside: list[float] = []
+    buckets: dict[int, list[float]] = defaultdict(list)
+    calls: list[int] = []
+    for s in items:
+        counts[outcome(s.event_id, seen)] += 1
+        calls.append(seen.calls.get(s.event_id, 0))
+        done = seen.delivered.get(s.event_id)
+        if done is None:
+            continue
+        lat = done - s.at
+        latency.append(lat)
+        if not outage[0] <= s.at < outage[1]:
+            outside.append(lat)
+        buckets[int((s.at - t0) // bucket_s)].append(lat)
+    n = len(items)
+    lost = counts["failed_logged"] + (counts["unsettled"] if seen.broker_holds == 0 else 0)
+    return {
+        "sent": n, **counts, "lost": lost,
+        "pct": {k: 100.0 * v / n if n else 0.0 for k, v in [*counts.items(), ("lost", lost)]},
+        "not_delivered_pct": 100.0 * (n - counts["delivered"]) / n if n else 0.0,
+        "duplicates": sum(1 for s in items if seen.effects.get(s.event_id, 0) > 1),
+        "calls_per_event": {"mean": sum(calls) / n if n else 0.0,
+                            "p99": percentile([float(c) for c in calls], 0.99),
+                            "max": max(calls, default=0)},
+        "latency_s": {"p50": percentile(latency, 0.5), "p99": percentile(latency, 0.99),
+                      "max": max(latency, default=float("nan"))},
+        "latency_s_outside_outage": {"p50": percentile(outside, 0.5),
+                                     "p99": percentile(outside, 0.99), "n": len(outside)},
+        # [bucket start s since t0, p50 s, p99 s, events delivered]
+        "timeline": [[k * bucket_s, percentile(v, 0.5), percentile(v, 0.99), len(v)]
+                     for k, v in sorted(buckets.items())],
+    }

@@ -6,30 +6,26 @@ commands, the ingest API (``pipeline serve``), Flower (``pipeline flower``) and
 the exporter (``pipeline exporter``), each on its conventional port when free.
 Credentials that are not configured are generated and printed once; the broker
 URL, credentials, URLs and ports go to ``<state-dir>/stack.env`` (mode 0600) so
-other ``pipeline`` commands can be pointed at the stack.
+other ``pipeline`` commands can be pointed at the stack (:mod:`pipeline.endpoints`).
 
 A child that dies is reported and restarted (with backoff; what it left behind
 in its process group is killed first). Ctrl-C or SIGTERM stops the API first,
 then everything else with SIGTERM (Celery's warm shutdown for workers), then
-the broker, and leaves no process behind.
+the broker, and leaves no process behind (:mod:`pipeline.supervisor`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import secrets
-import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -37,14 +33,13 @@ import click
 
 from pipeline.config import load_settings
 from pipeline.embedded import EmbeddedServer, free_port, start_server
+from pipeline.endpoints import Endpoints, banner, write_env_file
 from pipeline.errors import ConfigError
+from pipeline.supervisor import Child, say, stop_all, supervise
 
 __all__ = ["run_stack"]
 
 POLL_S = 0.5  # supervision loop period
-WARM_SHUTDOWN_TIMEOUT_S = 30.0  # how long children get to finish running tasks
-RESTART_BACKOFF_MAX_S = 30.0  # longest wait before restarting a crash-looping child
-RESTART_RESET_AFTER_S = 60.0  # a child up this long counts as healthy: backoff starts over
 DEMO_RATE_PER_S = 20  # events per second the --demo sender publishes
 HTTP_READY_TIMEOUT_S = 20.0  # how long the banner waits for the HTTP services to listen
 LOCAL_HOST = "127.0.0.1"  # everything `pipeline up` serves binds loopback only
@@ -52,57 +47,8 @@ API_PORT = 8000  # conventional ports, used when free (else a free one)
 FLOWER_PORT = 5555
 EXPORTER_PORT = 9808
 FLOWER_USER = "admin"  # user of the generated Flower basic-auth credentials
-STACK_ENV_MODE = 0o600  # stack.env holds the API token and Flower password
 SECRET_BYTES = 24  # entropy of generated tokens and passwords
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where workers record metrics the exporter reads
-
-
-@dataclass
-class Child:
-    name: str
-    argv: list[str]
-    port: int | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = 0.0
-    log_path: Path | None = None
-
-    def start(self, env: dict[str, str], log_dir: Path) -> None:
-        self.log_path = log_dir / f"{self.name}.log"
-        with self.log_path.open("ab") as handle:
-            # Own session and process group: Ctrl-C reaches only `pipeline up`, which
-            # stops children in order, and a dead child's leftovers can be killed.
-            self.process = subprocess.Popen(self.argv, env={**env, **self.extra_env},
-                                            stdout=handle, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        self.started_at = time.monotonic()
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.running():
-            assert self.process is not None
-            self.process.send_signal(signal.SIGTERM)
-
-    def kill_leftovers(self) -> None:
-        """SIGKILL what is left of this child's process group (e.g. the pool children
-        of a worker whose main process died). The group id is the child's pid, which
-        the kernel does not reuse while the group has members."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-
-
-@dataclass
-class Endpoints:
-    """What the banner and stack.env tell: URLs, ports and credentials."""
-
-    broker: str
-    values: dict[str, str] = field(default_factory=dict)
-    generated: list[str] = field(default_factory=list)  # names of generated credentials
 
 
 def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> int:
@@ -152,23 +98,24 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
             _share_metrics_dir(state_dir / "metrics", children)
         for child in children:
             child.start(env, log_dir)
-        _write_env_file(env_file, env, endpoints)
+        write_env_file(env_file, env, endpoints)
         _wait_listening(services, lambda: stopping)
-        _banner(endpoints, children, log_dir, env_file, embedded=server is not None,
-                with_demo=with_demo, demo_loaded="pipeline.demo" in settings.handler_modules)
+        workers = [c.name for c in children if c.name.startswith("worker-")]
+        say(banner(endpoints, workers, log_dir, env_file, embedded=server is not None,
+                   with_demo=with_demo, demo_loaded="pipeline.demo" in settings.handler_modules))
         sender = _DemoSender() if with_demo else None
         while not stopping:
-            _supervise(children, env, log_dir)
+            supervise(children, env, log_dir)
             if sender is not None:
                 sender.tick()
             time.sleep(POLL_S)
     finally:
-        _say("stopping: the API first, then warm shutdown of workers ...")
-        _stop_all([c for c in services if c.name == "api"], children)
+        say("stopping: the API first, then warm shutdown of workers ...")
+        stop_all([c for c in services if c.name == "api"], children)
         if server is not None:
             server.stop()
         env_file.unlink(missing_ok=True)
-        _say("stopped")
+        say("stopped")
     return 0
 
 
@@ -181,13 +128,6 @@ def _share_metrics_dir(metrics_dir: Path, children: list[Child]) -> None:
     for child in children:
         if child.name == "exporter" or child.name.startswith("worker-"):
             child.extra_env[MULTIPROC_ENV] = str(metrics_dir)
-
-
-def _say(message: str, *, err: bool = False) -> None:
-    """Print, never raise: with its output piped (`pipeline up | tee log`), Ctrl-C also
-    ends the reader, and a write error must not cut the shutdown short."""
-    with contextlib.suppress(OSError):
-        click.echo(message, err=err)
 
 
 def _command_params(name: str) -> set[str] | None:
@@ -260,22 +200,6 @@ def _port(preferred: int) -> int:
     return preferred
 
 
-def _write_env_file(path: Path, env: dict[str, str], endpoints: Endpoints) -> None:
-    """Shell-sourceable settings of this stack, readable by its owner only."""
-    values = {"PIPELINE_BROKER_URL": endpoints.broker}
-    for key in ("PIPELINE_CONFIG", "PIPELINE_HANDLER_MODULES"):
-        if env.get(key):
-            values[key] = env[key]
-    values.update(endpoints.values)
-    lines = [f"# written by `pipeline up` (pid {os.getpid()}); removed when it stops.",
-             f"# Use it: set -a; . {shlex.quote(str(path))}; set +a; pipeline dlq list",
-             *(f"{key}={shlex.quote(value)}" for key, value in values.items())]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, STACK_ENV_MODE)
-    with os.fdopen(fd, "w") as handle:
-        os.fchmod(handle.fileno(), STACK_ENV_MODE)  # an older file kept its old mode
-        handle.write("\n".join(lines) + "\n")
-
-
 def _wait_listening(services: list[Child], stopping: Callable[[], bool]) -> None:
     """Until every HTTP service accepts connections (or died, or time ran out), so the
     URLs in the banner answer when it appears."""
@@ -292,85 +216,6 @@ def _listening(port: int | None) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((LOCAL_HOST, port)) == 0
-
-
-def _supervise(children: list[Child], env: dict[str, str], log_dir: Path) -> None:
-    now = time.monotonic()
-    for child in children:
-        proc = child.process
-        if proc is not None and proc.poll() is None:
-            if child.restarts and now - child.started_at > RESTART_RESET_AFTER_S:
-                child.restarts = 0
-            continue
-        if proc is not None and child.next_start == 0.0:
-            child.kill_leftovers()
-            child.restarts += 1
-            delay = min(RESTART_BACKOFF_MAX_S, 2.0 ** min(child.restarts, 5))
-            child.next_start = now + delay
-            _say(f"{child.name} exited with {proc.returncode}; restarting in {delay:.0f}s "
-                 f"(log: {child.log_path})", err=True)
-        if now >= child.next_start:
-            child.next_start = 0.0
-            child.start(env, log_dir)
-
-
-def _stop_all(first: list[Child], children: list[Child]) -> None:
-    """SIGTERM ``first`` (the API: no new events) and wait, then everything else; what
-    outlives the warm-shutdown timeout is killed with its process group."""
-    for group in (first, [c for c in children if c not in first]):
-        for child in group:
-            child.stop()
-        deadline = time.monotonic() + WARM_SHUTDOWN_TIMEOUT_S
-        for child in group:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _say(f"{child.name} did not stop in time; killing it", err=True)
-            child.kill_leftovers()
-            child.process.wait()
-
-
-def _banner(endpoints: Endpoints, children: list[Child], log_dir: Path, env_file: Path, *,
-            embedded: bool, with_demo: bool, demo_loaded: bool) -> None:
-    values = endpoints.values
-    source = f"set -a; . {shlex.quote(str(env_file))}; set +a"
-    event = '{"type": "demo.ok", "source": "cli"}'
-    lines = [
-        "pipeline is up",
-        f"  broker:   {endpoints.broker}"
-        + (f"  (embedded; data in {log_dir.parent / 'broker'})" if embedded else ""),
-        f"  workers:  {', '.join(c.name for c in children if c.name.startswith('worker-'))}",
-    ]
-    if "PIPELINE_API_URL" in values:
-        lines.append(f"  API:      {values['PIPELINE_API_URL']}  (docs: "
-                     f"{values['PIPELINE_API_URL']}/docs)")
-    if "PIPELINE_FLOWER_URL" in values:
-        lines.append(f"  Flower:   {values['PIPELINE_FLOWER_URL']}")
-    if "PIPELINE_EXPORTER_URL" in values:
-        lines.append(f"  metrics:  {values['PIPELINE_EXPORTER_URL']}")
-    for name in endpoints.generated:  # printed here once; also in stack.env (0600)
-        lines.append(f"  {name}={values[name]}  (generated for this run)")
-    lines += [
-        f"  env:      {env_file}  (mode 600; removed on stop)",
-        f"  logs:     {log_dir}",
-        "  send a first event:",
-        f"    {source}",
-    ]
-    if "PIPELINE_API_URL" in values:
-        lines.append(f"    curl -s -X POST \"$PIPELINE_API_URL/events\" -H \"Authorization: Bearer "
-                     f"$PIPELINE_API_TOKEN\" -H 'Content-Type: application/json' -d '{event}'")
-    lines.append(f"    echo '{event}' | pipeline send -")
-    if not demo_loaded:
-        lines.append("    (no demo handlers loaded: without --demo or handlers of your own in "
-                     "handler_modules, it is dead-lettered as no_handler)")
-    lines += [
-        "    pipeline dlq list",
-        f"  demo:     {'sending a mix of demo events' if with_demo else 'off (use --demo)'}",
-        "  stop:     Ctrl-C",
-    ]
-    _say("\n".join(lines))
 
 
 class _DemoSender:

@@ -63,7 +63,9 @@ class TierConfig(BaseModel):
     slo_s: Annotated[float, Field(gt=0)] = 300.0
     #: retry budget: retries per window stay under this fraction of first attempts
     #: (retries beyond it are deferred, not dropped, not counted); `0` = no budget.
-    retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.2
+    #: A steady failure rate p needs p/(1-p) retries per first attempt: 0.5 lets up
+    #: to a third of calls fail without delay and caps an outage's retries at half.
+    retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.5
     #: retries always admitted per window, however few first attempts there were.
     retry_budget_min: Annotated[int, Field(ge=0)] = 10
     #: sliding window of the retry budget.

@@ -11,7 +11,10 @@ Before the handler runs, one Lua script:
   admitted in a sliding window stay under ``retry_budget_ratio`` x first
   attempts in it (and at least ``retry_budget_min`` per window). A retry beyond
   the budget is not run now: it is deferred, never dropped, never counted as
-  an attempt, and the exhaustion is counted for metrics and alerts.
+  an attempt, and the exhaustion is counted for metrics and alerts. An attempt
+  the budget already admitted (``charged``: deferred afterwards by an open
+  breaker or the handler) is neither counted nor refused again when it re-runs,
+  so an outage's deferrals do not eat the budget its recovery needs.
 
 After the handler succeeds, the ``done`` mark is written and the delivery count
 cleared, before Celery acknowledges the message.
@@ -79,11 +82,14 @@ class Ledger:
         self._window_s = window_s
         self._begin = client.register_script(_BEGIN_LUA)
 
-    def begin(self, task_id: str, attempt: int, tier_name: str, tier: TierConfig) -> Begin:
+    def begin(self, task_id: str, attempt: int, tier_name: str, tier: TierConfig, *,
+              charged: bool = False) -> Begin:
+        """``charged``: the budget admitted this attempt before (it was deferred after)."""
         done_key = Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
+        budget_on = tier.retry_budget_ratio > 0 and not charged
         done, n, admitted = self._begin(
             keys=[done_key, Keys.deliveries(task_id, attempt), Keys.retry_budget(tier_name)],
-            args=[time.time(), attempt, int(tier.retry_budget_ratio > 0), tier.retry_budget_ratio,
+            args=[time.time(), attempt, int(budget_on), tier.retry_budget_ratio,
                   tier.retry_budget_min, tier.retry_budget_window_s, BUDGET_BUCKETS,
                   DELIVERY_COUNT_TTL_S])
         return Begin(bool(done), int(n), bool(admitted))

@@ -55,6 +55,8 @@ class Attempt:
         self.first_failed_at: str | None = kwargs.get("first_failed_at")
         self.accepted_at: float | None = kwargs.get("accepted_at")
         self.deferrals = int(kwargs.get("deferrals", 0))
+        # the retry budget admitted this attempt already (deferred after it was)
+        self.budget_charged = kwargs.get("budget_charged") is True
 
     @property
     def queue(self) -> str:
@@ -63,7 +65,8 @@ class Attempt:
     def run(self) -> str:
         settings = self.rt.settings
         tier = settings.tier(self.tier)
-        begin = self.rt.ledger.begin(self.task_id, self.attempt, self.tier, tier)
+        begin = self.rt.ledger.begin(self.task_id, self.attempt, self.tier, tier,
+                                     charged=self.budget_charged)
         if begin.done:
             log.info("event %s handler %s already succeeded; not running it again",
                      self.event.get("id"), self.handler,
@@ -134,6 +137,8 @@ class Attempt:
             priority=self.event.get("priority"), accepted_at=self.accepted_at,
         )
         spec.kwargs["deferrals"] = self.deferrals + 1
+        if why != "retry_budget":  # past the budget check: its re-run is not charged again
+            spec.kwargs["budget_charged"] = True
         spec.enqueued_at = now + delay_s
         self.rt.schedule.add(spec, now + delay_s)
         self.rt.ledger.clear(self.task_id, self.attempt)

@@ -4,6 +4,7 @@ report`` can redraw every chart): ``<dir>/<scenario>.json`` -> ``<dir>/<scenario
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,7 @@ def _seed(plt: Any, data: dict[str, Any]) -> Any:
         every = side["classes"]["all"]
         ax.set_title(f"{name}: delivered {every['pct']['delivered']:.2f}%, lost "
                      f"{every['pct']['lost']:.2f}%, DLQ {every['pct']['dead_lettered']:.2f}%\n"
-                     f"{side.get('layout', '')}", fontsize=8)
+                     + textwrap.fill(side.get("layout", ""), 80), fontsize=8)
         ax.legend(fontsize=7)
     bottom = fig.add_subplot(grid[1, :])
     classes = [c for c in next(iter(sides.values()))["classes"] if c != "all"] + ["all"]

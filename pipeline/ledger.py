@@ -11,10 +11,12 @@ Before the handler runs, one Lua script:
   admitted in a sliding window stay under ``retry_budget_ratio`` x first
   attempts in it (and at least ``retry_budget_min`` per window). A retry beyond
   the budget is not run now: it is deferred, never dropped, never counted as
-  an attempt, and the exhaustion is counted for metrics and alerts. An attempt
+  an attempt, and the exhaustion is counted for metrics and alerts. A retry
   the budget already admitted (``charged``: deferred afterwards by an open
   breaker or the handler) is neither counted nor refused again when it re-runs,
-  so an outage's deferrals do not eat the budget its recovery needs.
+  so an outage's deferrals do not eat the budget its recovery needs; a deferred
+  first attempt counts as a first attempt when it re-runs, as the calls it
+  makes then are what the window's retries are measured against.
 
 After the handler succeeds, the ``done`` mark is written and the delivery count
 cleared, before Celery acknowledges the message.
@@ -84,9 +86,12 @@ class Ledger:
 
     def begin(self, task_id: str, attempt: int, tier_name: str, tier: TierConfig, *,
               charged: bool = False) -> Begin:
-        """``charged``: the budget admitted this attempt before (it was deferred after)."""
+        """``charged``: the budget admitted this attempt before (it was deferred after).
+        A charged retry is not checked or counted again; a charged first attempt is
+        counted as a first attempt again when it re-runs (it is about to make its call
+        now, and the retries that follow it are charged against this window)."""
         done_key = Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
-        budget_on = tier.retry_budget_ratio > 0 and not charged
+        budget_on = tier.retry_budget_ratio > 0 and not (charged and attempt > 1)
         done, n, admitted = self._begin(
             keys=[done_key, Keys.deliveries(task_id, attempt), Keys.retry_budget(tier_name)],
             args=[time.time(), attempt, int(budget_on), tier.retry_budget_ratio,

@@ -42,3 +42,18 @@ def test_an_attempt_the_budget_admitted_before_is_not_charged_again(
         led.clear(task, 2)
     assert led.budget_exhausted_total(tier) == 0
     assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted  # still 1 retry spent
+
+
+def test_a_deferred_first_attempt_counts_again_when_it_re_runs(
+    ledger: tuple[Ledger, str],
+) -> None:
+    led, tier = ledger
+    assert led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted  # the minimum spent
+    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
+    task = str(uuid.uuid4())
+    for _ in range(4):  # a first attempt deferred by the breaker, re-run 4 times
+        led.begin(task, 1, tier, TIER, charged=True)
+        led.clear(task, 1)
+    # 4 first attempts in the window: ratio 0.5 admits 2 retries, 1 already spent
+    assert led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
+    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted

@@ -70,8 +70,10 @@ def commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                               text=True, check=True, cwd=here).stdout.strip()
+        # results written by earlier scenarios of the same session do not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!results"],
+                               capture_output=True, text=True, check=True, cwd=here
+                               ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (with uncommitted changes)" if dirty else "")

@@ -170,30 +170,24 @@ def main(argv: list[str]) -> int:
                 for batch in pipeline_events(n):
                     assert all(r.outcome == "accepted" for r in publisher.publish_many(batch))
 
-            for rep in range(args.repeats):
+            def stock_drain(extra_argv: list[str], log: Path) -> float:
+                """Fill the stock queue, drain it with one stock worker; events/s."""
                 client.flushdb()
                 with stock.producer_or_acquire() as producer:
                     for i in range(args.events):
                         stock.send_task("stock.noop", args=({"n": i},), queue="stock",
                                         producer=producer)
-                log = tmp / f"stock-{rep}.log"
-                seconds, _ = drain(stock_argv, {**base, "BENCH_BROKER_URL": url}, client,
-                                   "stock", log, args.events)
-                handled = log.read_text(errors="replace").count("] succeeded in ")
-                assert handled == args.events, f"stock: {handled} of {args.events} handled"
-                rates["stock_noop"].append(args.events / seconds)
-                # The same with task events (-E), what the pipeline's tiers send by default.
-                client.flushdb()
-                with stock.producer_or_acquire() as producer:
-                    for i in range(args.events):
-                        stock.send_task("stock.noop", args=({"n": i},), queue="stock",
-                                        producer=producer)
-                log = tmp / f"stock-events-{rep}.log"
-                seconds, _ = drain([*stock_argv, "-E"], {**base, "BENCH_BROKER_URL": url},
+                seconds, _ = drain([*stock_argv, *extra_argv], {**base, "BENCH_BROKER_URL": url},
                                    client, "stock", log, args.events)
                 handled = log.read_text(errors="replace").count("] succeeded in ")
-                assert handled == args.events, f"stock -E: {handled} of {args.events} handled"
-                rates["stock_noop_task_events"].append(args.events / seconds)
+                assert handled == args.events, f"{log.name}: {handled} of {args.events} handled"
+                return float(args.events / seconds)
+
+            for rep in range(args.repeats):
+                rates["stock_noop"].append(stock_drain([], tmp / f"stock-{rep}.log"))
+                # The same with task events (-E), what the pipeline's tiers send by default.
+                rates["stock_noop_task_events"].append(
+                    stock_drain(["-E"], tmp / f"stock-events-{rep}.log"))
                 client.flushdb()
                 fill_pipeline(args.events)
                 seconds, _ = drain(pipeline_argv, pipeline_env_fresh(), client, queue,

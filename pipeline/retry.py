@@ -18,7 +18,10 @@ from functools import lru_cache
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.tiers import TierConfig
 
-__all__ = ["Decision", "Reason", "compute_backoff", "decide", "exception_matches"]
+__all__ = ["Decision", "Reason", "compute_backoff", "compute_deferral", "decide",
+           "exception_matches"]
+
+DEFERRAL_SPREAD_DOUBLINGS = 2  # a breaker deferral's jitter window stops at open_s * 2**2
 
 
 class Reason(StrEnum):
@@ -58,6 +61,27 @@ def compute_backoff(
     exponent = min(attempt - 1, 62)  # 2**62 s already dwarfs any cap
     window = min(max_s, base_s * (2**exponent))
     return float(window * rand())
+
+
+def compute_deferral(
+    retry_in_s: float,
+    *,
+    open_s: float,
+    deferrals: int,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to defer work a breaker refused: its remaining cool-down
+    (``retry_in_s``) plus a jitter window of ``open_s``, doubling with each
+    earlier deferral of the same work up to ``open_s * 4``.
+
+    Deferring only to the end of the cool-down brings every deferred task back at
+    the same moment, when at most ``half_open_probes`` may call; the rest defer
+    again and again while the probe is in flight and after it fails, so a long
+    outage spends the workers re-running deferrals. The growing window spreads
+    the backlog out, and its release after recovery too.
+    """
+    doublings = min(max(deferrals, 0), DEFERRAL_SPREAD_DOUBLINGS)
+    return float(max(retry_in_s, 0.0) + open_s * (2**doublings) * rand())
 
 
 def decide(

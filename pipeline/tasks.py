@@ -28,7 +28,7 @@ from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
 from pipeline.handlers import HandlerContext, registry, running
 from pipeline.logs import attempt_fields
-from pipeline.retry import Reason, decide
+from pipeline.retry import Reason, compute_deferral, decide
 from pipeline.runtime import Runtime, runtime_for
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["TASK_NAME", "register_task"]
 
 TASK_NAME = "pipeline.handle"
+MAX_PRIORITY = 9  # the lowest of the ten priority sub-queues the app configures on Redis
 log = logging.getLogger(__name__)
 
 
@@ -103,8 +104,10 @@ class Attempt:
         for downstream in entry.downstreams:
             status = self.rt.breakers.allow(downstream)
             if status.retry_in_s > 0:
-                return self.defer(status.retry_in_s * random.uniform(1.0, 1.5),
-                                  f"breaker_open:{downstream}")
+                delay_s = compute_deferral(
+                    status.retry_in_s, open_s=self.rt.breakers.config(downstream).open_s,
+                    deferrals=self.deferrals)
+                return self.defer(delay_s, f"breaker_open:{downstream}")
         try:
             with running(ctx):
                 entry(event)
@@ -120,6 +123,16 @@ class Attempt:
         self.rt.ledger.succeeded(self.task_id, self.attempt)
         return "succeeded"
 
+    def requeue_priority(self) -> int | None:
+        """The message priority of this event's retry or deferral: one step behind
+        fresh events of its priority when the tier's ``retries_yield`` (Redis,
+        where kombu serves priority 0 first; on RabbitMQ the event's own)."""
+        own = self.event.get("priority")
+        if not (self.rt.settings.broker_is_redis
+                and self.rt.settings.tier(self.tier).retries_yield):
+            return own if isinstance(own, int) else None
+        return min(int(own or 0) + 1, MAX_PRIORITY)
+
     def defer(self, delay_s: float, why: str) -> str:
         """Run this same attempt again later: no attempt is consumed. Past the tier's
         ``max_defer_age_s`` (counted from acceptance) the work is dead-lettered."""
@@ -134,7 +147,7 @@ class Attempt:
         spec = self.rt.publisher.spec(
             self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
             attempt=self.attempt, first_failed_at=self.first_failed_at,
-            priority=self.event.get("priority"), accepted_at=self.accepted_at,
+            priority=self.requeue_priority(), accepted_at=self.accepted_at,
         )
         spec.kwargs["deferrals"] = self.deferrals + 1
         if why != "retry_budget":  # past the budget check: its re-run is not charged again
@@ -167,7 +180,7 @@ class Attempt:
         spec = self.rt.publisher.spec(
             self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
             attempt=self.attempt + 1, first_failed_at=self.first_failed_at or _now_iso(),
-            priority=self.event.get("priority"), accepted_at=self.accepted_at,
+            priority=self.requeue_priority(), accepted_at=self.accepted_at,
         )
         spec.enqueued_at = due_at  # its queue wait starts when it is due
         self.rt.schedule.add(spec, due_at)

@@ -142,6 +142,33 @@ def test_forced_open_breaker_defers_without_calling(stack: Stack) -> None:
     stack.wait_effect(str(event.id), timeout_s=30)
 
 
+def test_deferred_work_queues_one_priority_step_behind_fresh_events(stack: Stack) -> None:
+    stack.rt.breakers.force(DEMO_DOWNSTREAM, "open")
+    try:
+        events = [stack.publish("demo.flaky", payload={"fail_rate": 0.0}, priority=p)
+                  for p in (None, 4, 9)]
+
+        def scheduled_lists() -> dict[str, bytes]:
+            found = {}
+            for member in stack.state.zrange(Keys.retries("standard"), 0, -1):
+                list_key, _, message = bytes(member).partition(b"\n")
+                for event in events:
+                    if str(event.id).encode() in message:
+                        found[str(event.id)] = list_key
+            return found
+
+        lists = wait_for(lambda: len(scheduled_lists()) == 3 and scheduled_lists(), 10,
+                         "three deferrals")
+        # kombu serves a Redis queue's priority 0 first: fresh events of the same
+        # priority go ahead of the backlog; 9 is already the last sub-queue
+        assert [lists[str(e.id)] for e in events] == [
+            b"standard\x06\x161", b"standard\x06\x165", b"standard\x06\x169"]
+    finally:
+        stack.rt.breakers.force(DEMO_DOWNSTREAM, None)
+    for event in events:
+        stack.wait_effect(str(event.id), timeout_s=60)
+
+
 def test_steady_transient_failures_keep_retries_within_the_budget_and_lose_nothing(
     stack: Stack,
 ) -> None:

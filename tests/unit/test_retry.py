@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from pipeline.errors import PermanentError, RetryAfter
-from pipeline.retry import Reason, compute_backoff, decide, exception_matches
+from pipeline.retry import Reason, compute_backoff, compute_deferral, decide, exception_matches
 from pipeline.tiers import TierConfig
 
 ALMOST_ONE = 0.999999
@@ -37,6 +38,26 @@ def test_backoff_at_very_large_attempts_is_capped() -> None:
 def test_backoff_rejects_attempt_below_one(attempt: int) -> None:
     with pytest.raises(ValueError, match="attempt must be >= 1"):
         compute_backoff(attempt, base_s=1.0, max_s=10.0)
+
+
+def test_deferral_waits_out_the_breaker_cool_down_at_least() -> None:
+    assert compute_deferral(3.5, open_s=10.0, deferrals=0, rand=lambda: 0.0) == 3.5
+
+
+@pytest.mark.parametrize(("deferrals", "window_s"), [(0, 10.0), (1, 20.0), (2, 40.0), (9, 40.0)])
+def test_deferral_jitter_window_doubles_per_deferral_up_to_four_cool_downs(
+        deferrals: int, window_s: float) -> None:
+    high = compute_deferral(1.0, open_s=10.0, deferrals=deferrals, rand=lambda: ALMOST_ONE)
+    assert high == pytest.approx(1.0 + window_s * ALMOST_ONE)
+
+
+def test_deferrals_of_a_crowd_spread_over_the_window() -> None:
+    rng = random.Random(7)
+    delays = [compute_deferral(1.0, open_s=10.0, deferrals=0, rand=rng.random)
+              for _ in range(1000)]
+    assert min(delays) >= 1.0
+    assert max(delays) <= 11.0
+    assert sum(d < 6.0 for d in delays) == pytest.approx(500, abs=60)  # uniform, not a wall
 
 
 def test_permanent_error_is_not_retried() -> None:

@@ -130,6 +130,11 @@ def _print_side(name: str, side: dict[str, Any]) -> None:
               f"{c['latency_s_outside_outage']['p99']:.2f}s)", flush=True)
     print(f"  downstream calls {side['calls']:,} ({side['outage_calls']:,} while it was "
           f"down); settled in {side['settle_s']:.0f} s after the traffic", flush=True)
+    if "runs" in side:
+        print("  handler runs by outcome: " + ", ".join(
+            f"{k} {v:,}" for k, v in side["runs"].items()) + "; retries over the budget "
+            "(deferred): " + ", ".join(f"{k} {v:,}" for k, v in side["budget_refusals"].items()),
+            flush=True)
     for a in side.get("alerts", {}).get("alerts", []):
         print(f"  alert {a['alertname']} {a['labels']}: pending {a['pending']}, "
               f"firing {a['firing']}", flush=True)

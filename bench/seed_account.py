@@ -8,9 +8,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.common import percentile
 
-__all__ = ["Observed", "Sent", "summarize"]
+__all__ = ["Observed", "Sent", "counter_totals", "summarize"]
 
 OUTCOMES = ("delivered", "dead_lettered", "failed_logged", "unsettled")
 
@@ -95,3 +97,15 @@ def _one_class(items: list[Sent], seen: Observed, *, t0: float, outage: tuple[fl
         "timeline": [[k * bucket_s, percentile(v, 0.5), percentile(v, 0.99), len(v)]
                      for k, v in sorted(buckets.items())],
     }
+
+
+def counter_totals(scrape: str, name: str, label: str) -> dict[str, int]:
+    """Counter ``name`` summed by ``label`` in one exporter scrape, e.g. settled
+    ``pipeline_tasks_total`` runs by ``outcome`` (re-runs of deferred events
+    included): the work the workers did."""
+    totals: dict[str, int] = defaultdict(int)
+    for family in text_string_to_metric_families(scrape):
+        for sample in family.samples:
+            if sample.name == name:
+                totals[sample.labels[label]] += int(sample.value)
+    return dict(sorted(totals.items()))

@@ -18,7 +18,7 @@ import redis
 
 from bench import alerts
 from bench.common import clean_env, own_broker, start_workers, stop_worker, versions
-from bench.seed_account import Observed, Sent, summarize
+from bench.seed_account import Observed, Sent, counter_totals, summarize
 from bench.seed_downstream import (
     CALLS_KEY,
     CLASSES,
@@ -84,6 +84,7 @@ def run(name: str, url: str, args: argparse.Namespace, plan: list[Planned],
             scraper.start()
         sent = _send(plan, side.send, t0)
         settle_s = _settle(client, side, len(sent), args.settle_timeout_s)
+        final = side.scrape() if side.scrape is not None else None
         stop_scraping.set()
         if scraper is not None:
             scraper.join()
@@ -98,6 +99,10 @@ def run(name: str, url: str, args: argparse.Namespace, plan: list[Planned],
         "calls": sum(seen.calls.values()), "outage_calls": side.outage_calls,
         "settle_s": settle_s, "broker_holds_at_end": seen.broker_holds,
         **side.describe()}
+    if final is not None:
+        result["runs"] = counter_totals(final, "pipeline_tasks_total", "outcome")
+        result["budget_refusals"] = counter_totals(
+            final, "pipeline_retry_budget_exhausted_total", "tier")
     in_outage = [seen.delivered[s.event_id] for s in sent
                  if outage[0] <= s.at < outage[1] and s.event_id in seen.delivered]
     result["recovered_at_s"] = max(in_outage, default=outage[1]) - t0

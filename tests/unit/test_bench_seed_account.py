@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.seed_account import Observed, Sent, summarize
+from bench.seed_account import Observed, Sent, counter_totals, summarize
 
 T0 = 1000.0
 OUTAGE = (T0 + 10, T0 + 20)
@@ -46,3 +46,17 @@ def test_events_still_held_by_the_broker_are_unsettled_not_lost() -> None:
     assert (held["all"]["unsettled"], held["all"]["lost"]) == (5, 0)
     gone = summarize(sent(), Observed(broker_holds=0), t0=T0, outage=OUTAGE, bucket_s=5.0)
     assert gone["all"]["lost"] == 5
+
+
+def test_counter_totals_sum_runs_by_outcome_over_every_tier_and_handler() -> None:
+    scrape = (
+        "# HELP pipeline_tasks_total Settled pipeline.handle attempts, by outcome.\n"
+        "# TYPE pipeline_tasks_total counter\n"
+        'pipeline_tasks_total{tier="critical",handler="h",outcome="succeeded"} 5.0\n'
+        'pipeline_tasks_total{tier="bulk",handler="h",outcome="succeeded"} 7.0\n'
+        'pipeline_tasks_total{tier="bulk",handler="h",outcome="deferred"} 30.0\n'
+        "# TYPE pipeline_other_total counter\n"
+        'pipeline_other_total{outcome="succeeded"} 99.0\n'
+    )
+    assert counter_totals(scrape, "pipeline_tasks_total", "outcome") == {
+        "deferred": 30, "succeeded": 12}

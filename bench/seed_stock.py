@@ -16,23 +16,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import redis
 from celery import Celery, Task
 
 from bench.seed_downstream import FAILED_KEY, DownstreamError, call
+from bench.stock_client import LazyRedis
 
 app = Celery("seed-stock", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
                 worker_hijack_root_logger=False)
 
-_client: redis.Redis | None = None  # per (pool) process, made on first use
-
-
-def _redis() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(str(app.conf.broker_url))
-    return _client
+_redis = LazyRedis(app)  # per (pool) process, made on first use
 
 
 class CountGiveUps(Task):  # type: ignore[type-arg]

@@ -9,23 +9,16 @@ from __future__ import annotations
 import os
 import time
 
-import redis
 from celery import Celery
 
 from bench.keys import BULK_DONE_KEY, STARTED_KEY
+from bench.stock_client import LazyRedis
 
 app = Celery("stock", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(task_serializer="json", accept_content=["json"], task_acks_late=True,
                 task_ignore_result=True, worker_hijack_root_logger=False)
 
-_client: redis.Redis | None = None  # per (pool) process, made on first use
-
-
-def _redis() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(str(app.conf.broker_url))
-    return _client
+_redis = LazyRedis(app)  # per (pool) process, made on first use
 
 
 @app.task(name="stock.noop")

@@ -21,7 +21,7 @@ from pipeline.tiers import TierConfig
 __all__ = ["Decision", "Reason", "compute_backoff", "compute_deferral", "decide",
            "exception_matches"]
 
-DEFERRAL_SPREAD_DOUBLINGS = 2  # a breaker deferral's jitter window stops at open_s * 2**2
+DEFERRAL_SPREAD_DOUBLINGS = 2  # a deferral's jitter window stops growing at spread_s * 2**2
 
 
 class Reason(StrEnum):
@@ -64,24 +64,25 @@ def compute_backoff(
 
 
 def compute_deferral(
-    retry_in_s: float,
+    wait_s: float,
     *,
-    open_s: float,
+    spread_s: float,
     deferrals: int,
     rand: Callable[[], float] = random.random,
 ) -> float:
-    """Seconds to defer work a breaker refused: its remaining cool-down
-    (``retry_in_s``) plus a jitter window of ``open_s``, doubling with each
-    earlier deferral of the same work up to ``open_s * 4``.
+    """Seconds to defer work that may not run now: at least ``wait_s`` (a breaker's
+    remaining cool-down, a tenth of a spent retry budget's window) plus a jitter
+    window of ``spread_s``, doubling with each earlier deferral of the same work up
+    to ``4 x spread_s``.
 
-    Deferring only to the end of the cool-down brings every deferred task back at
-    the same moment, when at most ``half_open_probes`` may call; the rest defer
-    again and again while the probe is in flight and after it fails, so a long
-    outage spends the workers re-running deferrals. The growing window spreads
-    the backlog out, and its release after recovery too.
+    Deferring only to the end of the wait brings every deferred task back at once:
+    when at most ``half_open_probes`` may call, or when the budget has room for a
+    few; the rest defer again and again, so a long outage spends the workers
+    re-running deferrals. The growing window spreads the backlog out, and its
+    release after recovery too.
     """
     doublings = min(max(deferrals, 0), DEFERRAL_SPREAD_DOUBLINGS)
-    return float(max(retry_in_s, 0.0) + open_s * (2**doublings) * rand())
+    return float(max(wait_s, 0.0) + spread_s * (2**doublings) * rand())
 
 
 def decide(

@@ -11,7 +11,6 @@ for redelivery rather than acknowledged.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import time
 import traceback as tb
@@ -76,7 +75,8 @@ class Attempt:
             return "already_done"
         if not begin.admitted:  # a retry over the tier's retry budget
             window_s = tier.retry_budget_window_s
-            return self.defer(window_s / 10 + random.uniform(0, window_s / 2), "retry_budget")
+            return self.defer(compute_deferral(window_s / 10, spread_s=window_s / 2,
+                                               deferrals=self.deferrals), "retry_budget")
         if begin.deliveries > tier.max_deliveries:
             return self.dead_letter(
                 Reason.MAX_DELIVERIES, "WorkerLost",
@@ -105,7 +105,7 @@ class Attempt:
             status = self.rt.breakers.allow(downstream)
             if status.retry_in_s > 0:
                 delay_s = compute_deferral(
-                    status.retry_in_s, open_s=self.rt.breakers.config(downstream).open_s,
+                    status.retry_in_s, spread_s=self.rt.breakers.config(downstream).open_s,
                     deferrals=self.deferrals)
                 return self.defer(delay_s, f"breaker_open:{downstream}")
         try:

@@ -66,8 +66,10 @@ class TierConfig(BaseModel):
     #: A steady failure rate p needs p/(1-p) retries per first attempt: 0.5 lets up
     #: to a third of calls fail without delay and caps an outage's retries at half.
     retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.5
-    #: retries always admitted per window, however few first attempts there were.
-    retry_budget_min: Annotated[int, Field(ge=0)] = 10
+    #: retries always admitted per window, however few first attempts there were
+    #: (10/s over the default window, Finagle's minimum): once traffic ebbs, the
+    #: retries an outage left still drain.
+    retry_budget_min: Annotated[int, Field(ge=0)] = 100
     #: sliding window of the retry budget.
     retry_budget_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     #: retried and deferred work goes one priority step behind fresh events of the

@@ -41,19 +41,19 @@ def test_backoff_rejects_attempt_below_one(attempt: int) -> None:
 
 
 def test_deferral_waits_out_the_breaker_cool_down_at_least() -> None:
-    assert compute_deferral(3.5, open_s=10.0, deferrals=0, rand=lambda: 0.0) == 3.5
+    assert compute_deferral(3.5, spread_s=10.0, deferrals=0, rand=lambda: 0.0) == 3.5
 
 
 @pytest.mark.parametrize(("deferrals", "window_s"), [(0, 10.0), (1, 20.0), (2, 40.0), (9, 40.0)])
 def test_deferral_jitter_window_doubles_per_deferral_up_to_four_cool_downs(
         deferrals: int, window_s: float) -> None:
-    high = compute_deferral(1.0, open_s=10.0, deferrals=deferrals, rand=lambda: ALMOST_ONE)
+    high = compute_deferral(1.0, spread_s=10.0, deferrals=deferrals, rand=lambda: ALMOST_ONE)
     assert high == pytest.approx(1.0 + window_s * ALMOST_ONE)
 
 
 def test_deferrals_of_a_crowd_spread_over_the_window() -> None:
     rng = random.Random(7)
-    delays = [compute_deferral(1.0, open_s=10.0, deferrals=0, rand=rng.random)
+    delays = [compute_deferral(1.0, spread_s=10.0, deferrals=0, rand=rng.random)
               for _ in range(1000)]
     assert min(delays) >= 1.0
     assert max(delays) <= 11.0

@@ -11,6 +11,7 @@ from typing import Any
 
 from bench.charts import render
 from bench.common import commit, results_dir, versions
+from bench.seed_account import describe_runs
 
 ORDER = ["seed", "isolation", "overhead", "ingest", "batch", "dlq"]  # others follow, by name
 
@@ -109,12 +110,7 @@ def _seed(data: dict[str, Any]) -> list[str]:
              "delivered, seconds.", ""]
     lines += [f"* **{side}**: {s.get('layout', '')}; {s['calls']:,} downstream calls "
               f"({s['outage_calls']:,} while it was down), settled {s['settle_s']:.0f} s after "
-              "the traffic" + (
-                  "; handler runs by outcome: " + ", ".join(
-                      f"{k} {v:,}" for k, v in s["runs"].items())
-                  + "; retries over the budget (deferred): " + ", ".join(
-                      f"{k} {v:,}" for k, v in s["budget_refusals"].items())
-                  if "runs" in s else "") + "."
+              "the traffic" + (f"; {runs}" if (runs := describe_runs(s)) else "") + "."
               for side, s in data["sides"].items()]
     lines += ["", *_table(rows, ["side", "class", "sent", "delivered %", "DLQ %", "lost %",
                                  "duplicates", "calls/event", "p50 s", "p99 s",

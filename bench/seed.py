@@ -39,6 +39,7 @@ from typing import Any
 
 from bench import seed_sides
 from bench.common import results_dir, write_results
+from bench.seed_account import describe_runs
 
 TARGET_CRITICAL_FAILURE_PCT = 0.01  # critical events finally failed (DLQ or lost), at most
 
@@ -130,11 +131,8 @@ def _print_side(name: str, side: dict[str, Any]) -> None:
               f"{c['latency_s_outside_outage']['p99']:.2f}s)", flush=True)
     print(f"  downstream calls {side['calls']:,} ({side['outage_calls']:,} while it was "
           f"down); settled in {side['settle_s']:.0f} s after the traffic", flush=True)
-    if "runs" in side:
-        print("  handler runs by outcome: " + ", ".join(
-            f"{k} {v:,}" for k, v in side["runs"].items()) + "; retries over the budget "
-            "(deferred): " + ", ".join(f"{k} {v:,}" for k, v in side["budget_refusals"].items()),
-            flush=True)
+    if runs := describe_runs(side):
+        print(f"  {runs}", flush=True)
     for a in side.get("alerts", {}).get("alerts", []):
         print(f"  alert {a['alertname']} {a['labels']}: pending {a['pending']}, "
               f"firing {a['firing']}", flush=True)

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import percentile
 
-__all__ = ["Observed", "Sent", "counter_totals", "summarize"]
+__all__ = ["Observed", "Sent", "counter_totals", "describe_runs", "summarize"]
 
 OUTCOMES = ("delivered", "dead_lettered", "failed_logged", "unsettled")
 
@@ -109,3 +109,13 @@ def counter_totals(scrape: str, name: str, label: str) -> dict[str, int]:
             if sample.name == name:
                 totals[sample.labels[label]] += int(sample.value)
     return dict(sorted(totals.items()))
+
+
+def describe_runs(side: dict[str, Any]) -> str:
+    """One line of a side's handler runs by outcome and budget refusals per tier
+    (``""`` for a side without the pipeline's metrics)."""
+    if "runs" not in side:
+        return ""
+    return ("handler runs by outcome: " + ", ".join(f"{k} {v:,}" for k, v in side["runs"].items())
+            + "; retries over the budget (deferred): "
+            + ", ".join(f"{k} {v:,}" for k, v in side["budget_refusals"].items()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.seed_account import Observed, Sent, counter_totals, summarize
+from bench.seed_account import Observed, Sent, counter_totals, describe_runs, summarize
 
 T0 = 1000.0
 OUTAGE = (T0 + 10, T0 + 20)
@@ -60,3 +60,10 @@ def test_counter_totals_sum_runs_by_outcome_over_every_tier_and_handler() -> Non
     )
     assert counter_totals(scrape, "pipeline_tasks_total", "outcome") == {
         "deferred": 30, "succeeded": 12}
+
+
+def test_describe_runs_names_outcomes_and_refusals_and_is_empty_without_metrics() -> None:
+    side = {"runs": {"deferred": 1200, "succeeded": 12}, "budget_refusals": {"bulk": 3}}
+    assert describe_runs(side) == ("handler runs by outcome: deferred 1,200, succeeded 12; "
+                                   "retries over the budget (deferred): bulk 3")
+    assert describe_runs({"calls": 5}) == ""

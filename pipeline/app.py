@@ -17,7 +17,7 @@ from kombu import Exchange, Queue
 from pipeline import logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, FieldProblem
 from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.runtime import bind
@@ -57,6 +57,13 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def broker_transport(settings: Settings) -> str | None:
+    """The pipeline's reliable-fetch transport for Redis brokers (:mod:`pipeline.fetch`)."""
+    if settings.broker_scheme == "sentinel":
+        return "pipeline.fetch:SentinelTransport"
+    return "pipeline.fetch:Transport" if settings.broker_is_redis else None
+
+
 def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> Celery:
     """A new Celery app configured for the pipeline alone."""
     settings = settings or load_settings()
@@ -79,7 +86,9 @@ def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> C
         if settings.default_tier in settings.tiers else "celery",
         task_default_queue_type="classic" if settings.broker_is_redis else "quorum",
         worker_detect_quorum_queues=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # a task keeps running when the consumer's connection drops: its settle is
+        # the record, the restored message finds the try running or settled
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=True,
     )
     logs.use_for_celery(celery)  # its workers log JSON lines / console through structlog
@@ -92,8 +101,10 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     Adds the tier queues and the ``pipeline.handle`` task, the worker steps that
     move due retries and write heartbeats, and the metric and log-context signal
     receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
-    and settings stay: the only shared setting touched is the Redis visibility
-    timeout, raised (never lowered) to what the tiers need.
+    and settings stay, except two shared broker settings on Redis: the transport
+    becomes the pipeline's reliable fetch (:mod:`pipeline.fetch`, kombu's Redis
+    transport with an atomic fetch; their tasks gain from it too), and the
+    visibility timeout is raised (never lowered) to what the tiers need.
     """
     settings = settings or load_settings()
     problems = check_settings(settings)
@@ -117,6 +128,12 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
             log.warning("raising broker visibility_timeout from %ss to %ss for the pipeline",
                         current, needed)
         options["visibility_timeout"] = max(current or 0, needed)
+        transport = broker_transport(settings)
+        if celery.conf.broker_transport not in (None, "redis", "rediss", "sentinel", transport):
+            raise ConfigError([FieldProblem(
+                "broker_transport", celery.conf.broker_transport,
+                "the pipeline needs its reliable-fetch Redis transport; unset broker_transport")])
+        celery.conf.broker_transport = transport
     celery.conf.broker_transport_options = options
 
     register_task(celery)

@@ -50,9 +50,13 @@ class TierConfig(BaseModel):
     #: past `max_depth`: `"reject"` (publish says `rejected: tier_full`, HTTP 429 with
     #: `Retry-After`) or `"accept"` (never refuse; the built-in `critical` tier).
     overflow: Literal["reject", "accept"] = "reject"
-    #: deliveries of one attempt that never finished (worker crash) before it is
-    #: dead-lettered as `max_deliveries`.
+    #: tries lost with their worker process (crash, OOM, SIGKILL) before the work is
+    #: dead-lettered as `max_deliveries`; each lost try counts as a failed attempt.
     max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
+    #: a worker of this tier not heard from for this long (its main process killed,
+    #: its broker connection lost) has its prefetched and running messages put back
+    #: on their queue by any live worker (Redis brokers).
+    lost_after_s: Annotated[float, Field(ge=2, le=3600)] = 15.0
     #: exception classes (dotted paths or builtin names) that are retried.
     retry_on: list[str] = Field(default_factory=lambda: ["Exception"])
     #: exception classes never retried (checked first); `PermanentError` never is.

@@ -34,6 +34,10 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
         settings = runtime.settings
         consumed = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
         self.tiers = [t for q in consumed if (t := settings.tier_for_queue(q)) is not None]
+        if self.tiers and settings.broker_is_redis:  # read when the consumer connects
+            options = dict(worker.app.conf.broker_transport_options or {})
+            options["lost_after_s"] = min(settings.tier(t).lost_after_s for t in self.tiers)
+            worker.app.conf.broker_transport_options = options
         if len(self.tiers) == 1:
             rate = settings.tier(self.tiers[0]).rate_limit
             if rate:

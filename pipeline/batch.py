@@ -3,12 +3,14 @@
 Celery's per-message cost (~1 ms of worker CPU here) caps one worker near
 1,000 tasks/s. A tier with ``batch_size = N`` packs up to N events that share
 one handler into one ``pipeline.handle_batch`` message at publish time; the
-worker runs the handler over the batch. Each event keeps its own task id, done
+worker runs each event through the same steps as a single event
+(:class:`~pipeline.attempt.Attempt`: begin, breakers, payload model, rate limit,
+handler, settle), one after the other. Each event keeps its own task id, done
 mark, attempts and DLQ record: an event that fails is retried or dead-lettered
-*alone*, as an ordinary ``pipeline.handle`` task; one that already succeeded is
-skipped. A batch that keeps killing its worker (a poisoned event crashing the
-process) is split into single-event tasks, so the poison isolates itself and
-meets ``max_deliveries`` alone.
+*alone*, as an ordinary ``pipeline.handle`` task; one that already succeeded or
+settled is skipped on a redelivery. A batch whose worker dies mid-way is
+redelivered: the events settled before are acknowledged, the one that was running
+is settled as a lost (failed) attempt and retried alone, the rest run.
 
 Packing is all-or-nothing per batch message: a Lua script claims the
 idempotency keys of its events and pushes the message only if none was a
@@ -19,25 +21,28 @@ the duplicates.
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Reject, TimeLimitExceeded
+from celery.utils.time import rate
+from kombu.utils.limits import TokenBucket
 
-from pipeline.errors import RetryAfter
-from pipeline.events import Event
-from pipeline.handlers import HandlerContext, registry, running
+from pipeline.attempt import Attempt
 from pipeline.messages import TaskSpec
-from pipeline.state import Keys
+from pipeline.runtime import runtime_for
+from pipeline.tasks import PipelineTask, settle_or_requeue
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from pipeline.runtime import Runtime
 
-__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "batch_outcomes", "batch_spec", "register_batch_task"]
+__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "batch_outcomes", "batch_spec",
+           "register_batch_task"]
 
 BATCH_TASK_NAME = "pipeline.handle_batch"
 BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
@@ -71,64 +76,48 @@ def batch_spec(runtime: Runtime, events: Sequence[dict[str, Any]], *, handler: s
     hard_s = cfg.time_limit_s * max(1, len(events) // 10)  # a batch runs many handlers
     return TaskSpec(
         queue=cfg.queue_name(tier), task_id=str(uuid.uuid4()), args=[list(events)],
-        kwargs={"handler": handler, "tier": tier, "attempt": 1, "accepted_at": accepted_at},
+        kwargs={"handler": handler, "tier": tier, "attempt": 1, "accepted_at": accepted_at,
+                "lineage": uuid.uuid4().hex[:12]},
         time_limit_s=hard_s, soft_time_limit_s=hard_s * 0.9, task=BATCH_TASK_NAME)
 
 
-def run_batch(rt: Runtime, batch_id: str, events: list[dict[str, Any]],
-              kwargs: dict[str, Any]) -> str:
+def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
+    """Each event through :meth:`Attempt.run`, as if it had its own message; the
+    per-event results counted. A settle that cannot reach the state store raises:
+    the batch is redelivered and its settled events are acknowledged, not re-run."""
+    outcomes: Counter[str] = Counter()
+    bucket = _rate_bucket(rt, str(kwargs.get("tier", "")))
+    for attempt in batch_attempts(rt, events, kwargs):
+        if bucket is not None:
+            while not bucket.can_consume(1):
+                time.sleep(bucket.expected_time(1))
+        outcomes[attempt.run()] += 1
+    return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
+
+
+def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
+                   kwargs: dict[str, Any]) -> list[Attempt]:
+    """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
     from pipeline.ingest import task_id_for
-    from pipeline.tasks import Attempt
 
     handler = str(kwargs.get("handler", ""))
-    tier_name = str(kwargs.get("tier", rt.settings.default_tier))
-    tier = rt.settings.tier(tier_name)
-    begin = rt.ledger.begin(batch_id, 1, tier_name, tier)
-    attempts = [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
-                for e in events]
-    if begin.deliveries > tier.max_deliveries:
-        log.warning("batch %s of %d events keeps killing workers: splitting it", batch_id,
-                    len(events))
-        rt.publisher.send([rt.publisher.spec(a.event, handler=handler, tier=tier_name,
-                                             task_id=a.task_id, attempt=1,
-                                             accepted_at=a.accepted_at) for a in attempts])
-        rt.ledger.clear(batch_id, 1)
-        return f"split:{len(events)}"
-    entry = registry.get(handler)
-    pipe = rt.state.pipeline(transaction=False)
-    for a in attempts:
-        pipe.exists(Keys.done(a.task_id))
-    already = pipe.execute()
-    succeeded: list[str] = []
-    outcomes: Counter[str] = Counter()  # per-event results, as pipeline.handle returns them
-    for a, done in zip(attempts, already, strict=True):
-        if done:
-            outcomes["already_done"] += 1
-            continue
-        if entry is None:
-            outcomes[a.run()] += 1  # dead-letters as no_handler with its own record
-            continue
-        try:
-            event = Event.model_validate(a.event)
-            ctx = HandlerContext(task_id=a.task_id, handler=handler, tier=tier_name,
-                                 attempt=1, max_attempts=tier.max_retries + 1, state=rt.state)
-            with running(ctx):
-                entry(event)
-        except (Reject, TimeLimitExceeded):
-            raise
-        except RetryAfter as exc:
-            outcomes[a.defer(exc.delay_s, "requested")] += 1
-            continue
-        except Exception as exc:
-            outcomes[a.failed(exc)] += 1  # retried alone (attempt 2) or dead-lettered alone
-            continue
-        succeeded.append(a.task_id)
-        outcomes["succeeded"] += 1
-    for task_id in succeeded:
-        rt.ledger.mark_done(task_id, pipe)
-    pipe.execute()
-    rt.ledger.clear(batch_id, 1)
-    return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
+    return [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
+            for e in events]
+
+
+_BUCKETS: dict[tuple[int, str], TokenBucket | None] = {}  # (pid, tier) -> its rate limit
+
+
+def _rate_bucket(rt: Runtime, tier: str) -> TokenBucket | None:
+    """The tier's ``rate_limit`` shared out over the worker's processes, as Celery's
+    per-worker limit is, applied per event of a batch."""
+    key = (os.getpid(), tier)
+    if key not in _BUCKETS:
+        cfg = rt.settings.tiers.get(tier)
+        per_s = rate(cfg.rate_limit) if cfg is not None and cfg.rate_limit else 0.0
+        _BUCKETS[key] = TokenBucket(per_s / cfg.concurrency, capacity=1) \
+            if cfg is not None and per_s else None
+    return _BUCKETS[key]
 
 
 def batch_outcomes(retval: str) -> list[tuple[str, int]]:
@@ -138,14 +127,17 @@ def batch_outcomes(retval: str) -> list[tuple[str, int]]:
     return [(result, int(n)) for result, _, n in pairs if n.isdigit()]
 
 
-def register_batch_task(app: Celery) -> Any:
-    from pipeline.runtime import runtime_for
-    from pipeline.tasks import PipelineTask, settle_or_requeue
+class BatchTask(PipelineTask):
+    """``pipeline.handle_batch``: a hard time limit settles the event that was running."""
 
-    @app.task(name=BATCH_TASK_NAME, bind=True, base=PipelineTask, shared=False)
-    def handle_batch(self: PipelineTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
-        batch_id = str(self.request.id)
-        return settle_or_requeue(
-            batch_id, lambda: run_batch(runtime_for(self.app), batch_id, events, kwargs))
+    def attempts(self, task_id: str, args: Any, kwargs: Any) -> list[Attempt]:
+        return batch_attempts(runtime_for(self.app), list(args[0]), dict(kwargs))
+
+
+def register_batch_task(app: Celery) -> Any:
+    @app.task(name=BATCH_TASK_NAME, bind=True, base=BatchTask, shared=False)
+    def handle_batch(self: BatchTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
+        return settle_or_requeue(str(self.request.id),
+                                 lambda: run_batch(runtime_for(self.app), events, kwargs))
 
     return handle_batch

@@ -99,6 +99,34 @@ class DeadLetterQueue:
     def on_redis(self) -> bool:
         return self._settings.broker_is_redis and self._state is not None
 
+    def render(self, record: DeadLetterRecord) -> tuple[str, bytes]:
+        """``(list key, message)``: the kombu Redis message :meth:`put` would push, for
+        the settle step to push atomically with the try's settled mark."""
+        body = orjson.dumps(record.model_dump(mode="json"))
+        name = self.queue.name
+        message = {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {DEAD_LETTERED_AT_HEADER: time.time(), "pipeline_record_id": record.id},
+            "properties": {
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": name, "routing_key": name},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+        return name, orjson.dumps(message)
+
+    def after_put(self) -> None:
+        """Retention after a record was written (never turns a dead letter into a failure)."""
+        if self.on_redis:
+            try:
+                self.enforce_retention()
+            except Exception:
+                log.exception("DLQ retention failed; will retry on the next dead letter")
+
     def put(self, record: DeadLetterRecord) -> None:
         """Publish ``record``, then apply retention; raises if the broker did not take it."""
         with self._app.producer_or_acquire() as producer:
@@ -114,11 +142,7 @@ class DeadLetterQueue:
                 retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
                               "interval_max": 2.0},
             )
-        if self.on_redis:
-            try:
-                self.enforce_retention()
-            except Exception:  # retention must never turn a dead letter into a failure
-                log.exception("DLQ retention failed; will retry on the next dead letter")
+        self.after_put()
 
     def records(self, limit: int | None = None) -> list[DeadLetterRecord]:
         """Records, oldest first, without removing them."""

@@ -203,7 +203,10 @@ class Publisher:
         the first publish through every retry, for end-to-end latency."""
         queue, hard_s, soft_s = self._tier_limits(tier)
         kwargs: dict[str, Any] = {"handler": handler, "tier": tier, "attempt": attempt,
-                                  "accepted_at": accepted_at or time.time()}
+                                  "accepted_at": accepted_at or time.time(),
+                                  # every publish starts its own lineage of tries: settle
+                                  # marks of an earlier publish of this task never match
+                                  "lineage": uuid.uuid4().hex[:12]}
         if first_failed_at:
             kwargs["first_failed_at"] = first_failed_at
         return TaskSpec(queue, task_id, [event], kwargs, priority, hard_s, soft_s)

@@ -1,81 +1,154 @@
-"""Per-attempt bookkeeping around a handler run: one round trip before, one after.
+"""Per-try bookkeeping around a handler run: one atomic step before, one after.
 
-Before the handler runs, one Lua script:
+A *try* is one run of one attempt of a task: ``(task id, try key)``, the try key
+naming the replay lineage, the attempt and how often that attempt was deferred
+(:func:`try_key`). Every delivery of a message carries exactly one try.
 
-* returns at once if the task's handler already succeeded (its ``done`` mark:
-  a redelivered or replayed task does not run it again);
-* counts the delivery of this attempt (Redis keeps no delivery count, and a
-  crashing handler cannot count itself) — past the tier's ``max_deliveries`` the
-  attempt is dead-lettered as ``max_deliveries``;
-* applies the tier's **retry budget** (as Envoy's and Finagle's): retries
-  admitted in a sliding window stay under ``retry_budget_ratio`` x first
-  attempts in it (and at least ``retry_budget_min`` per window). A retry beyond
-  the budget is not run now: it is deferred, never dropped, never counted as
-  an attempt, and the exhaustion is counted for metrics and alerts. A retry
-  the budget already admitted (``charged``: deferred afterwards by an open
-  breaker or the handler) is neither counted nor refused again when it re-runs,
-  so an outage's deferrals do not eat the budget its recovery needs; a deferred
-  first attempt counts as a first attempt when it re-runs, as the calls it
-  makes then are what the window's retries are measured against.
+**Begin** (one Lua script, before the handler runs) returns a verdict:
 
-After the handler succeeds, the ``done`` mark is written and the delivery count
-cleared, before Celery acknowledges the message.
+* ``done``: the task's handler already succeeded (its ``done`` mark): do not run it;
+* ``settled``: this try already settled (a redelivery after the outcome was written
+  but before the ack): acknowledge, do not run;
+* ``lost``: an earlier delivery of this try began and never settled (its process
+  was killed: crash, OOM, SIGKILL, a hard time limit whose settle failed). The try
+  is settled as a failed attempt without running the handler again, so **each try
+  runs at most once**;
+* ``over_budget``: a retry beyond the tier's **retry budget** (as Envoy's and
+  Finagle's: retries admitted in a sliding window stay under ``retry_budget_ratio``
+  x first attempts in it, and at least ``retry_budget_min``). It is deferred, never
+  dropped, never counted as an attempt; the refusal is counted. A retry the budget
+  admitted before (``charged``) is not checked again; a deferred first attempt
+  counts as a first attempt again when it re-runs;
+* ``run``: marks the try as running under this delivery's token and runs it. A
+  begin re-sent with the same token (a reply lost to a connection reset and retried
+  by the client) is the same delivery, not a lost one.
+
+**Settle** (one Lua script, after) writes the try's outcome — the done mark, a
+retry or deferral into the schedule, or a DLQ record onto the DLQ list — marks the
+try settled and clears its running mark, atomically; a second settle of the same
+try writes nothing (idempotent: retried settles and racing redeliveries are safe).
+Only after it returns does Celery acknowledge the message.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import redis
 
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
-__all__ = ["Begin", "Ledger"]
+__all__ = ["Begin", "Ledger", "Outcome", "try_key"]
 
-DELIVERY_COUNT_TTL_S = 7 * 24 * 3600  # a delivery count outlives any redelivery delay
+RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
+SETTLED_TTL_S = 24 * 3600  # a settled try's mark outlives any redelivery of its message
 BUDGET_BUCKETS = 10  # a retry budget's window is counted in this many time buckets
 
-# KEYS: done mark, delivery count, budget key prefix
-# ARGV: now, attempt, budget on (1/0), ratio, min per window, window_s, buckets, ttl_s
+Verdict = Literal["run", "done", "settled", "lost", "over_budget"]
+
+# KEYS: done mark, settled mark, running mark, budget key prefix
+# ARGV: now, attempt, budget on (1/0), ratio, min per window, window_s, buckets, ttl_s,
+#       token, "<host> <pid>". The running mark is "<token> <host> <pid> <server time>";
+#       'lost' returns it with its age in seconds by the server's clock.
 _BEGIN_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {1, 0, 1} end
-local n = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
-if ARGV[3] ~= '1' or n > 1 then return {0, n, 1} end
-local now, attempt = tonumber(ARGV[1]), tonumber(ARGV[2])
-local window, buckets = tonumber(ARGV[6]), tonumber(ARGV[7])
-local b = math.floor(now / (window / buckets))
-local bkey = KEYS[3] .. b
-if attempt == 1 then
-  redis.call('HINCRBY', bkey, 'first', 1)
-  redis.call('EXPIRE', bkey, math.ceil(window * 2))
-  return {0, n, 1}
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'done'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'settled'} end
+local t = redis.call('TIME')
+local server_now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local cur = redis.call('GET', KEYS[3])
+if cur then
+  if string.sub(cur, 1, #ARGV[9] + 1) == ARGV[9] .. ' ' then return {'run'} end
+  local began = tonumber(string.match(cur, '(%S+)$')) or 0
+  return {'lost', cur, tostring(server_now - began)}
 end
-local first, retried = 0, 0
-for i = 0, buckets - 1 do
-  local c = redis.call('HMGET', KEYS[3] .. (b - i), 'first', 'retry')
-  first = first + (tonumber(c[1]) or 0)
-  retried = retried + (tonumber(c[2]) or 0)
-end
-if retried < math.max(tonumber(ARGV[5]), tonumber(ARGV[4]) * first) then
-  redis.call('HINCRBY', bkey, 'retry', 1)
+if ARGV[3] == '1' then
+  local now, attempt = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local window, buckets = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local b = math.floor(now / (window / buckets))
+  local bkey = KEYS[4] .. b
+  if attempt == 1 then
+    redis.call('HINCRBY', bkey, 'first', 1)
+  else
+    local first, retried = 0, 0
+    for i = 0, buckets - 1 do
+      local c = redis.call('HMGET', KEYS[4] .. (b - i), 'first', 'retry')
+      first = first + (tonumber(c[1]) or 0)
+      retried = retried + (tonumber(c[2]) or 0)
+    end
+    if retried >= math.max(tonumber(ARGV[5]), tonumber(ARGV[4]) * first) then
+      redis.call('INCR', KEYS[4] .. 'exhausted')
+      return {'over_budget'}
+    end
+    redis.call('HINCRBY', bkey, 'retry', 1)
+  end
   redis.call('EXPIRE', bkey, math.ceil(window * 2))
-  return {0, n, 1}
+end
+redis.call('SET', KEYS[3], ARGV[9] .. ' ' .. ARGV[10] .. ' ' .. string.format('%.3f', server_now),
+           'EX', tonumber(ARGV[8]))
+return {'run'}
+"""
+
+# KEYS: settled mark, running mark, done mark, target (schedule zset or DLQ list)
+# ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
+#       settled ttl_s, done ttl_s, only if running (1/0), member or message, score
+_SETTLE_LUA = """
+local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
+  return 0
+end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if kind == 'recheck' then
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
+  return 1
+end
+if kind == 'done' then
+  if done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
+elseif kind == 'schedule' then
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
+elseif kind == 'push' then
+  redis.call('LPUSH', KEYS[4], ARGV[5])
+end
+if kind ~= 'done' or done_ttl == 0 then
+  redis.call('SET', KEYS[1], kind, 'EX', tonumber(ARGV[2]))
 end
 redis.call('DEL', KEYS[2])
-redis.call('INCR', KEYS[3] .. 'exhausted')
-return {0, 0, 0}
+return 1
 """
+
+
+def try_key(attempt: int, deferrals: int = 0, lineage: str = "") -> str:
+    """``[<lineage>/]<attempt>.<deferrals>``: one try of a task (lineage: a DLQ replay)."""
+    return f"{lineage}/{attempt}.{deferrals}" if lineage else f"{attempt}.{deferrals}"
 
 
 @dataclass(frozen=True)
 class Begin:
-    done: bool  # the handler already succeeded: do not run it
-    deliveries: int  # deliveries of this attempt, this one included
-    admitted: bool  # False: a retry over the tier's budget, to be deferred
+    verdict: Verdict
+    previous: str = ""  # lost: the running mark "<token> <host> <pid> <epoch s>" left behind
+    age_s: float = 0.0  # lost: how long ago that delivery began
+
+    @property
+    def previous_process(self) -> tuple[str, int]:
+        """``(host, pid)`` of the delivery that left the running mark."""
+        parts = self.previous.split()
+        return (parts[1], int(parts[2])) if len(parts) >= 4 and parts[2].isdigit() else ("", 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a settle writes: ``done``; ``schedule`` (``value`` into the zset ``target``
+    at ``score``); ``push`` (``value`` onto the list ``target``); ``none``."""
+
+    kind: Literal["done", "schedule", "push", "none", "recheck"]
+    target: str = ""
+    value: bytes | str = b""
+    score: float = 0.0
 
 
 class Ledger:
@@ -83,36 +156,38 @@ class Ledger:
         self._client = client
         self._window_s = window_s
         self._begin = client.register_script(_BEGIN_LUA)
+        self._settle = client.register_script(_SETTLE_LUA)
+        self._host = socket.gethostname()
 
-    def begin(self, task_id: str, attempt: int, tier_name: str, tier: TierConfig, *,
-              charged: bool = False) -> Begin:
-        """``charged``: the budget admitted this attempt before (it was deferred after).
-        A charged retry is not checked or counted again; a charged first attempt is
-        counted as a first attempt again when it re-runs (it is about to make its call
-        now, and the retries that follow it are charged against this window)."""
-        done_key = Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
+    def _done_key(self, task_id: str) -> str:
+        return Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
+
+    def begin(self, task_id: str, key: str, token: str, *, attempt: int, tier_name: str,
+              tier: TierConfig, charged: bool = False) -> Begin:
+        """The verdict for one delivery of try ``key``; ``token`` names the delivery."""
         budget_on = tier.retry_budget_ratio > 0 and not (charged and attempt > 1)
-        done, n, admitted = self._begin(
-            keys=[done_key, Keys.deliveries(task_id, attempt), Keys.retry_budget(tier_name)],
+        reply = self._begin(
+            keys=[self._done_key(task_id), Keys.settled(task_id, key),
+                  Keys.running(task_id, key), Keys.retry_budget(tier_name)],
             args=[time.time(), attempt, int(budget_on), tier.retry_budget_ratio,
                   tier.retry_budget_min, tier.retry_budget_window_s, BUDGET_BUCKETS,
-                  DELIVERY_COUNT_TTL_S])
-        return Begin(bool(done), int(n), bool(admitted))
+                  RUNNING_TTL_S, token, f"{self._host} {os.getpid()}"])
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in reply]
+        age_s = float(parts[2]) if len(parts) > 2 else 0.0
+        return Begin(parts[0], parts[1] if len(parts) > 1 else "", age_s)  # type: ignore[arg-type]
 
-    def succeeded(self, task_id: str, attempt: int) -> None:
-        pipe = self._client.pipeline()
-        if self._window_s > 0:
-            pipe.set(Keys.done(task_id), "1", ex=self._window_s)
-        pipe.delete(Keys.deliveries(task_id, attempt))
-        pipe.execute()
+    def settle(self, task_id: str, key: str, outcome: Outcome, *,
+               only_if_running: bool = False) -> bool:
+        """Write ``outcome`` and mark the try settled; False if it had settled already
+        (or, ``only_if_running``, had not begun)."""
+        return bool(self._settle(
+            keys=[Keys.settled(task_id, key), Keys.running(task_id, key),
+                  self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
+            args=[outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
+                  outcome.value, outcome.score]))
 
-    def mark_done(self, task_id: str, pipe: Any) -> None:
-        """Queue the done mark of ``task_id`` on a pipeline the caller executes."""
-        if self._window_s > 0:
-            pipe.set(Keys.done(task_id), "1", ex=self._window_s)
-
-    def clear(self, task_id: str, attempt: int) -> None:
-        self._client.delete(Keys.deliveries(task_id, attempt))
+    def is_done(self, task_id: str) -> bool:
+        return self._window_s > 0 and bool(self._client.exists(Keys.done(task_id)))
 
     def budget_exhausted_total(self, tier_name: str) -> int:
         return int(self._client.get(Keys.retry_budget(tier_name) + "exhausted") or 0)

@@ -126,7 +126,7 @@ def task_outcome(retval: object, state: str) -> tuple[str, str | None]:
         return "dead_lettered", retval.split(":", 1)[1]
     if retval.startswith("deferred:"):  # run again later, no attempt used (budget, breaker)
         return "deferred", None
-    if retval in ("already_done", "fanned_out"):
+    if retval in ("already_done", "already_settled", "fanned_out", "rechecked"):
         return retval, None
     return "failed", None
 
@@ -238,7 +238,7 @@ def _on_failure(sender: Any = None, task_id: str = "", exception: BaseException 
         _timed_out.popitem(last=False)
     tier = _tier(runtime, kwargs)
     outcome, reason = timeout_outcome(
-        exception, settled=bool(getattr(sender, "acks_on_timeout", False)),
+        exception, settled=bool(getattr(sender, "timeout_settled", False)),
         attempt=attempt, runtime=runtime, tier=tier)
     _record(runtime, tier, str((kwargs or {}).get("handler", "")), outcome, reason, None)
 

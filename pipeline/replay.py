@@ -140,6 +140,7 @@ class Replayer:
         tier = to_tier or (record.tier if record.tier in self.rt.settings.tiers
                            else self.rt.settings.default_tier)
         task_id = record.task_id or task_id_for(record.event_id, record.handler)
+        # spec() starts a new lineage of tries: the settle marks of the failed run stay behind
         return self.rt.publisher.spec(record.event, handler=record.handler, tier=tier,
                                       task_id=task_id, attempt=1,
                                       priority=record.event.get("priority"))

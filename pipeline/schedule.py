@@ -73,14 +73,20 @@ class RetrySchedule:
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
 
-    def add(self, spec: TaskSpec, due_at: float) -> None:
-        """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
+    def entry(self, spec: TaskSpec) -> tuple[str, bytes]:
+        """``(sorted set, member)`` that schedules ``spec``: written by the settle step
+        (:mod:`pipeline.ledger`) atomically with the try's settled mark."""
         if self._renderer is not None:
             list_key, payload = self._renderer.render(spec)
             member = list_key + b"\n" + payload
         else:
             member = json.dumps(asdict(spec)).encode()
-        self._client.zadd(Keys.retries(spec.queue), {member: due_at})
+        return Keys.retries(spec.queue), member
+
+    def add(self, spec: TaskSpec, due_at: float) -> None:
+        """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
+        key, member = self.entry(spec)
+        self._client.zadd(key, {member: due_at})
 
     def pending(self, queue: str) -> int:
         return int(self._client.zcard(Keys.retries(queue)))

@@ -2,7 +2,8 @@
 
 With a Redis broker this is the broker itself (so retries move onto tier queues
 atomically); with RabbitMQ it is the Redis named by ``state_url``. It holds the
-scheduled-retry sets, per-attempt delivery counts the demo's effect log, breakers and retry budgets.
+scheduled-retry sets, per-try run and settle marks, the demo's effect log, breakers
+and retry budgets.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ class Keys:
         return f"{cls.prefix}retry:{queue}"
 
     @classmethod
-    def deliveries(cls, task_id: str, attempt: int) -> str:
-        return f"{cls.prefix}deliveries:{task_id}:{attempt}"
+    def running(cls, task_id: str, try_key: str) -> str:
+        """One try of a task began and has not settled: ``"<token> <host> <epoch s>"``."""
+        return f"{cls.prefix}running:{task_id}:{try_key}"
+
+    @classmethod
+    def settled(cls, task_id: str, try_key: str) -> str:
+        """One try of a task settled (its outcome written); a redelivery only acks."""
+        return f"{cls.prefix}settled:{task_id}:{try_key}"
 
     @classmethod
     def seen(cls, dedupe_key: str) -> str:

@@ -86,7 +86,7 @@ def test_pending_retries_survive_their_worker_being_stopped(stack: Stack, how: s
 def test_worker_child_killed_mid_task_the_event_is_still_processed(stack: Stack) -> None:
     worker = stack.start_worker("critical")
     result = stack.publish("demo.slow", source="vip-3", payload={"ms": 1500})
-    task_key = Keys.deliveries(result.task_ids[0], 1)
+    task_key = Keys.running(result.task_ids[0], "1.0")
     wait_for(lambda: stack.state.exists(task_key), 10, "the task to start")
     (child,) = worker.child_pids()
     os.kill(child, signal.SIGKILL)
@@ -101,7 +101,7 @@ def test_whole_worker_killed_mid_task_the_event_is_redelivered_and_processed(
 ) -> None:
     worker = stack.start_worker("critical")
     result = stack.publish("demo.slow", source="vip-4", payload={"ms": 1500})
-    task_key = Keys.deliveries(result.task_ids[0], 1)
+    task_key = Keys.running(result.task_ids[0], "1.0")
     wait_for(lambda: stack.state.exists(task_key), 10, "the task to start")
     worker.kill_all()  # main process and children: the message stays unacked
     assert stack.effects(result.id) == 0

@@ -1,0 +1,325 @@
+"""One try of one (event, handler) task: the steps every delivery goes through.
+
+A single-event message (``pipeline.handle``) is one :class:`Attempt`; a batch
+message (``pipeline.handle_batch``) is one per event, run one after the other
+through the same :meth:`Attempt.run`:
+
+1. **begin** (:meth:`pipeline.ledger.Ledger.begin`): already done or settled ->
+   acknowledge without running; an earlier delivery of this try was lost -> settle
+   it as a failed attempt (``WorkerLostError``) without running; over the retry
+   budget -> defer;
+2. **checks**: the event envelope, the handler (or fan out), the handler's payload
+   model (``invalid_payload``), the downstreams' circuit breakers (defer);
+3. **the handler**;
+4. **settle** exactly one outcome, atomically with the try's settled mark: the done
+   mark, a retry or deferral in the schedule, or a DLQ record.
+
+Every exit after a breaker let the attempt through records or releases it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback as tb
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pydantic
+import redis
+from billiard.exceptions import WorkerLostError
+
+from pipeline.deadletter import DeadLetterRecord, record_id
+from pipeline.errors import PermanentError, RetryAfter
+from pipeline.events import Event
+from pipeline.handlers import HandlerContext, registry, running
+from pipeline.ledger import Outcome, try_key
+from pipeline.logs import attempt_fields
+from pipeline.messages import TaskSpec
+from pipeline.retry import Reason, compute_deferral, decide
+from pipeline.runtime import Runtime
+
+__all__ = ["Attempt"]
+
+log = logging.getLogger(__name__)
+
+MAX_PRIORITY = 9  # the lowest of the ten priority sub-queues the app configures on Redis
+SETTLE_RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # pauses between settle tries
+RECHECK_MARGIN_S = 5.0  # beyond a try's hard time limit before its silence means it was lost
+
+
+class Attempt:
+    """One delivery of one try: the event, the handler and where it stands."""
+
+    def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any],
+                 kwargs: dict[str, Any]) -> None:
+        self.rt = runtime
+        self.task_id = task_id
+        self.event = event
+        self.handler = str(kwargs.get("handler", ""))
+        tier = str(kwargs.get("tier", ""))
+        self.tier = tier if tier in runtime.settings.tiers else runtime.settings.default_tier
+        self.attempt = int(kwargs.get("attempt", 1))
+        self.first_failed_at: str | None = kwargs.get("first_failed_at")
+        self.accepted_at: float | None = kwargs.get("accepted_at")
+        self.deferrals = int(kwargs.get("deferrals", 0))
+        self.lineage = str(kwargs.get("lineage", ""))  # each publish (and replay) starts one
+        self.lost = int(kwargs.get("lost", 0))  # earlier tries lost with their process
+        # the retry budget admitted this attempt already (deferred after it was)
+        self.budget_charged = kwargs.get("budget_charged") is True
+        self.key = try_key(self.attempt, self.deferrals, self.lineage)
+        self.token = uuid.uuid4().hex  # names this delivery in the running mark
+        self.only_if_running = False  # settle only a try that began (hard time limit)
+
+    @property
+    def queue(self) -> str:
+        return self.rt.settings.queue_for(self.tier)
+
+    def run(self) -> str:
+        tier = self.rt.settings.tier(self.tier)
+        begin = self.rt.ledger.begin(self.task_id, self.key, self.token, attempt=self.attempt,
+                                     tier_name=self.tier, tier=tier, charged=self.budget_charged)
+        if begin.verdict in ("done", "settled"):
+            log.info("event %s handler %s: %s; not running it again", self.event.get("id"),
+                     self.handler, "already succeeded" if begin.verdict == "done"
+                     else f"try {self.key} already settled",
+                     extra=attempt_fields(self, outcome=f"already_{begin.verdict}"))
+            return f"already_{begin.verdict}"
+        if begin.verdict == "lost":
+            host, pid = begin.previous_process
+            gone = host == socket.gethostname() and pid != os.getpid() and not _alive(pid)
+            bound_s = self.longest_run_s()
+            if not gone and begin.age_s < bound_s:  # that delivery may still be running
+                return self.recheck(bound_s - begin.age_s)
+            return self.was_lost(begin.previous)
+        if begin.verdict == "over_budget":
+            window_s = tier.retry_budget_window_s
+            return self.defer(compute_deferral(window_s / 10, spread_s=window_s / 2,
+                                               deferrals=self.deferrals), "retry_budget")
+        try:
+            event = Event.model_validate(self.event)
+        except pydantic.ValidationError as exc:
+            return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+        if not self.handler:
+            return self.fan_out(event)
+        entry = registry.get(self.handler)
+        if entry is None:
+            return self.dead_letter(Reason.NO_HANDLER, "LookupError",
+                                    f"no handler named {self.handler!r} on this worker", "")
+        if entry.model is not None:
+            try:
+                entry.model.model_validate(event.payload)
+            except pydantic.ValidationError as exc:
+                return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+        ctx = HandlerContext(task_id=self.task_id, handler=self.handler, tier=self.tier,
+                             attempt=self.attempt, max_attempts=tier.max_retries + 1,
+                             state=self.rt.state)
+        for downstream in entry.downstreams:
+            status = self.rt.breakers.allow(downstream)
+            if status.retry_in_s > 0:
+                delay_s = compute_deferral(
+                    status.retry_in_s, spread_s=self.rt.breakers.config(downstream).open_s,
+                    deferrals=self.deferrals)
+                return self.defer(delay_s, f"breaker_open:{downstream}")
+        try:
+            with running(ctx):
+                entry(event)
+        except RetryAfter as exc:  # the handler asks for a delay: not a failure
+            return self.defer(exc.delay_s, "requested")
+        except Exception as exc:
+            if not isinstance(exc, PermanentError):
+                for downstream in entry.downstreams:
+                    self.rt.breakers.record(downstream, ok=False)
+            return self.failed(exc)
+        for downstream in entry.downstreams:
+            self.rt.breakers.record(downstream, ok=True)
+        self.settle(Outcome("done"))
+        return "succeeded"
+
+    # -- outcomes ------------------------------------------------------------------
+    def settle(self, outcome: Outcome) -> bool:
+        """Write ``outcome`` for this try (retried: the step is idempotent); False when
+        the try had settled already. Raises when the state store stays unreachable."""
+        for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
+            try:
+                return self.rt.ledger.settle(self.task_id, self.key, outcome,
+                                             only_if_running=self.only_if_running)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                if pause_s is None:
+                    raise
+                log.warning("settling task %s try %s failed; retrying in %.2fs",
+                            self.task_id, self.key, pause_s, extra={"task_id": self.task_id})
+                time.sleep(pause_s)
+        raise AssertionError("unreachable")
+
+    def next_spec(self, *, attempt: int, deferrals: int, priority: int | None,
+                  first_failed_at: str | None) -> TaskSpec:
+        """The message of this task's next try (a retry or a deferral)."""
+        spec = self.rt.publisher.spec(
+            self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
+            attempt=attempt, first_failed_at=first_failed_at, priority=priority,
+            accepted_at=self.accepted_at)
+        spec.kwargs["lineage"] = self.lineage  # retries and deferrals continue this lineage
+        extra = {"deferrals": deferrals, "lost": self.lost}
+        spec.kwargs.update({k: v for k, v in extra.items() if v})
+        return spec
+
+    def requeue_priority(self) -> int | None:
+        """The message priority of this event's retry or deferral: one step behind
+        fresh events of its priority when the tier's ``retries_yield`` (Redis,
+        where kombu serves priority 0 first; on RabbitMQ the event's own)."""
+        own = self.event.get("priority")
+        if not (self.rt.settings.broker_is_redis
+                and self.rt.settings.tier(self.tier).retries_yield):
+            return own if isinstance(own, int) else None
+        return min(int(own or 0) + 1, MAX_PRIORITY)
+
+    def schedule(self, spec: TaskSpec, due_at: float) -> bool:
+        spec.enqueued_at = due_at  # its queue wait starts when it is due
+        key, member = self.rt.schedule.entry(spec)
+        return self.settle(Outcome("schedule", key, member, due_at))
+
+    def defer(self, delay_s: float, why: str) -> str:
+        """Run this same attempt again later: no attempt is consumed. Past the tier's
+        ``max_defer_age_s`` (counted from acceptance) the work is dead-lettered."""
+        tier = self.rt.settings.tier(self.tier)
+        now = time.time()
+        age_s = now - (self.accepted_at or now)
+        if age_s + delay_s > tier.max_defer_age_s:
+            return self.dead_letter(
+                Reason.EXPIRED, "Deferred",
+                f"deferred ({why}) for {age_s:.0f}s, past the tier's max_defer_age_s "
+                f"of {tier.max_defer_age_s:g}s", "")
+        spec = self.next_spec(attempt=self.attempt, deferrals=self.deferrals + 1,
+                              priority=self.requeue_priority(),
+                              first_failed_at=self.first_failed_at)
+        if why != "retry_budget":  # past the budget check: its re-run is not charged again
+            spec.kwargs["budget_charged"] = True
+        if self.schedule(spec, now + delay_s):
+            log.info("event %s handler %s deferred %.2fs (%s)", self.event.get("id"),
+                     self.handler, delay_s, why,
+                     extra=attempt_fields(self, outcome="deferred", why=why))
+        return f"deferred:{why}"
+
+    def fan_out(self, event: Event) -> str:
+        """The producer knew no handler for this type; this worker may know some."""
+        handlers = registry.for_type(event.type)
+        if not handlers:
+            return self.dead_letter(Reason.NO_HANDLER, "LookupError",
+                                    f"no handler registered for event type {event.type!r}", "")
+        self.rt.publisher.enqueue(event, self.tier, handlers)  # deterministic task ids
+        self.settle(Outcome("none"))
+        return "fanned_out"
+
+    def longest_run_s(self) -> float:
+        """How long a delivery of this try can run before its hard time limit kills it
+        (a batch's limit grows with its size), plus a margin."""
+        tier = self.rt.settings.tier(self.tier)
+        return tier.time_limit_s * max(1, tier.batch_size // 10) + RECHECK_MARGIN_S
+
+    def recheck(self, delay_s: float) -> str:
+        """Another delivery of this try began and may still be running (a message
+        restored after a connection loss while its task ran on): look again once it
+        has finished or been killed by its hard time limit. The try stays unsettled."""
+        spec = self.next_spec(attempt=self.attempt, deferrals=self.deferrals,
+                              priority=self.event.get("priority"),
+                              first_failed_at=self.first_failed_at)
+        if self.budget_charged:
+            spec.kwargs["budget_charged"] = True
+        due_at = time.time() + delay_s
+        spec.enqueued_at = due_at
+        key, member = self.rt.schedule.entry(spec)
+        self.settle(Outcome("recheck", key, member, due_at))
+        log.info("event %s handler %s: try %s is running elsewhere; checking again in %.1fs",
+                 self.event.get("id"), self.handler, self.key, delay_s,
+                 extra=attempt_fields(self, outcome="rechecked"))
+        return "rechecked"
+
+    def was_lost(self, previous: str) -> str:
+        """An earlier delivery of this try began and never settled: a failed attempt."""
+        parts = previous.split()
+        where = (f" on {parts[1]} (pid {parts[2]}) at "
+                 f"{datetime.fromtimestamp(float(parts[3]), UTC):%H:%M:%S} UTC"
+                 if len(parts) >= 4 and parts[3].replace(".", "", 1).isdigit() else "")
+        self.lost += 1
+        message = (f"attempt {self.attempt} began{where} and never finished: its worker "
+                   f"process was lost (crash, OOM, SIGKILL or a hard time limit); "
+                   f"{self.lost} tries lost so far")
+        if self.lost >= self.rt.settings.tier(self.tier).max_deliveries:
+            return self.dead_letter(Reason.MAX_DELIVERIES, "WorkerLost", message, "")
+        return self.failed(WorkerLostError(message))
+
+    def failed(self, exc: BaseException) -> str:
+        tier = self.rt.settings.tier(self.tier)
+        decision = decide(exc, attempt=self.attempt, tier=tier)
+        if not decision.retry:
+            assert decision.reason is not None
+            return self.dead_letter_exc(decision.reason, exc)
+        spec = self.next_spec(attempt=self.attempt + 1, deferrals=0,
+                              priority=self.requeue_priority(),
+                              first_failed_at=self.first_failed_at or _now_iso())
+        if self.schedule(spec, time.time() + decision.delay_s):
+            log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
+                        self.event.get("id"), self.handler, self.attempt, type(exc).__name__,
+                        exc, decision.delay_s,
+                        extra=attempt_fields(self, outcome="retried",
+                                             exception=_qualname(type(exc)),
+                                             delay_s=round(decision.delay_s, 3)))
+        return "retry_scheduled"
+
+    def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
+        trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+        return self.dead_letter(reason, _qualname(type(exc)), str(exc), trace)
+
+    def dead_letter(self, reason: Reason, exception: str, message: str, trace: str) -> str:
+        now = _now_iso()
+        record = DeadLetterRecord(
+            id=record_id(self.task_id, self.attempt, reason), event=self.event, tier=self.tier,
+            handler=self.handler, reason=reason, attempts=self.attempt, exception=exception,
+            message=message, traceback=trace, first_failed_at=self.first_failed_at or now,
+            last_failed_at=now, worker=socket.gethostname(), task_id=self.task_id,
+            queue=self.queue,
+        )
+        dlq = self.rt.dlq
+        if dlq.on_redis:  # the record goes onto the DLQ list in the settle step itself
+            written = self.settle(Outcome("push", *dlq.render(record)))
+            if written:
+                dlq.after_put()
+        else:  # RabbitMQ: published with confirms first (same record id if repeated)
+            dlq.put(record)
+            written = self.settle(Outcome("none"))
+        if written:
+            log.error("event %s handler %s dead-lettered: %s (%s: %s)", self.event.get("id"),
+                      self.handler or "-", reason.value, exception, message,
+                      extra=attempt_fields(self, outcome="dead_lettered", reason=reason.value,
+                                           exception=exception))
+        return f"dead_lettered:{reason.value}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -3,8 +3,10 @@
 Each field of :class:`~pipeline.settings.Settings` is valid on its own once it has
 loaded; :func:`check_settings` finds what is wrong between them (a rule naming an
 unknown tier, two tiers on one queue, a visibility timeout shorter than a tier's
-longest unacked time, a RabbitMQ broker without a Redis ``state_url``) and, when
-asked to import the handler modules, between the handlers and the config.
+longest unacked time, a RabbitMQ broker without a Redis ``state_url``, a Redis
+broker with a ``state_url`` naming another Redis) and, when asked to import the
+handler modules, between the handlers and the config. URLs are shown without
+their passwords.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import importlib
 
 from pipeline.errors import FieldProblem
+from pipeline.redisurl import redact, same_redis
 from pipeline.settings import Settings
 
-__all__ = ["SUPPORTED_SCHEMES", "check_settings"]
+__all__ = ["SUPPORTED_SCHEMES", "check_settings", "state_url_problem"]
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
 
@@ -51,7 +54,7 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
     scheme = settings.broker_scheme
     if scheme not in SUPPORTED_SCHEMES:
         problems.append(
-            FieldProblem("broker_url", settings.effective_broker_url,
+            FieldProblem("broker_url", redact(settings.effective_broker_url),
                          f"unsupported scheme {scheme!r} "
                          f"(use one of {', '.join(SUPPORTED_SCHEMES)})")
         )
@@ -61,6 +64,10 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
                          "a Redis URL is required with a RabbitMQ broker (retry schedule, "
                          "delivery counts)")
         )
+    if settings.broker_is_redis and settings.state_url:
+        problem = state_url_problem(settings.effective_broker_url, settings.state_url)
+        if problem is not None:
+            problems.append(problem)
     if settings.broker_is_redis:
         vt = settings.visibility_timeout_s
         for name, tier in tiers.items():
@@ -81,6 +88,22 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
                 )
         problems += _handler_problems(settings)
     return problems
+
+
+def state_url_problem(broker_url: str, state_url: str) -> FieldProblem | None:
+    """A ``state_url`` that is not the Redis broker's own server and database.
+
+    Ingest's claim-and-enqueue and the retry mover are each one Lua script that
+    writes state keys and ``LPUSH``es onto tier queues in the *state* Redis; workers
+    consume the broker, so work pushed anywhere else is accepted and never runs.
+    """
+    if same_redis(broker_url, state_url):
+        return None
+    return FieldProblem(
+        "state_url", redact(state_url),
+        f"not the Redis broker ({redact(broker_url)}): one atomic step moves work between "
+        "the pipeline's state and the tier queues, so with a Redis broker both must be one "
+        "Redis (same server and database); unset state_url to use the broker")
 
 
 def _handler_problems(settings: Settings) -> list[FieldProblem]:

@@ -74,7 +74,9 @@ class Runtime:
     def breakers(self) -> Breakers:
         self._check_fork()
         if self._breakers is None:
-            self._breakers = Breakers(self.state, self.settings.breakers)
+            longest_s = max((t.time_limit_s for t in self.settings.tiers.values()), default=None)
+            self._breakers = Breakers(self.state, self.settings.breakers,
+                                      longest_time_limit_s=longest_s)
         return self._breakers
 
     @property

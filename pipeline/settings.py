@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     #: broker. TLS options go in the `rediss://` query; always give `ssl_cert_reqs`.
     broker_url: str | None = None
     #: Redis holding the retry schedule, delivery counts, breakers and retry budgets.
-    #: Unset: the broker, when it is Redis. Required with a RabbitMQ broker.
+    #: Unset: the broker, when it is Redis. Required with a RabbitMQ broker. With a Redis
+    #: broker leave it unset, or name the broker's own server and database: one atomic
+    #: script moves work between state and tier queues, so any other Redis is refused.
     state_url: str | None = None
     #: kombu transport options merged over the derived ones (`master_name` for Sentinel,
     #: `unacked_restore_interval`, ...).

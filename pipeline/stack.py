@@ -31,10 +31,11 @@ from types import FrameType
 
 import click
 
-from pipeline.config import load_settings
+from pipeline.config import check_settings, load_settings
 from pipeline.embedded import EmbeddedServer, free_port, start_server
 from pipeline.endpoints import Endpoints, banner, write_env_file
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, FieldProblem
+from pipeline.redisurl import redact
 from pipeline.supervisor import Child, say, stop_all, supervise
 
 __all__ = ["run_stack"]
@@ -62,6 +63,16 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
     os.environ.update(env)
     try:
         settings = load_settings()
+        problems = check_settings(settings)
+        if not settings.broker_url and settings.state_url:  # the broker will be embedded
+            problems = [p for p in problems if p.field != "state_url"]
+            problems.append(FieldProblem(
+                "state_url", redact(settings.state_url),
+                "broker_url is unset, so `pipeline up` starts an embedded broker, and one "
+                "atomic step moves work between the pipeline's state and the tier queues: "
+                "both must be one Redis; unset state_url to use the broker"))
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         return 2

@@ -55,6 +55,11 @@ class Keys:
         return f"{cls.prefix}breaker:{name}"
 
     @classmethod
+    def breaker_probes(cls, name: str) -> str:
+        """A breaker's half-open probe leases (sorted set: token scored by its expiry)."""
+        return f"{cls.breaker(name)}:probes"
+
+    @classmethod
     def retry_budget(cls, tier: str) -> str:
         """Prefix of a tier's retry-budget buckets; ``<prefix>exhausted`` counts refusals."""
         return f"{cls.prefix}budget:{tier}:"

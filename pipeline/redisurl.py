@@ -1,0 +1,67 @@
+"""Redis URLs compared and shown: does ``state_url`` name the broker's own Redis,
+and a URL as it may be printed (never with its password).
+
+Two ``redis://``/``rediss://`` URLs name the same Redis when host (any case), port
+(default 6379) and database (default 0; the path, or a ``db`` query parameter, which
+redis-py obeys over the path) are equal. Scheme (TLS or not), credentials, a trailing
+slash and the rest of the query do not matter. Anything else (``sentinel://``, a
+unix socket, a database that is not a number) is the same only when the URLs are
+identical: which server a Sentinel names is known only by asking it.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+__all__ = ["redact", "same_redis"]
+
+DEFAULT_REDIS_PORT = 6379  # port kombu and redis-py connect to when a URL names none
+DEFAULT_REDIS_DB = 0  # database kombu and redis-py select when a URL names none
+MASK = "***"  # stands in for a password in anything printed
+_COMPARABLE_SCHEMES = ("redis", "rediss")  # URLs whose host, port and db say it all
+_SECRET_QUERY_KEYS = ("password", "sentinel_password")  # query parameters masked too
+
+
+def same_redis(a: str, b: str) -> bool:
+    """Whether URLs ``a`` and ``b`` name the same Redis server and database."""
+    ia, ib = _identity(a), _identity(b)
+    if ia is None or ib is None:
+        return a.strip() == b.strip()
+    return ia == ib
+
+
+def _identity(url: str) -> tuple[str, int, int] | None:
+    """(host, port, db) of a plain TCP Redis URL; ``None`` when the URL says less."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in _COMPARABLE_SCHEMES or not parts.hostname:
+        return None
+    try:
+        port = parts.port or DEFAULT_REDIS_PORT
+    except ValueError:  # a port that is not a number
+        return None
+    query_db = dict(parse_qsl(parts.query)).get("db")
+    db = (query_db or parts.path.strip("/") or str(DEFAULT_REDIS_DB)).strip()
+    if not db.isdigit():
+        return None
+    return parts.hostname.lower(), port, int(db)
+
+
+def redact(url: str) -> str:
+    """``url`` with every password (each ``;``-joined Sentinel URL's, and any in the
+    query) replaced by ``***``."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{MASK}@{hostport}" if colon else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        masked = [(k, MASK if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs]
+        query = urlencode(masked, safe="*") if masked != pairs else query
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -73,6 +73,7 @@ class Attempt:
         self.key = try_key(self.attempt, self.deferrals, self.lineage)
         self.token = uuid.uuid4().hex  # names this delivery in the running mark
         self.only_if_running = False  # settle only a try that began (hard time limit)
+        self.settled_now = False  # the last settle wrote this try's outcome
 
     @property
     def queue(self) -> str:
@@ -117,27 +118,39 @@ class Attempt:
         ctx = HandlerContext(task_id=self.task_id, handler=self.handler, tier=self.tier,
                              attempt=self.attempt, max_attempts=tier.max_retries + 1,
                              state=self.rt.state)
-        for downstream in entry.downstreams:
-            status = self.rt.breakers.allow(downstream)
-            if status.retry_in_s > 0:
-                delay_s = compute_deferral(
-                    status.retry_in_s, spread_s=self.rt.breakers.config(downstream).open_s,
-                    deferrals=self.deferrals)
-                return self.defer(delay_s, f"breaker_open:{downstream}")
+        breakers = self.rt.breakers
+        allowed: list[tuple[str, str | None]] = []  # (downstream, probe lease) let through
         try:
-            with running(ctx):
-                entry(event)
-        except RetryAfter as exc:  # the handler asks for a delay: not a failure
-            return self.defer(exc.delay_s, "requested")
-        except Exception as exc:
-            if not isinstance(exc, PermanentError):
-                for downstream in entry.downstreams:
-                    self.rt.breakers.record(downstream, ok=False)
-            return self.failed(exc)
-        for downstream in entry.downstreams:
-            self.rt.breakers.record(downstream, ok=True)
-        self.settle(Outcome("done"))
-        return "succeeded"
+            for downstream in entry.downstreams:
+                status = breakers.allow(downstream, token=self.breaker_token(downstream))
+                if status.retry_in_s > 0:
+                    delay_s = compute_deferral(
+                        status.retry_in_s, spread_s=breakers.config(downstream).open_s,
+                        deferrals=self.deferrals)
+                    return self.defer(delay_s, f"breaker_open:{downstream}")
+                allowed.append((downstream, status.token))
+            try:
+                with running(ctx):
+                    entry(event)
+            except RetryAfter as exc:  # the handler asks for a delay: not a failure
+                return self.defer(exc.delay_s, "requested")
+            except Exception as exc:
+                if not isinstance(exc, PermanentError):
+                    for downstream, token in allowed:
+                        breakers.record(downstream, ok=False, token=token)
+                return self.failed(exc)
+            for downstream, token in allowed:
+                breakers.record(downstream, ok=True, token=token)
+            self.settle(Outcome("done"))
+            return "succeeded"
+        finally:  # every exit gives back a probe slot it did not settle (no-op if it did)
+            for downstream, token in allowed:
+                breakers.release(downstream, token)
+
+    def breaker_token(self, downstream: str) -> str:
+        """This try's probe lease on ``downstream``: the main process can settle it
+        after a hard time limit killed the child that held it."""
+        return f"{self.task_id}:{self.key}:{downstream}"
 
     # -- outcomes ------------------------------------------------------------------
     def settle(self, outcome: Outcome) -> bool:
@@ -145,8 +158,9 @@ class Attempt:
         the try had settled already. Raises when the state store stays unreachable."""
         for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
             try:
-                return self.rt.ledger.settle(self.task_id, self.key, outcome,
-                                             only_if_running=self.only_if_running)
+                self.settled_now = self.rt.ledger.settle(
+                    self.task_id, self.key, outcome, only_if_running=self.only_if_running)
+                return self.settled_now
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 if pause_s is None:
                     raise

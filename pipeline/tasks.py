@@ -20,6 +20,7 @@ from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from pipeline.attempt import Attempt
+from pipeline.handlers import registry
 from pipeline.runtime import runtime_for
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ class PipelineTask(Task):  # type: ignore[type-arg]
             for attempt in self.attempts(task_id, args, kwargs):
                 attempt.only_if_running = True  # settled or never begun: left alone
                 attempt.failed(exc)
+                entry = registry.get(attempt.handler)
+                if attempt.settled_now and entry is not None:  # its calls count as failed
+                    for downstream in entry.downstreams:
+                        attempt.rt.breakers.record(downstream, ok=False,
+                                                   token=attempt.breaker_token(downstream))
             self.timeout_settled = True
         except Exception:
             log.exception("could not settle task %s after its hard time limit; its "

@@ -68,6 +68,12 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
         problem = state_url_problem(settings.effective_broker_url, settings.state_url)
         if problem is not None:
             problems.append(problem)
+    if settings.broker_is_redis and settings.broker_transport_options.get("global_keyprefix"):
+        problems.append(FieldProblem(
+            "broker_transport_options.global_keyprefix",
+            settings.broker_transport_options["global_keyprefix"],
+            "not supported: the pipeline's Lua steps (fetch, settle, ingest, retries) name "
+            "kombu's keys without the prefix; use a database of the pipeline's own instead"))
     if settings.broker_is_redis:
         vt = settings.visibility_timeout_s
         for name, tier in tiers.items():

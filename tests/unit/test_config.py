@@ -174,6 +174,11 @@ def test_check_reports_a_visibility_timeout_shorter_than_a_tier_needs() -> None:
     assert len(problems) == 4  # critical needs 30 s, the others more
 
 
+def test_check_refuses_a_global_keyprefix_the_lua_steps_would_ignore() -> None:
+    settings = load_settings(broker_transport_options={"global_keyprefix": "team1:"})
+    assert problem_fields(settings) == ["broker_transport_options.global_keyprefix"]
+
+
 def test_check_reports_amqp_broker_without_state_url() -> None:
     settings = load_settings(broker_url="amqp://guest:guest@127.0.0.1:5672//")
     assert problem_fields(settings) == ["state_url"]

@@ -85,11 +85,13 @@ class EmbeddedServer:
 
 
 def start_server(data_dir: Path, *, port: int | None = None, persist: bool = True,
-                 binary: str | None = None, new_session: bool = False) -> EmbeddedServer:
+                 binary: str | None = None, new_session: bool = False,
+                 appendfsync: str = "everysec") -> EmbeddedServer:
     """Start a server on 127.0.0.1:``port`` (a free one if None) with data in ``data_dir``.
 
-    ``persist`` turns on the append-only file (fsync every second), so a restart
-    after a crash keeps what was acknowledged. ``new_session`` keeps a terminal's
+    ``persist`` turns on the append-only file (fsync every second; ``appendfsync =
+    "always"`` before every reply), so a restart after a crash keeps what was
+    acknowledged. ``new_session`` keeps a terminal's
     Ctrl-C from reaching the server, so its owner can stop it last.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def start_server(data_dir: Path, *, port: int | None = None, persist: bool = Tru
         "--maxmemory-policy", "noeviction", "--logfile", str(data_dir / "server.log"),
     ]
     if persist:
-        argv += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        argv += ["--appendonly", "yes", "--appendfsync", appendfsync]
     else:
         argv += ["--appendonly", "no"]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

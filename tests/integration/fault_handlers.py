@@ -19,12 +19,13 @@ from pipeline import Event, handler
 
 
 @cache
-def _client(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(os.environ["FAULT_EFFECTS_URL"])
+def _client(pid: int, url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
 
 
 def effects() -> redis.Redis:
-    return _client(os.getpid())
+    """A client of this process for the effects Redis (``FAULT_EFFECTS_URL``)."""
+    return _client(os.getpid(), os.environ["FAULT_EFFECTS_URL"])
 
 
 def runs_key(event_id: str) -> str:

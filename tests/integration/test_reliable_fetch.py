@@ -217,3 +217,17 @@ def test_hard_time_limit_with_the_settle_failing_once_runs_each_attempt_once(
     assert _runs(event_id) == 0
     assert len(stack.dlq_for(event_id)) == 1
     worker.stop()
+
+
+@pytest.mark.parametrize("reply_lost", [False, True])
+def test_fetch_cut_off_by_a_reset_neither_loses_nor_repeats_the_message(
+    stack: Stack, proxy: ResetProxy, reply_lost: bool,
+) -> None:
+    worker = stack.start_worker("standard")  # lost_after_s = 4
+    time.sleep(0.5)
+    proxy.drop_on(b"cjson.decode(item)", times=1, after_forward=reply_lost)
+    (event_id,) = _send(stack, "standard", 1)
+    wait_for(lambda: _runs(event_id) == 1, 30, "the event to be handled")
+    time.sleep(5)  # past lost_after_s: a second copy would have run by now
+    assert _runs(event_id) == 1
+    worker.stop()

@@ -17,6 +17,7 @@ from kombu import Exchange, Queue
 from pipeline import logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
+from pipeline.dlx import tier_queue_arguments
 from pipeline.errors import ConfigError
 from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
@@ -32,11 +33,12 @@ PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails 
 
 
 def tier_queues(settings: Settings) -> list[Queue]:
-    """One durable queue per tier, each with its own direct exchange."""
-    arguments = None if settings.broker_is_redis else {"x-queue-type": "quorum"}
+    """One durable queue per tier, each with its own direct exchange; on RabbitMQ a
+    quorum queue with our delivery limit and dead-letter route (:mod:`pipeline.dlx`)."""
     queues = []
     for name in settings.tiers:
         q = settings.queue_for(name)
+        arguments = None if settings.broker_is_redis else tier_queue_arguments(settings, name)
         queues.append(Queue(q, Exchange(q, "direct", durable=True), routing_key=q,
                             durable=True, queue_arguments=arguments))
     return queues

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError
 from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.runtime import bind
+from pipeline.statewatch import StateWatchStep
 from pipeline.tasks import register_task
 from pipeline.worker import PipelineWorkerStep
 
@@ -92,7 +93,8 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     """Add the pipeline to an existing Celery ``app``; returns it.
 
     Adds the tier queues and the ``pipeline.handle`` task, the worker steps that
-    move due retries and write heartbeats, and the metric and log-context signal
+    move due retries and write heartbeats, the consumer step that pauses
+    consumption while the state store is down (RabbitMQ), and the metric and log-context signal
     receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
     and settings stay: the only shared setting touched is the Redis visibility
     timeout, raised (never lowered) to what the tiers need.
@@ -125,6 +127,7 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     register_batch_task(celery)
     celery.steps["worker"].add(PipelineWorkerStep)
     celery.steps["worker"].add(HeartbeatStep)
+    celery.steps["consumer"].add(StateWatchStep)  # RabbitMQ: no reject loop while state is down
     metrics.install()  # task and publish metrics from signals (prefork: multiprocess mode)
     logs.install()  # event fields on every log line of a running task
     bind(celery, settings)

@@ -11,7 +11,8 @@
 Bearer-token auth (``PIPELINE_API_TOKEN``) on every route that reads or writes
 events. Limits: body size (413), batch size (413), content type (415). Invalid
 events get 422 naming every offending field; a full tier 429 with
-``Retry-After``; a broker outage 503 — and nothing is reported accepted that was
+``Retry-After``; an event whose key another publish holds unconfirmed (RabbitMQ)
+409 with ``Retry-After``; a broker outage 503 — and nothing is reported accepted that was
 not enqueued. No input produces another 5xx.
 """
 
@@ -31,6 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pipeline import exporter
 from pipeline.admission import TIER_FULL
 from pipeline.dlqapi import add_dlq_routes
+from pipeline.enqueue import IN_FLIGHT
 from pipeline.errors import BrokerUnavailable
 from pipeline.events import Event
 from pipeline.ingest import PublishResult
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_FULL_S = 5  # Retry-After sent with 429 when a tier is full
 RETRY_AFTER_DOWN_S = 2  # Retry-After sent with 503 when the broker is down
+RETRY_AFTER_IN_FLIGHT_S = 2  # Retry-After sent with 409 while another publish is unconfirmed
 JSON_TYPES = ("application/json",)
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson")
 
@@ -126,7 +129,7 @@ def create_api(runtime: Runtime, *, token: str | None,
     @api.post("/events", status_code=202, openapi_extra=single_body,
               dependencies=[Depends(authorized)],
               responses={200: {"description": "duplicate"}, 413: {}, 415: {}, 422: {},
-                         429: {}, 503: {}})
+                         409: {"description": "in flight"}, 429: {}, 503: {}})
     async def post_event(request: Request) -> Response:
         raw, _ = await body_of(request, JSON_TYPES)
         try:
@@ -190,6 +193,9 @@ def _single_response(result: PublishResult) -> Response:
     if result.reason == TIER_FULL:
         return JSONResponse(result.as_dict(), 429,
                             headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
+    if result.reason == IN_FLIGHT:
+        return JSONResponse(result.as_dict(), 409,
+                            headers={"Retry-After": str(RETRY_AFTER_IN_FLIGHT_S)})
     return JSONResponse(result.as_dict(), 422)
 
 

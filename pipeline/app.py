@@ -17,10 +17,12 @@ from kombu import Exchange, Queue
 from pipeline import logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
+from pipeline.dlx import tier_queue_arguments
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.runtime import bind
+from pipeline.statewatch import StateWatchStep
 from pipeline.tasks import register_task
 from pipeline.worker import PipelineWorkerStep
 
@@ -32,11 +34,12 @@ PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails 
 
 
 def tier_queues(settings: Settings) -> list[Queue]:
-    """One durable queue per tier, each with its own direct exchange."""
-    arguments = None if settings.broker_is_redis else {"x-queue-type": "quorum"}
+    """One durable queue per tier, each with its own direct exchange; on RabbitMQ a
+    quorum queue with our delivery limit and dead-letter route (:mod:`pipeline.dlx`)."""
     queues = []
     for name in settings.tiers:
         q = settings.queue_for(name)
+        arguments = None if settings.broker_is_redis else tier_queue_arguments(settings, name)
         queues.append(Queue(q, Exchange(q, "direct", durable=True), routing_key=q,
                             durable=True, queue_arguments=arguments))
     return queues
@@ -99,8 +102,9 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     """Add the pipeline to an existing Celery ``app``; returns it.
 
     Adds the tier queues and the ``pipeline.handle`` task, the worker steps that
-    move due retries and write heartbeats, and the metric and log-context signal
-    receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
+    move due retries and write heartbeats, the consumer step that pauses
+    consumption while the state store is down (RabbitMQ), and the metric and
+    log-context signal receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
     and settings stay, except two shared broker settings on Redis: the transport
     becomes the pipeline's reliable fetch (:mod:`pipeline.fetch`, kombu's Redis
     transport with an atomic fetch; their tasks gain from it too), and the
@@ -140,6 +144,7 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     register_batch_task(celery)
     celery.steps["worker"].add(PipelineWorkerStep)
     celery.steps["worker"].add(HeartbeatStep)
+    celery.steps["consumer"].add(StateWatchStep)  # RabbitMQ: no reject loop while state is down
     metrics.install()  # task and publish metrics from signals (prefork: multiprocess mode)
     logs.install()  # event fields on every log line of a running task
     bind(celery, settings)

@@ -138,6 +138,7 @@ def register_batch_task(app: Celery) -> Any:
     @app.task(name=BATCH_TASK_NAME, bind=True, base=BatchTask, shared=False)
     def handle_batch(self: BatchTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
         return settle_or_requeue(str(self.request.id),
-                                 lambda: run_batch(runtime_for(self.app), events, kwargs))
+                                 lambda: run_batch(runtime_for(self.app), events, kwargs),
+                                 self.app)
 
     return handle_batch

@@ -157,7 +157,7 @@ class DeadLetterQueue:
         if self.on_redis:
             yield from self._iter_redis(limit)
         else:
-            for record in self._iter_amqp(limit):
+            for _, record in self._amqp_messages(limit):
                 yield b"", record
 
     def stats(self) -> list[Any]:
@@ -194,22 +194,12 @@ class DeadLetterQueue:
         did its work, e.g. a confirmed republish), False/None to keep it. Kept
         records are requeued when the channel closes; returns (removed, kept)."""
         removed = kept = 0
-        with self._connection() as conn:
-            channel: Any = conn.channel()
-            try:
-                bound = self.queue(channel)
-                bound.declare()
-                for _ in range(self.depth()):
-                    message = bound.get(no_ack=False, accept=["json"])
-                    if message is None:
-                        break
-                    if decide(DeadLetterRecord.model_validate(message.decode())):
-                        message.ack()
-                        removed += 1
-                    else:
-                        kept += 1
-            finally:
-                channel.close()
+        for message, record in self._amqp_messages(self.depth()):
+            if decide(record):
+                message.ack()
+                removed += 1
+            else:
+                kept += 1
         return removed, kept
 
     def enforce_retention(self) -> list[DeadLetterRecord]:
@@ -253,8 +243,8 @@ class DeadLetterQueue:
                 return
             end = start - 1
 
-    def _iter_amqp(self, limit: int | None) -> Iterator[DeadLetterRecord]:
-        # basic_get without ack, then close the channel: RabbitMQ requeues them all.
+    def _amqp_messages(self, limit: int | None) -> Iterator[tuple[Any, DeadLetterRecord]]:
+        # basic_get without ack, then close the channel: RabbitMQ requeues what is not acked.
         with self._connection() as conn:
             channel: Any = conn.channel()
             try:
@@ -265,10 +255,23 @@ class DeadLetterQueue:
                     message = bound.get(no_ack=False, accept=["json"])
                     if message is None:
                         return
-                    yield DeadLetterRecord.model_validate(message.decode())
+                    yield message, self._amqp_record(message)
                     produced += 1
             finally:
                 channel.close()
+
+    def _amqp_record(self, message: Any) -> DeadLetterRecord:
+        """A record, or a Celery task RabbitMQ dead-lettered into the DLQ (:mod:`pipeline.dlx`)."""
+        from pipeline import dlx  # dlx builds on this module
+
+        if dlx.is_task_message(message.headers):
+            return dlx.record_from_task_message(message.decode(), message.headers, self._settings)
+        return DeadLetterRecord.model_validate(message.decode())
+
+    def declare(self) -> None:
+        """Declare the DLQ, its exchange and binding (the tier queues' dead-letter route)."""
+        with self._connection() as conn:
+            self.queue(conn.default_channel).declare()
 
     def _connection(self) -> Connection:
         return self._app.connection_for_read()

@@ -4,15 +4,37 @@ On a Redis broker each chunk costs one round trip: a Lua script that, per event,
 claims its idempotency key (``SET NX EX``) and, only if fresh, ``LPUSH``es its
 pre-rendered task messages — atomically, so an event is never marked seen without
 being enqueued. Events of batched tiers are packed into ``pipeline.handle_batch``
-messages (one Lua call per message, see :mod:`pipeline.batch`). On RabbitMQ the
-keys are claimed in one pipeline, messages published with publisher confirms, and
-the claims of anything unconfirmed released.
+messages (one Lua call per message, see :mod:`pipeline.batch`).
+
+On RabbitMQ claim and publish cannot be one atomic step, so a claim has two
+stages. One Lua call claims the chunk's keys as *pending* (``SET NX EX``
+:data:`PENDING_CLAIM_TTL_S`, value ``pending:<token of this call>``); each event
+is published with publisher confirms and, once all its messages are confirmed,
+its key becomes the full-window ``seen`` claim (``1``, ``EX
+idempotency_window_s``). On any failure the pending claims of what was not
+confirmed are released (deleted only if they still hold this call's token), and
+a crash that cannot release them leaves them to expire after
+:data:`PENDING_CLAIM_TTL_S`. So a key is never ``seen`` unless its event's
+messages were confirmed, and a failed publish can be re-sent at once.
+
+An event whose key another call holds *pending* is answered ``rejected`` with
+reason :data:`IN_FLIGHT` (HTTP 409 with ``Retry-After``), not ``duplicate``:
+that other publish may still fail, and ``duplicate`` would tell the client to
+stop sending an event that may never have been enqueued. Retried later, it is
+``duplicate`` if the other publish was confirmed, else ``accepted`` (after a
+release at once, after a crash once the pending claim expired). A crash between
+the confirm and the promotion to ``seen`` leaves that one event pending: a
+retry after the expiry enqueues it again under the same deterministic task id,
+and the worker's done mark keeps its handlers from running twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -28,7 +50,38 @@ from pipeline.state import Keys
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
-__all__ = ["Enqueuer", "Planned", "unavailable"]
+__all__ = ["IN_FLIGHT", "PENDING_CLAIM_TTL_S", "Claim", "Enqueuer", "Planned", "unavailable"]
+
+PENDING_CLAIM_TTL_S = 60  # RabbitMQ: an unconfirmed claim is free again after this long
+IN_FLIGHT = "in_flight"  # rejection reason: another publish of this key is unconfirmed
+_PENDING_PREFIX = "pending:"  # value prefix of a pending claim (then the call's token)
+
+# KEYS: seen keys. ARGV: this call's pending value, pending ttl_s.
+# Per key: 1 claimed (pending), 0 seen (a duplicate), 2 pending by another call,
+# 3 pending by this call (the same key twice in one chunk).
+_CLAIM_PENDING_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+    out[i] = 1
+  else
+    local held = redis.call('GET', key)
+    if held == ARGV[1] then out[i] = 3
+    elseif held == '1' then out[i] = 0
+    else out[i] = 2 end
+  end
+end
+return out
+"""
+
+# KEYS: seen keys. ARGV: this call's pending value. Delete only claims still ours.
+_RELEASE_LUA = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key); n = n + 1 end
+end
+return n
+"""
 
 # ARGV: ttl_s, n_events, then per event: dedupe key, n messages, (list key, payload) * n.
 _ENQUEUE_LUA = """
@@ -59,6 +112,14 @@ return out
 """
 
 
+class Claim(StrEnum):
+    """What claiming an event's idempotency key found."""
+
+    FRESH = "fresh"  # claimed, and its messages are on the broker
+    DUPLICATE = "duplicate"  # accepted before, within the window
+    IN_FLIGHT = IN_FLIGHT  # RabbitMQ: another publish of it is not confirmed yet
+
+
 @dataclass
 class Planned:
     """One event on its way: its tier, handlers and task messages."""
@@ -79,9 +140,12 @@ class Enqueuer:
         on_redis = renderer is not None
         self._enqueue_script = runtime.state.register_script(_ENQUEUE_LUA) if on_redis else None
         self._pack_script = runtime.state.register_script(PACK_LUA)
+        self._claim_pending = runtime.state.register_script(_CLAIM_PENDING_LUA)
+        self._release = runtime.state.register_script(_RELEASE_LUA)
+        self.pending_ttl_s = PENDING_CLAIM_TTL_S
 
-    def claim_and_send(self, plans: list[Planned]) -> list[bool]:
-        """Per plan: whether it was fresh (claimed and enqueued) or a duplicate."""
+    def claim_and_send(self, plans: list[Planned]) -> list[Claim]:
+        """Per plan: fresh (claimed and enqueued), a duplicate, or in flight elsewhere."""
         if not plans:
             return []
         ttl = self.rt.settings.idempotency_window_s
@@ -90,11 +154,11 @@ class Enqueuer:
                 return self._send_amqp(plans, ttl)
             packed = [p for p in plans if self._packable(p)]
             if not packed:
-                return self._send_redis(plans, ttl)
+                return _claims(self._send_redis(plans, ttl))
             single = [p for p in plans if not self._packable(p)]
             fresh = dict(zip(map(id, single), self._send_redis(single, ttl), strict=True))
             fresh.update(self._send_packed(packed, ttl))
-            return [fresh[id(p)] for p in plans]
+            return _claims(fresh[id(p)] for p in plans)
         except (redis.RedisError, OperationalError, OSError) as exc:
             raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 
@@ -146,26 +210,32 @@ class Enqueuer:
                 argv.extend(renderer.render(spec))
         return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]
 
-    def _send_amqp(self, plans: list[Planned], ttl: int) -> list[bool]:
-        state = self.rt.state
-        if ttl > 0:
-            pipe = state.pipeline(transaction=False)
+    def _send_amqp(self, plans: list[Planned], ttl: int) -> list[Claim]:
+        """Pending claims, confirmed publishes, then ``seen`` claims (module docstring)."""
+        if ttl <= 0:  # idempotency off: nothing to claim
             for plan in plans:
-                pipe.set(Keys.seen(plan.event.dedupe_key), "1", nx=True, ex=ttl)
-            fresh = [bool(x) for x in pipe.execute()]
-        else:
-            fresh = [True] * len(plans)
-        for i, plan in enumerate(plans):
-            if not fresh[i]:
-                continue
-            try:
                 self.send(plan.specs)
-            except BrokerUnavailable:
-                if ttl > 0:  # release the claims of everything not confirmed
-                    state.delete(*[Keys.seen(p.event.dedupe_key)
-                                   for p, f in zip(plans[i:], fresh[i:], strict=True) if f])
-                raise
-        return fresh
+            return [Claim.FRESH] * len(plans)
+        state = self.rt.state
+        token = f"{_PENDING_PREFIX}{uuid.uuid4().hex}"
+        keys = [Keys.seen(p.event.dedupe_key) for p in plans]
+        found = self._claim_pending(keys=keys, args=[token, self.pending_ttl_s])
+        claims = [_PENDING_FOUND[int(x)] for x in found]
+        ours = [k for k, x in zip(keys, found, strict=True) if int(x) == 1]
+        unconfirmed = set(ours)
+        try:
+            for plan, key, x in zip(plans, keys, found, strict=True):
+                if int(x) != 1:
+                    continue
+                self.send(plan.specs)  # confirmed, else raises
+                state.set(key, "1", ex=ttl)  # only now is the event "seen"
+                unconfirmed.discard(key)
+        except BaseException:
+            if unconfirmed:  # best effort: a claim left behind expires after the pending TTL
+                with contextlib.suppress(redis.RedisError, OSError):
+                    self._release(keys=sorted(unconfirmed), args=[token])
+            raise
+        return claims
 
     def send(self, specs: Iterable[TaskSpec]) -> None:
         """Publish with Celery's own path (confirmed on RabbitMQ)."""
@@ -178,6 +248,14 @@ class Enqueuer:
                                  retry_policy=policy, **spec.apply_async_options())
         except (OperationalError, ConnectionError, OSError) as exc:
             raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
+
+
+_PENDING_FOUND = {1: Claim.FRESH, 0: Claim.DUPLICATE, 2: Claim.IN_FLIGHT,
+                  3: Claim.DUPLICATE}  # what _CLAIM_PENDING_LUA's answers mean
+
+
+def _claims(fresh: Iterable[bool]) -> list[Claim]:
+    return [Claim.FRESH if f else Claim.DUPLICATE for f in fresh]
 
 
 def unavailable(broker_url: str, exc: BaseException) -> BrokerUnavailable:

@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 
 from pipeline.admission import TIER_FULL, DepthCache, admitted
 from pipeline.coalesce import Coalescer
-from pipeline.enqueue import Enqueuer, Planned, unavailable
+from pipeline.enqueue import IN_FLIGHT, Claim, Enqueuer, Planned, unavailable
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
@@ -52,7 +52,7 @@ class PublishResult:
     tier: str | None
     outcome: str = "accepted"
     type: str | None = None
-    reason: str | None = None  # rejected: "invalid" or "tier_full"
+    reason: str | None = None  # rejected: "invalid", "tier_full" or "in_flight"
     errors: list[dict[str, Any]] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
     handlers: list[str] = field(default_factory=list)
@@ -251,19 +251,24 @@ class Publisher:
             tier = self.tier_for(event)
             plans.append(self._plan(event, tier, [h.name for h in registry.for_type(event.type)]))
         admitted_plans, rejected = self._admit(plans)
-        fresh = self._enqueuer.claim_and_send(admitted_plans)
+        claims = self._enqueuer.claim_and_send(admitted_plans)
         outcome: dict[int, PublishResult] = {}
         for plan in rejected:
             outcome[id(plan)] = PublishResult(id=plan.event_id, tier=plan.tier,
                                               outcome="rejected", reason=TIER_FULL,
                                               type=plan.event.type)
         counts: Counter[str] = Counter()
-        for plan, is_fresh in zip(admitted_plans, fresh, strict=True):
-            if is_fresh:
+        for plan, claim in zip(admitted_plans, claims, strict=True):
+            if claim is Claim.IN_FLIGHT:  # another publish of it is unconfirmed: retry later
+                outcome[id(plan)] = PublishResult(id=plan.event_id, tier=plan.tier,
+                                                  outcome="rejected", reason=IN_FLIGHT,
+                                                  type=plan.event.type)
+                continue
+            if claim is Claim.FRESH:
                 counts[plan.tier] += len(plan.specs)
             outcome[id(plan)] = PublishResult(
                 id=plan.event_id, tier=plan.tier, type=plan.event.type,
-                outcome="accepted" if is_fresh else "duplicate",
+                outcome="accepted" if claim is Claim.FRESH else "duplicate",
                 task_ids=[s.task_id for s in plan.specs], handlers=plan.handlers,
             )
         for tier, n in counts.items():

@@ -12,6 +12,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 __all__ = ["Keys", "connect"]
@@ -79,10 +81,18 @@ class Keys:
         return f"{cls.prefix}demo:effects"
 
 
-def connect(url: str, transport_options: dict[str, Any] | None = None) -> redis.Redis:
+def connect(url: str, transport_options: dict[str, Any] | None = None, *,
+            timeout_s: float | None = None) -> redis.Redis:
     """A client for ``url`` (``redis://``, ``rediss://`` or ``sentinel://`` hosts
-    joined by ``;``; Sentinel needs ``master_name`` in ``transport_options``)."""
+    joined by ``;``; Sentinel needs ``master_name`` in ``transport_options``).
+
+    ``timeout_s`` makes a probe client: that connect and socket timeout, and no
+    retries (redis-py otherwise retries a refused connection for seconds).
+    """
     options = transport_options or {}
+    socket_timeout_s = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
+    connect_timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    probe: dict[str, Any] = {} if timeout_s is None else {"retry": Retry(NoBackoff(), 0)}
     if url.startswith("sentinel://"):
         hosts = []
         password = None
@@ -98,17 +108,17 @@ def connect(url: str, transport_options: dict[str, Any] | None = None) -> redis.
             raise ValueError("sentinel:// needs broker_transport_options.master_name")
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
-            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=socket_timeout_s,
             sentinel_kwargs=options.get("sentinel_kwargs"),
         )
         client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             master, password=unquote(password) if password else None, db=db,
-            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=socket_timeout_s, **probe,
         )
         return client
     return redis.Redis.from_url(
-        _redis_py_url(url), socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        _redis_py_url(url), socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s, **probe,
     )
 
 

@@ -16,12 +16,14 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject, TimeLimitExceeded
 
 from pipeline.attempt import Attempt
 from pipeline.handlers import registry
 from pipeline.runtime import runtime_for
+from pipeline.statewatch import report_state_failure
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -76,18 +78,21 @@ def register_task(app: Celery) -> Any:
     @app.task(name=TASK_NAME, bind=True, base=PipelineTask, shared=False)
     def handle(self: PipelineTask, /, event: dict[str, Any], **kwargs: Any) -> str:
         (attempt,) = self.attempts(str(self.request.id), [event], kwargs)
-        return settle_or_requeue(str(self.request.id), attempt.run)
+        return settle_or_requeue(str(self.request.id), attempt.run, self.app)
 
     return handle
 
 
-def settle_or_requeue(task_id: str, run: Callable[[], str]) -> str:
+def settle_or_requeue(task_id: str, run: Callable[[], str], app: Celery | None = None) -> str:
     """``run()``; if the broker or state store fails while the work is being settled,
-    reject the message for redelivery instead of letting Celery acknowledge it."""
+    reject the message for redelivery instead of letting Celery acknowledge it (after
+    telling the worker to stop consuming until the state store answers)."""
     try:
         return run()
     except (Reject, TimeLimitExceeded):
         raise
     except Exception as exc:
         log.exception("could not settle task %s; requeueing", task_id)
+        if app is not None and isinstance(exc, redis.RedisError | OSError):
+            report_state_failure(app)
         raise Reject(exc, requeue=True) from exc

@@ -53,6 +53,8 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
                                 interval_s=settings.retry_poll_interval_s,
                                 batch=settings.retry_move_batch)
         self.mover.start()
+        if not settings.broker_is_redis:  # the tier queues dead-letter into the DLQ
+            runtime.dlq.declare()
         log.info("pipeline: serving tiers %s; moving due retries of %s", self.tiers, queues)
 
     def stop(self, worker: Any) -> None:

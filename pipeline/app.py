@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pipeline import logs, metrics
+from pipeline import fetch, logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.dlx import tier_queue_arguments
@@ -60,13 +60,6 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def broker_transport(settings: Settings) -> str | None:
-    """The pipeline's reliable-fetch transport for Redis brokers (:mod:`pipeline.fetch`)."""
-    if settings.broker_scheme == "sentinel":
-        return "pipeline.fetch:SentinelTransport"
-    return "pipeline.fetch:Transport" if settings.broker_is_redis else None
-
-
 def create_app(settings: Settings | None = None, *, main: str = "pipeline") -> Celery:
     """A new Celery app configured for the pipeline alone."""
     settings = settings or load_settings()
@@ -105,10 +98,11 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     move due retries and write heartbeats, the consumer step that pauses
     consumption while the state store is down (RabbitMQ), and the metric and
     log-context signal receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
-    and settings stay, except two shared broker settings on Redis: the transport
-    becomes the pipeline's reliable fetch (:mod:`pipeline.fetch`, kombu's Redis
-    transport with an atomic fetch; their tasks gain from it too), and the
-    visibility timeout is raised (never lowered) to what the tiers need.
+    and settings stay, except two broker matters on Redis: kombu's ``redis://``,
+    ``rediss://`` and ``sentinel://`` transports become the pipeline's reliable fetch
+    in this process (:func:`pipeline.fetch.install`: kombu's Redis transport with an
+    atomic fetch; their tasks gain from it too), and the visibility timeout is raised
+    (never lowered) to what the tiers need.
     """
     settings = settings or load_settings()
     problems = check_settings(settings)
@@ -132,12 +126,12 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
             log.warning("raising broker visibility_timeout from %ss to %ss for the pipeline",
                         current, needed)
         options["visibility_timeout"] = max(current or 0, needed)
-        transport = broker_transport(settings)
-        if celery.conf.broker_transport not in (None, "redis", "rediss", "sentinel", transport):
+        if celery.conf.broker_transport not in (None, "redis", "rediss", "sentinel",
+                                                *fetch.ALIASES.values()):
             raise ConfigError([FieldProblem(
                 "broker_transport", celery.conf.broker_transport,
                 "the pipeline needs its reliable-fetch Redis transport; unset broker_transport")])
-        celery.conf.broker_transport = transport
+        fetch.install()  # redis://, rediss://, sentinel:// now fetch reliably in this process
     celery.conf.broker_transport_options = options
 
     register_task(celery)

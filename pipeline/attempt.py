@@ -84,7 +84,7 @@ class Attempt:
         begin = self.rt.ledger.begin(self.task_id, self.key, self.token, attempt=self.attempt,
                                      tier_name=self.tier, tier=tier, charged=self.budget_charged)
         if begin.verdict in ("done", "settled"):
-            log.info("event %s handler %s: %s; not running it again", self.event.get("id"),
+            log.info("event %s handler %s %s; not running it again", self.event.get("id"),
                      self.handler, "already succeeded" if begin.verdict == "done"
                      else f"try {self.key} already settled",
                      extra=attempt_fields(self, outcome=f"already_{begin.verdict}"))

@@ -57,7 +57,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-__all__ = ["CONSUMERS_KEY", "SentinelTransport", "Transport", "inflight_key", "reap"]
+__all__ = ["CONSUMERS_KEY", "SentinelTransport", "Transport", "inflight_key", "install", "reap"]
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,24 @@ class Transport(kredis.Transport):
     """kombu's Redis transport with :class:`Channel`'s reliable fetch."""
 
     Channel = Channel
+
+
+#: the kombu transport aliases this module takes over (URL scheme -> class path)
+ALIASES = {"redis": "pipeline.fetch:Transport", "rediss": "pipeline.fetch:Transport",
+           "sentinel": "pipeline.fetch:SentinelTransport"}
+
+
+def install() -> None:
+    """Make kombu resolve ``redis://``, ``rediss://`` and ``sentinel://`` to this module's
+    transports in this process. Done through kombu's alias table rather than Celery's
+    ``broker_transport`` so that URLs keep their scheme: ``Connection.as_uri()``, which
+    Flower reads to pick its broker client for queue lengths, still says ``redis://``."""
+    from kombu import transport as ktransport
+
+    for scheme, path in ALIASES.items():
+        if ktransport.TRANSPORT_ALIASES.get(scheme) != path:
+            ktransport.TRANSPORT_ALIASES[scheme] = path
+            ktransport._transport_cache.pop(scheme, None)
 
 
 class SentinelChannel(Channel, kredis.SentinelChannel):

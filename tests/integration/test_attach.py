@@ -12,6 +12,7 @@ from types import ModuleType
 
 import pytest
 
+from pipeline.fetch import CONSUMERS_KEY
 from pipeline.runtime import runtime_for
 from tests.integration.support import Stack, Worker, wait_for, write_config
 
@@ -68,5 +69,9 @@ def test_one_worker_of_the_team_app_runs_their_tasks_and_pipeline_events(
             {"type": "demo.ok", "source": "team-service"})
         stack.wait_effect(event.id)
         wait_for(lambda: stack.state.hget("team:effects", key), 10, "the team's own task")
+        # the team's worker consumes through the pipeline's reliable fetch
+        with team.app.connection() as conn:
+            assert type(conn.transport).__module__ == "pipeline.fetch"
+        assert stack.state.zcard(CONSUMERS_KEY) >= 1
     finally:
         worker.stop()

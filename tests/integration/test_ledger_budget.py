@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, Outcome, try_key
 from pipeline.tiers import TierConfig
 
 TIER = TierConfig(retry_budget_ratio=0.5, retry_budget_min=1, retry_budget_window_s=60)
@@ -21,10 +21,21 @@ def ledger(redis_url: str) -> Iterator[tuple[Ledger, str]]:
     client.close()
 
 
+def _runs(led: Ledger, tier: str, task: str, attempt: int, *, deferrals: int = 0,
+          charged: bool = False) -> bool:
+    """Begin one try; True if it may run (admitted), settled at once as deferred."""
+    key = try_key(attempt, deferrals)
+    begin = led.begin(task, key, uuid.uuid4().hex, attempt=attempt, tier_name=tier,
+                      tier=TIER, charged=charged)
+    if begin.verdict == "run":
+        led.settle(task, key, Outcome("none"))
+    return begin.verdict == "run"
+
+
 def test_retries_over_the_budget_are_refused(ledger: tuple[Ledger, str]) -> None:
     led, tier = ledger
-    assert led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted  # the minimum of 1
-    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
+    assert _runs(led, tier, str(uuid.uuid4()), 2)  # the minimum of 1
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)
     assert led.budget_exhausted_total(tier) == 1
 
 
@@ -33,27 +44,23 @@ def test_an_attempt_the_budget_admitted_before_is_not_charged_again(
 ) -> None:
     led, tier = ledger
     task = str(uuid.uuid4())
-    assert led.begin(task, 2, tier, TIER).admitted  # admitted, then deferred by a breaker
-    led.clear(task, 2)
-    # its re-run passes an exhausted budget and does not count as another retry
-    for _ in range(5):
-        begin = led.begin(task, 2, tier, TIER, charged=True)
-        assert begin.admitted
-        led.clear(task, 2)
+    assert _runs(led, tier, task, 2)  # admitted, then deferred by a breaker
+    # its re-runs (new tries of the same attempt) pass an exhausted budget, uncounted
+    for deferrals in range(1, 6):
+        assert _runs(led, tier, task, 2, deferrals=deferrals, charged=True)
     assert led.budget_exhausted_total(tier) == 0
-    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted  # still 1 retry spent
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)  # still 1 retry spent
 
 
 def test_a_deferred_first_attempt_counts_again_when_it_re_runs(
     ledger: tuple[Ledger, str],
 ) -> None:
     led, tier = ledger
-    assert led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted  # the minimum spent
-    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
+    assert _runs(led, tier, str(uuid.uuid4()), 2)  # the minimum spent
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)
     task = str(uuid.uuid4())
-    for _ in range(4):  # a first attempt deferred by the breaker, re-run 4 times
-        led.begin(task, 1, tier, TIER, charged=True)
-        led.clear(task, 1)
+    for deferrals in range(4):  # a first attempt deferred by the breaker, re-run 4 times
+        _runs(led, tier, task, 1, deferrals=deferrals, charged=True)
     # 4 first attempts in the window: ratio 0.5 admits 2 retries, 1 already spent
-    assert led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
-    assert not led.begin(str(uuid.uuid4()), 2, tier, TIER).admitted
+    assert _runs(led, tier, str(uuid.uuid4()), 2)
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)

@@ -12,6 +12,7 @@ import click
 from pipeline.cli.base import EXIT_CONFIG, cli, fail_config
 from pipeline.config import check_settings, load_settings
 from pipeline.errors import ConfigError, FieldProblem
+from pipeline.tokens import credentials, token_notes
 
 
 def _drop_none(value: Any) -> Any:
@@ -34,13 +35,18 @@ def config() -> None:
 def config_check(file: Path | None) -> None:
     """Validate FILE (else $PIPELINE_CONFIG, else the built-in default)."""
     problems: list[FieldProblem]
+    notes: list[str] = []
     try:
         settings = load_settings(file)
         problems = check_settings(settings, import_handlers=True)
+        problems += credentials(settings)[1]  # token_env secrets, as `pipeline serve` reads them
+        notes = token_notes(settings)
     except ConfigError as exc:
         problems = list(exc.problems)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if problems:
         sys.exit(EXIT_CONFIG)
     click.echo(f"ok: {len(settings.tiers)} tiers, {len(settings.rules)} rules")

@@ -46,6 +46,7 @@ from pipeline.errors import BrokerUnavailable
 from pipeline.events import Event
 from pipeline.handlers import registry
 from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec
+from pipeline.redisurl import mask_urls, redact
 from pipeline.state import Keys
 
 if TYPE_CHECKING:
@@ -267,14 +268,5 @@ def _claims(fresh: Iterable[bool]) -> list[Claim]:
 
 
 def unavailable(broker_url: str, exc: BaseException) -> BrokerUnavailable:
-    return BrokerUnavailable(f"broker {_redact(broker_url)} unreachable: {exc}")
+    return BrokerUnavailable(f"broker {redact(broker_url)} unreachable: {mask_urls(str(exc))}")
 
-
-def _redact(url: str) -> str:
-    """``url`` without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

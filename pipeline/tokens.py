@@ -43,6 +43,7 @@ MIN_TOKEN_CHARS = 16  # shortest bearer token accepted (token_urlsafe(32) gives 
 DEFAULT_TOKEN_NAME = "default"  # what audit entries call api_token
 TOKEN_HINT = ('make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"')
 SECRET_MASK = "***"  # stands in for a token in any message
+PLACEHOLDER_PREFIX = "change-me"  # .env.example's placeholders: never a real token
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # what token_env may name
 
 
@@ -54,6 +55,8 @@ def token_problem(value: str) -> str | None:
         return f"blank; a token must be at least {MIN_TOKEN_CHARS} characters, {TOKEN_HINT}"
     if any(c.isspace() for c in value):
         return f"contains whitespace, which an Authorization header cannot carry; {TOKEN_HINT}"
+    if value.lower().startswith(PLACEHOLDER_PREFIX):
+        return f"still the .env.example placeholder; {TOKEN_HINT}"
     if len(value) < MIN_TOKEN_CHARS:
         return (f"{len(value)} characters, shorter than the {MIN_TOKEN_CHARS} required; "
                 f"{TOKEN_HINT}")

@@ -18,7 +18,8 @@ from pipeline.tokens import ALL_SCOPES, MIN_TOKEN_CHARS, Credential, credentials
 
 GOOD = "A" * MIN_TOKEN_CHARS
 BAD_TOKENS = {"empty": "", "blank": "      ", "short": "abc123", "one-char": "x",
-              "fifteen": "y" * (MIN_TOKEN_CHARS - 1), "inner-space": "abcdefgh ijklmnopq"}
+              "fifteen": "y" * (MIN_TOKEN_CHARS - 1), "inner-space": "abcdefgh ijklmnopq",
+              "placeholder": "change-me-api-token"}
 HINT = "secrets.token_urlsafe(32)"
 
 

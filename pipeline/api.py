@@ -5,22 +5,27 @@
 ``POST /events/batch``  JSON array or NDJSON -> 202 (all taken) / 207 (mixed)
 ``GET /healthz``        process alive (no auth)
 ``GET /readyz``         broker reachable -> 200, else 503 (no auth)
-``GET /metrics``        Prometheus metrics (token required)
+``GET /metrics``        Prometheus metrics (any valid token)
+``/dlq...``             DLQ operations (:mod:`pipeline.dlqapi`)
 =====================  ====================================================
 
-Bearer-token auth (``PIPELINE_API_TOKEN``) on every route that reads or writes
-events. Limits: body size (413), batch size (413), content type (415). Invalid
-events get 422 naming every offending field; a full tier 429 with
-``Retry-After``; an event whose key another publish holds unconfirmed (RabbitMQ)
-409 with ``Retry-After``; a broker outage 503 — and nothing is reported accepted that was
-not enqueued. No input produces another 5xx.
+Bearer-token auth (:mod:`pipeline.tokens`) on every route that reads or writes
+events or the DLQ: a request without a valid token is 401, whatever the
+configuration (an API without tokens lets nobody in); a valid token without the
+route's scope (``ingest``, ``dlq:read``, ``dlq:write``) is 403, and so is an event
+for a source its ``ingest`` token is not limited to. Limits: body size (413),
+batch size (413), content type (415). Invalid events get 422 naming every
+offending field; a full tier 429 with ``Retry-After``; an event whose key another
+publish holds unconfirmed (RabbitMQ) 409 with ``Retry-After``; a broker outage
+503 — and nothing is reported accepted that was not enqueued. No input produces
+another 5xx.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -33,10 +38,11 @@ from pipeline import exporter
 from pipeline.admission import TIER_FULL
 from pipeline.dlqapi import add_dlq_routes
 from pipeline.enqueue import IN_FLIGHT
-from pipeline.errors import BrokerUnavailable
+from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem
 from pipeline.events import Event
-from pipeline.ingest import PublishResult
+from pipeline.ingest import FORBIDDEN_SOURCE, PublishResult
 from pipeline.runtime import Runtime
+from pipeline.tokens import DEFAULT_TOKEN_NAME, Credential, token_problem
 
 __all__ = ["create_api"]
 
@@ -50,7 +56,8 @@ NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/ndjson
 
 
 # Module level: FastAPI resolves the (string) annotations against module globals.
-_bearer = HTTPBearer(auto_error=False, description="PIPELINE_API_TOKEN")
+_bearer = HTTPBearer(auto_error=False, description="PIPELINE_API_TOKEN or a named token")
+BearerCreds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 class _Problem(Exception):
@@ -65,29 +72,55 @@ def _event_schema() -> dict[str, Any]:
     return Event.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
-def create_api(runtime: Runtime, *, token: str | None,
-               tokens: Mapping[str, str] | None = None) -> FastAPI:
-    """The ASGI app. ``token`` (named "default") and/or named ``tokens``; none at all
-    means no auth (only with ``--insecure-local``)."""
+def require(scope: str | None) -> Callable[..., Credential]:
+    """A dependency: the caller's credential, which must hold ``scope`` (None: any
+    valid token). No or a wrong token -> 401; a token without the scope -> 403."""
+
+    def caller(request: Request, creds: BearerCreds) -> Credential:
+        offered = creds.credentials.encode() if creds is not None else b""
+        found: Credential | None = None
+        known: list[Credential] = request.app.state.credentials
+        for cred in known:  # compare against every token: no early exit
+            if secrets.compare_digest(offered, cred.secret.encode()) and offered:
+                found = cred
+        if found is None:
+            raise _Problem(401, {"error": "missing or wrong bearer token"},
+                           {"WWW-Authenticate": "Bearer"})
+        if scope is not None and scope not in found.scopes:
+            raise _Problem(403, {"error": f"token {found.name!r} lacks the {scope!r} scope"})
+        return found
+
+    return caller
+
+
+IngestCaller = Annotated[Credential, Depends(require("ingest"))]
+AnyCaller = Annotated[Credential, Depends(require(None))]
+
+
+def _checked(credentials: Sequence[Credential] | None, token: str | None,
+             tokens: Mapping[str, str] | None) -> list[Credential]:
+    """Every credential the API accepts; a token that could not be one is refused here
+    too, so no caller can build an API that an empty token opens."""
+    found = list(credentials or [])
+    found += [Credential(name, secret) for name, secret in (tokens or {}).items()]
+    if token is not None:
+        found.append(Credential(DEFAULT_TOKEN_NAME, token))
+    problems = [FieldProblem(f"api_tokens.{c.name}", None, why) for c in found
+                if (why := token_problem(c.secret)) is not None]
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = None,
+               token: str | None = None, tokens: Mapping[str, str] | None = None) -> FastAPI:
+    """The ASGI app. ``credentials`` (:func:`pipeline.tokens.credentials`), or for
+    short ``token`` (named "default") and named ``tokens``, each with every scope.
+    None at all: every route that needs a token answers 401."""
     settings = runtime.settings
     api = FastAPI(title="pipeline ingest", version="1",
                   description="Events in; tiers, retries and a DLQ behind.")
-    known = dict(tokens or {})
-    if token is not None:
-        known.setdefault("default", token)
-
-    def authorized(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> str:
-        """The name of the caller's token (audit entries record it)."""
-        if not known:
-            return "insecure-local"
-        offered = creds.credentials.encode() if creds is not None else b""
-        for name, secret in known.items():
-            if secrets.compare_digest(offered, secret.encode()):
-                return f"token:{name}"
-        raise _Problem(401, {"error": "missing or wrong bearer token"},
-                       {"WWW-Authenticate": "Bearer"})
+    api.state.credentials = _checked(credentials, token, tokens)
 
     @api.exception_handler(_Problem)
     async def _problem(request: Request, exc: _Problem) -> JSONResponse:
@@ -110,9 +143,11 @@ def create_api(runtime: Runtime, *, token: str | None,
             chunks.append(chunk)
         return b"".join(chunks), kind
 
-    async def publish(items: list[Any]) -> list[PublishResult]:
+    async def publish(items: list[Any], by: Credential) -> list[PublishResult]:
+        allowed = by.may_publish if by.sources else None
         try:
-            return await run_in_threadpool(runtime.publisher.publish_many, items)
+            return await run_in_threadpool(
+                lambda: runtime.publisher.publish_many(items, may_publish=allowed))
         except BrokerUnavailable as exc:
             log.error("ingest refused: %s", exc)
             raise _Problem(503, {"error": "broker unavailable; nothing was accepted from the "
@@ -127,10 +162,10 @@ def create_api(runtime: Runtime, *, token: str | None,
         "application/x-ndjson": {"schema": {"type": "string"}}}}}
 
     @api.post("/events", status_code=202, openapi_extra=single_body,
-              dependencies=[Depends(authorized)],
-              responses={200: {"description": "duplicate"}, 413: {}, 415: {}, 422: {},
-                         409: {"description": "in flight"}, 429: {}, 503: {}})
-    async def post_event(request: Request) -> Response:
+              responses={200: {"description": "duplicate"}, 401: {}, 403: {}, 413: {},
+                         415: {}, 422: {}, 409: {"description": "in flight"}, 429: {},
+                         503: {}})
+    async def post_event(request: Request, by: IngestCaller) -> Response:
         raw, _ = await body_of(request, JSON_TYPES)
         try:
             item = orjson.loads(raw)
@@ -140,20 +175,19 @@ def create_api(runtime: Runtime, *, token: str | None,
         if not isinstance(item, dict):
             raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
                                              "message": "an event must be a JSON object"}]})
-        (result,) = await publish([item])
+        (result,) = await publish([item], by)
         return _single_response(result)
 
     @api.post("/events/batch", status_code=202, openapi_extra=batch_body,
-              dependencies=[Depends(authorized)],
-              responses={207: {"description": "some items rejected"}, 413: {}, 415: {},
-                         422: {}, 503: {}})
-    async def post_batch(request: Request) -> Response:
+              responses={207: {"description": "some items rejected"}, 401: {}, 403: {},
+                         413: {}, 415: {}, 422: {}, 503: {}})
+    async def post_batch(request: Request, by: IngestCaller) -> Response:
         raw, kind = await body_of(request, JSON_TYPES + NDJSON_TYPES)
         items = _batch_items(raw, kind)
         if len(items) > settings.api_max_batch:
             raise _Problem(413, {"error": f"{len(items)} events over the batch limit of "
                                           f"{settings.api_max_batch}"})
-        results = await publish(items)
+        results = await publish(items, by)
         body = {"results": [r.as_dict() for r in results],
                 "accepted": sum(r.outcome == "accepted" for r in results),
                 "duplicate": sum(r.outcome == "duplicate" for r in results),
@@ -175,13 +209,13 @@ def create_api(runtime: Runtime, *, token: str | None,
 
     registry = exporter.build_registry(runtime)
 
-    @api.get("/metrics", dependencies=[Depends(authorized)], include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus metrics (see docs/observability.md); same token as the rest."""
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics(by: AnyCaller) -> Response:
+        """Prometheus metrics (see docs/observability.md); any valid token."""
         body = await run_in_threadpool(exporter.scrape, registry)
         return Response(body, media_type=exporter.CONTENT_TYPE)
 
-    add_dlq_routes(api, runtime, authorized)
+    add_dlq_routes(api, runtime, require)
     return api
 
 
@@ -193,6 +227,8 @@ def _single_response(result: PublishResult) -> Response:
     if result.reason == TIER_FULL:
         return JSONResponse(result.as_dict(), 429,
                             headers={"Retry-After": str(RETRY_AFTER_FULL_S)})
+    if result.reason == FORBIDDEN_SOURCE:
+        return JSONResponse(result.as_dict(), 403)
     if result.reason == IN_FLIGHT:
         return JSONResponse(result.as_dict(), 409,
                             headers={"Retry-After": str(RETRY_AFTER_IN_FLIGHT_S)})

@@ -8,8 +8,9 @@ through the same :meth:`Attempt.run`:
    acknowledge without running; an earlier delivery of this try was lost -> settle
    it as a failed attempt (``WorkerLostError``) without running; over the retry
    budget -> defer;
-2. **checks**: the event envelope, the handler (or fan out), the handler's payload
-   model (``invalid_payload``), the downstreams' circuit breakers (defer);
+2. **checks**: the event envelope, the handler (or fan out), that the handler is
+   registered for the event's type and the handler's payload model (both
+   ``invalid_payload``), the downstreams' circuit breakers (defer);
 3. **the handler**;
 4. **settle** exactly one outcome, atomically with the try's settled mark: the done
    mark, a retry or deferral in the schedule, or a DLQ record.
@@ -110,6 +111,10 @@ class Attempt:
         if entry is None:
             return self.dead_letter(Reason.NO_HANDLER, "LookupError",
                                     f"no handler named {self.handler!r} on this worker", "")
+        if not entry.handles(event.type):  # a crafted DLQ record or a task applied by hand
+            return self.dead_letter(Reason.INVALID_PAYLOAD, "TypeError",
+                                    f"handler {self.handler!r} handles {entry.pattern!r}, not "
+                                    f"event type {event.type!r}; not run", "")
         if entry.model is not None:
             try:
                 entry.model.model_validate(event.payload)

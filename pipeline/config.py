@@ -27,7 +27,8 @@ from pydantic_settings import SettingsError
 from pipeline.configcheck import check_settings
 from pipeline.configfile import CONFIG_ENV
 from pipeline.errors import ConfigError, FieldProblem
-from pipeline.settings import ENV_PREFIX, Settings
+from pipeline.settings import ENV_PREFIX, SECRET_FIELDS, Settings
+from pipeline.tokens import SECRET_MASK
 
 __all__ = ["CONFIG_ENV", "Settings", "check_settings", "load_settings"]
 
@@ -59,15 +60,23 @@ def _problems(exc: pydantic.ValidationError, arguments: set[str]) -> list[FieldP
         field = ".".join(loc)
         message = err["msg"].removeprefix("Value error, ")
         source = _source_of(loc, arguments)
-        problems.append(FieldProblem(field, err.get("input"), f"{message} ({source})"))
+        problems.append(FieldProblem(field, _shown(loc, err.get("input")),
+                                     f"{message} ({source})"))
     return problems
+
+
+def _shown(loc: list[str], value: object) -> object:
+    """A bad value as a message may quote it: a token (or what holds one) never."""
+    if loc and loc[0] in SECRET_FIELDS and (len(loc) <= 2 or loc[-1] == "token"):
+        return SECRET_MASK
+    return value
 
 
 def _env_problem(text: str, cause: BaseException) -> FieldProblem:
     """pydantic-settings says 'error parsing value for field "x" from source "Y"'."""
     field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else "<env>"
     name = ENV_PREFIX + field.upper()
-    value = os.environ.get(name)
+    value = SECRET_MASK if field in SECRET_FIELDS else os.environ.get(name)
     return FieldProblem(field, value, f"not valid JSON ({cause}) (from env {name})")
 
 

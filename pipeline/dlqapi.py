@@ -9,6 +9,9 @@
 ``POST /dlq/purge``       delete by ids / filters / all (``"yes": true``)
 =======================  ===============================================
 
+Reading needs the ``dlq:read`` scope, replay and purge ``dlq:write``; audit entries
+name the token of every replay and purge.
+
 Route signatures use local ``Annotated`` aliases, which FastAPI must resolve at
 definition time: so no ``from __future__ import annotations`` here.
 """
@@ -23,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.replay import Replayer
+from pipeline.tokens import Credential
 from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
 
 if TYPE_CHECKING:
@@ -80,8 +84,10 @@ def _unselective(sel: Selection) -> JSONResponse | None:
     return None
 
 
-def add_dlq_routes(api: FastAPI, runtime: "Runtime", authorized: Callable[..., str]) -> None:
-    caller = Annotated[str, Depends(authorized)]
+def add_dlq_routes(api: FastAPI, runtime: "Runtime",
+                   require: Callable[[str], Callable[..., Credential]]) -> None:
+    caller = Annotated[Credential, Depends(require("dlq:read"))]
+    writer = Annotated[Credential, Depends(require("dlq:write"))]
 
     def query_filter(tier: str | None = None, type: str | None = None,
                      reason: Reason | None = None, exception: str | None = None,
@@ -132,7 +138,7 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime", authorized: Callable[..., s
             {"error": f"no DLQ record {record_id!r}"}, 404)
 
     @api.post("/dlq/replay", tags=["dlq"], responses={422: {}})
-    async def dlq_replay(by: caller, request: ReplayRequest) -> Any:
+    async def dlq_replay(by: writer, request: ReplayRequest) -> Any:
         refused = _unselective(request)
         if refused is not None:
             return refused
@@ -140,17 +146,19 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime", authorized: Callable[..., s
             return JSONResponse({"error": f"to_tier {request.to_tier!r} is not a tier"}, 422)
         summary = await run_in_threadpool(
             lambda: Replayer(runtime).replay(
-                request.to_filter(), by=by, to_tier=request.to_tier, rate_per_s=request.rate,
+                request.to_filter(), by=by.caller, to_tier=request.to_tier,
+                rate_per_s=request.rate,
                 dry_run=request.dry_run, validate=request.validate_payloads,
                 force=request.force))
         return summary.as_dict()
 
     @api.post("/dlq/purge", tags=["dlq"], responses={422: {}})
-    async def dlq_purge(by: caller, request: PurgeRequest) -> Any:
+    async def dlq_purge(by: writer, request: PurgeRequest) -> Any:
         refused = _unselective(request)
         if refused is not None:
             return refused
         if not request.yes:
             return JSONResponse({"error": "purge deletes records for good: send yes=true"}, 422)
-        purged = await run_in_threadpool(Replayer(runtime).purge, request.to_filter(), by=by)
+        purged = await run_in_threadpool(Replayer(runtime).purge, request.to_filter(),
+                                         by=by.caller)
         return {"purged": purged}

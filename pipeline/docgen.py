@@ -40,6 +40,7 @@ from pipeline.configfile import read_default_toml
 from pipeline.fielddoc import describe_type, field_comments, field_default, format_value
 from pipeline.settings import ENV_PREFIX, Settings
 from pipeline.tiers import Rule, TierConfig
+from pipeline.tokens import ApiToken
 
 __all__ = ["DEFAULT_PATH", "REGENERATE", "field_docs", "main", "render", "render_blocks"]
 
@@ -140,6 +141,10 @@ def breaker_table() -> str:
     return _model_table(BreakerConfig, _nested_env("BREAKERS", "NAME"), _field_default)
 
 
+def api_token_table() -> str:
+    return _model_table(ApiToken, _nested_env("API_TOKENS", "NAME"), _field_default)
+
+
 def rule_table() -> str:
     def env(name: str) -> str:
         return f"— (the whole list: `{ENV_PREFIX}RULES`, JSON)"
@@ -181,6 +186,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "settings": settings_table,
     "tier": tier_table,
     "breaker": breaker_table,
+    "api-token": api_token_table,
     "rule": rule_table,
     "builtin-tiers": builtin_tiers_table,
     "builtin-rules": builtin_rules_list,

@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.redisurl import redact
+
 __all__ = ["Endpoints", "banner", "write_env_file"]
 
 STACK_ENV_MODE = 0o600  # stack.env holds the API token and Flower password
@@ -51,7 +53,7 @@ def banner(endpoints: Endpoints, workers: list[str], log_dir: Path, env_file: Pa
     event = '{"type": "demo.ok", "source": "cli"}'
     lines = [
         "pipeline is up",
-        f"  broker:   {endpoints.broker}"
+        f"  broker:   {redact(endpoints.broker)}"
         + (f"  (embedded; data in {log_dir.parent / 'broker'})" if embedded else ""),
         f"  workers:  {', '.join(workers)}",
     ]

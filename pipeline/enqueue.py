@@ -1,8 +1,9 @@
 """Enqueueing planned events on the broker, with their idempotency claims.
 
 On a Redis broker each chunk costs one round trip: a Lua script that, per event,
-claims its idempotency key (``SET NX EX``) and, only if fresh, ``LPUSH``es its
-pre-rendered task messages — atomically, so an event is never marked seen without
+claims its idempotency key (``SET NX EX``; within the event's source unless
+``idempotency_scope = "global"``, :meth:`Enqueuer.seen_key`) and, only if fresh,
+``LPUSH``es its pre-rendered task messages — atomically, so an event is never marked seen without
 being enqueued. Events of batched tiers are packed into ``pipeline.handle_batch``
 messages (one Lua call per message, see :mod:`pipeline.batch`).
 
@@ -45,6 +46,7 @@ from pipeline.errors import BrokerUnavailable
 from pipeline.events import Event
 from pipeline.handlers import registry
 from pipeline.messages import TASK_NAME, RedisMessageRenderer, TaskSpec
+from pipeline.redisurl import mask_urls, redact
 from pipeline.state import Keys
 
 if TYPE_CHECKING:
@@ -162,6 +164,14 @@ class Enqueuer:
         except (redis.RedisError, OperationalError, OSError) as exc:
             raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 
+    def seen_key(self, plan: Planned) -> str:
+        """The idempotency claim of ``plan``'s event: its key (else id), within its
+        source unless ``idempotency_scope`` is ``global``."""
+        event = plan.event
+        scoped = self.rt.settings.idempotency_scope == "source"
+        return Keys.seen(event.idempotency_key or plan.event_id,
+                         event.source if scoped else None)
+
     def _packable(self, plan: Planned) -> bool:
         """Events of a batched tier with exactly one handler that may run in a batch."""
         if self.rt.settings.tier(plan.tier).batch_size <= 0 or len(plan.handlers) != 1:
@@ -188,7 +198,7 @@ class Enqueuer:
                                       handler=handler, tier=tier,
                                       accepted_at=chunk[0].specs[0].kwargs["accepted_at"])
                     key, payload = renderer.render(spec)
-                    keys = [Keys.seen(p.event.idempotency_key or p.event_id) for p in chunk]
+                    keys = [self.seen_key(p) for p in chunk]
                     dups = self._pack_script(keys=[], args=[ttl, len(chunk), *keys, key, payload])
                     if not dups:
                         fresh.update((id(p), True) for p in chunk)
@@ -204,8 +214,7 @@ class Enqueuer:
         renderer = self._renderer
         argv: list[Any] = [ttl, len(plans)]
         for plan in plans:
-            key = plan.event.idempotency_key or plan.event_id
-            argv += [Keys.seen(key).encode(), len(plan.specs)]
+            argv += [self.seen_key(plan).encode(), len(plan.specs)]
             for spec in plan.specs:
                 argv.extend(renderer.render(spec))
         return [bool(x) for x in self._enqueue_script(keys=[], args=argv)]
@@ -218,7 +227,7 @@ class Enqueuer:
             return [Claim.FRESH] * len(plans)
         state = self.rt.state
         token = f"{_PENDING_PREFIX}{uuid.uuid4().hex}"
-        keys = [Keys.seen(p.event.dedupe_key) for p in plans]
+        keys = [self.seen_key(p) for p in plans]
         found = self._claim_pending(keys=keys, args=[token, self.pending_ttl_s])
         claims = [_PENDING_FOUND[int(x)] for x in found]
         ours = [k for k, x in zip(keys, found, strict=True) if int(x) == 1]
@@ -259,14 +268,5 @@ def _claims(fresh: Iterable[bool]) -> list[Claim]:
 
 
 def unavailable(broker_url: str, exc: BaseException) -> BrokerUnavailable:
-    return BrokerUnavailable(f"broker {_redact(broker_url)} unreachable: {exc}")
+    return BrokerUnavailable(f"broker {redact(broker_url)} unreachable: {mask_urls(str(exc))}")
 
-
-def _redact(url: str) -> str:
-    """``url`` without its password."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

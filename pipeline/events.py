@@ -28,7 +28,8 @@ __all__ = [
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024  # payload cap when the config sets none: 256 KiB
 EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # dotted lowercase: reward.granted
-SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/@\-]*$"  # service name, host or URL-ish id
+# service name, host or URL-ish id; never "|", which Keys.seen puts after the source
+SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/@\-]*$"
 TIER_PATTERN = r"^[a-z][a-z0-9_\-]*$"  # tier names as declared in the config
 
 _MAX_NAME_CHARS = 128  # longest type, source or tier name

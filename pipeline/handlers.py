@@ -57,6 +57,10 @@ class Handler:
     downstreams: tuple[str, ...] = ()  # circuit breakers this handler's calls go through
     batchable: bool = True  # False: never run as part of a packed batch message
 
+    def handles(self, event_type: str) -> bool:
+        """Whether this handler is registered for ``event_type`` (its pattern matches)."""
+        return fnmatch.fnmatchcase(event_type, self.pattern)
+
     def __call__(self, event: Event) -> Any:
         if self.model is None:
             return self.func(event)
@@ -93,8 +97,7 @@ class Registry:
     def for_type(self, event_type: str) -> list[Handler]:
         found = self._by_type.get(event_type)
         if found is None:
-            found = [h for h in self._by_name.values()
-                     if fnmatch.fnmatchcase(event_type, h.pattern)]
+            found = [h for h in self._by_name.values() if h.handles(event_type)]
             if len(self._by_type) < _TYPE_CACHE_MAX_ENTRIES:
                 self._by_type[event_type] = found
         return list(found)

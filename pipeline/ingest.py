@@ -36,12 +36,13 @@ from pipeline.tiers import classify
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
-__all__ = ["PublishResult", "Publisher", "publish_listeners", "task_id_for"]
+__all__ = ["FORBIDDEN_SOURCE", "PublishResult", "Publisher", "publish_listeners", "task_id_for"]
 
 _TASK_NAMESPACE = uuid.UUID("6a1f0b7e-3c4d-4f5a-8b9c-0d1e2f3a4b5c")  # uuid5 namespace for task ids
 _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
 _CACHE_MAX_ENTRIES = 100_000  # classification results kept per publisher
 FAN_OUT_HANDLER = ""  # handler name of a task that asks the worker to fan out
+FORBIDDEN_SOURCE = "forbidden_source"  # rejection reason: the caller may not publish for it
 Item = Event | Mapping[str, Any] | str | bytes
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class PublishResult:
     tier: str | None
     outcome: str = "accepted"
     type: str | None = None
-    reason: str | None = None  # rejected: "invalid", "tier_full" or "in_flight"
+    reason: str | None = None  # rejected: "invalid", "forbidden_source", "tier_full",
+    #                            or "in_flight"
     errors: list[dict[str, Any]] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
     handlers: list[str] = field(default_factory=list)
@@ -141,12 +143,16 @@ class Publisher:
                     max_items=cfg.batch_size)
         return found
 
-    def publish_many(self, items: Iterable[Item]) -> list[PublishResult]:
+    def publish_many(self, items: Iterable[Item], *,
+                     may_publish: Callable[[str], bool] | None = None) -> list[PublishResult]:
         """Validate and enqueue many events in batched round trips; one result per item.
 
         Invalid items are ``rejected`` (reason ``invalid``, ``errors`` naming every
-        field) while the valid ones go through. Raises BrokerUnavailable for a chunk
-        the broker did not take; chunks before it stay accepted.
+        field) while the valid ones go through; so is an event whose source
+        ``may_publish`` refuses (reason ``forbidden_source``: an API token limited to
+        other sources), before its idempotency key is claimed. Raises
+        BrokerUnavailable for a chunk the broker did not take; chunks before it stay
+        accepted.
         """
         results: list[PublishResult] = []
         it = iter(items)
@@ -156,12 +162,18 @@ class Publisher:
             invalid: list[PublishResult] = []
             for item in chunk:
                 try:
-                    valid.append(self.validate(item))
-                    slots.append(None)
+                    event = self.validate(item)
                 except EventValidationError as exc:
                     invalid.append(PublishResult(id=_raw_id(item), tier=None, outcome="rejected",
                                                  reason="invalid", errors=exc.as_dicts()))
                     slots.append(invalid[-1])
+                    continue
+                if may_publish is not None and not may_publish(event.source):
+                    invalid.append(_forbidden(event))
+                    slots.append(invalid[-1])
+                    continue
+                valid.append(event)
+                slots.append(None)
             _notify(invalid)
             if len(chunk) == 1 and len(valid) == 1:  # a lone event (POST /events) may coalesce
                 coalescer = self._coalescer(self.tier_for(valid[0]))
@@ -306,6 +318,13 @@ def _notify(results: Sequence[PublishResult]) -> None:
             listener(results)
         except Exception:  # an observer must never break publishing
             logging.getLogger(__name__).exception("publish listener failed")
+
+
+def _forbidden(event: Event) -> PublishResult:
+    return PublishResult(id=str(event.id), tier=None, outcome="rejected", type=event.type,
+                         reason=FORBIDDEN_SOURCE, errors=[{
+                             "field": "source", "value": event.source,
+                             "message": "this token may not publish events for this source"}])
 
 
 def _raw_id(item: Item) -> str | None:

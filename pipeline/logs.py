@@ -10,7 +10,8 @@ While ``pipeline.handle`` runs, ``event_id``, ``type``, ``tier``, ``task_id``,
 ``task_prerun``/``task_postrun`` signals), so every line logged during the task,
 by anyone, carries them. Only an allow-list of ``extra`` fields is copied into a
 line: Celery attaches the task's full arguments (the event and its payload) to
-its own records as ``extra={"data": ...}``, and a payload may hold secrets.
+its own records as ``extra={"data": ...}``, and a payload may hold secrets. The
+password of every URL in a line (a broker URL in an error) is masked.
 
 Celery workers of the pipeline's own app (:func:`pipeline.app.create_app`) log
 this way; a team's app that only :func:`~pipeline.app.attach`\\es the pipeline
@@ -30,6 +31,7 @@ from celery import signals
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from pipeline.messages import TASK_NAME
+from pipeline.redisurl import mask_urls
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -99,6 +101,15 @@ def _leading_keys_first(logger: WrappedLogger, name: str, event_dict: EventDict)
     return ordered
 
 
+def _mask_url_credentials(logger: WrappedLogger, name: str,
+                          event_dict: EventDict) -> EventDict:
+    """Every text value of the line (message, exception, fields) without URL passwords."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "://" in value:
+            event_dict[key] = mask_urls(value)
+    return event_dict
+
+
 def _shared() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -113,9 +124,11 @@ def configure(level: int | str = logging.INFO, stream: TextIO | None = None) -> 
     global _handler
     stream = stream or sys.stderr
     renderer: list[Processor] = (
-        [structlog.processors.format_exc_info, structlog.processors.EventRenamer("message"),
-         _leading_keys_first, structlog.processors.JSONRenderer(default=str)]
-        if wants_json(stream) else [structlog.dev.ConsoleRenderer(colors=_isatty(stream))])
+        [structlog.processors.format_exc_info, _mask_url_credentials,
+         structlog.processors.EventRenamer("message"), _leading_keys_first,
+         structlog.processors.JSONRenderer(default=str)]
+        if wants_json(stream) else [structlog.processors.format_exc_info, _mask_url_credentials,
+                                    structlog.dev.ConsoleRenderer(colors=_isatty(stream))])
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*_shared(), structlog.stdlib.ExtraAdder(EXTRA_ALLOWED),
                            _from_celery_record],

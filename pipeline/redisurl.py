@@ -1,5 +1,6 @@
 """Redis URLs compared and shown: does ``state_url`` name the broker's own Redis,
-and a URL as it may be printed (never with its password).
+and a URL as it may be printed (never with its password): :func:`redact` for one
+URL (any scheme), :func:`mask_urls` for every URL inside a text (log lines).
 
 Two ``redis://``/``rediss://`` URLs name the same Redis when host (any case), port
 (default 6379) and database (default 0; the path, or a ``db`` query parameter, which
@@ -11,15 +12,18 @@ identical: which server a Sentinel names is known only by asking it.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["redact", "same_redis"]
+__all__ = ["mask_urls", "redact", "same_redis"]
 
 DEFAULT_REDIS_PORT = 6379  # port kombu and redis-py connect to when a URL names none
 DEFAULT_REDIS_DB = 0  # database kombu and redis-py select when a URL names none
 MASK = "***"  # stands in for a password in anything printed
 _COMPARABLE_SCHEMES = ("redis", "rediss")  # URLs whose host, port and db say it all
 _SECRET_QUERY_KEYS = ("password", "sentinel_password")  # query parameters masked too
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")  # a URL inside a text
+_USERINFO = re.compile(r"(://[^\s:/@]*):[^\s@/]*@")  # fallback for what urlsplit refuses
 
 
 def same_redis(a: str, b: str) -> bool:
@@ -50,6 +54,20 @@ def redact(url: str) -> str:
     """``url`` with every password (each ``;``-joined Sentinel URL's, and any in the
     query) replaced by ``***``."""
     return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def mask_urls(text: str) -> str:
+    """``text`` with the password of every URL in it masked (a log line, an error)."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda m: _safe_redact(m.group(0)), text)
+
+
+def _safe_redact(url: str) -> str:
+    try:
+        return redact(url)
+    except ValueError:  # not a URL urlsplit can read (a bad IPv6 host, a bad port)
+        return _USERINFO.sub(rf"\1:{MASK}@", url)
 
 
 def _redact_one(url: str) -> str:

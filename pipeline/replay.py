@@ -68,6 +68,8 @@ def would_fail_again(record: DeadLetterRecord) -> str | None:
     entry = registry.get(record.handler)
     if entry is None:
         return f"no handler named {record.handler!r}"
+    if not entry.handles(event.type):
+        return f"handler {record.handler!r} does not handle {event.type!r}"
     if entry.model is not None:
         try:
             entry.model.model_validate(event.payload)

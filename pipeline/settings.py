@@ -12,22 +12,24 @@ above each field is its meaning in the generated configuration reference
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.breaker import BreakerConfig
 from pipeline.configfile import TomlLayers
 from pipeline.events import DEFAULT_MAX_PAYLOAD_BYTES
 from pipeline.tiers import Rule, TierConfig
+from pipeline.tokens import ApiToken, token_problem
 
-__all__ = ["DEFAULT_BROKER_URL", "ENV_PREFIX", "Settings"]
+__all__ = ["DEFAULT_BROKER_URL", "ENV_PREFIX", "SECRET_FIELDS", "Settings"]
 
 ENV_PREFIX = "PIPELINE_"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"  # used when no broker_url is set anywhere
 VISIBILITY_FLOOR_S = 60.0  # derived visibility timeouts are never shorter than this
 VISIBILITY_MARGIN_S = 30.0  # added to the longest unacked time when deriving the timeout
+SECRET_FIELDS = ("api_token", "api_tokens")  # settings whose values no message quotes
 
 
 class Settings(BaseSettings):
@@ -71,6 +73,11 @@ class Settings(BaseSettings):
     #: an event `id` / `idempotency_key` accepted within this window is answered
     #: `duplicate`; a handler that succeeded within it does not run again. `0` disables both.
     idempotency_window_s: Annotated[int, Field(ge=0)] = 24 * 3600
+    #: what an `idempotency_key` (else `id`) is unique within at ingest: `source` (two
+    #: producers that use the same key, an order id, never drop each other's events) or
+    #: `global` (one key space for every source, as before; an API token limited to
+    #: some sources can still claim keys only with events of those sources).
+    idempotency_scope: Literal["source", "global"] = "source"
     #: how long a tier's queue depth reading is reused by admission control.
     admission_cache_s: Annotated[float, Field(ge=0, le=60)] = 0.5
     #: events per round trip in `publish_many` (and `pipeline send`, HTTP batches).
@@ -80,12 +87,14 @@ class Settings(BaseSettings):
     dlq_max_records: Annotated[int, Field(ge=0)] = 1_000_000
     #: DLQ retention: older records are evicted, counted and logged. `0` = keep forever.
     dlq_max_age_s: Annotated[float, Field(ge=0)] = 30 * 24 * 3600.0
-    #: bearer token of the HTTP API; `pipeline serve` refuses to start without one
-    #: unless `--insecure-local`.
+    #: bearer token of the HTTP API, every scope; at least 16 characters (an empty,
+    #: blank or short one refuses to load). `pipeline serve` needs it or `api_tokens`.
     api_token: SecretStr | None = None
-    #: further named bearer tokens (`PIPELINE_API_TOKENS='{"ops": "..."}'`); DLQ audit
-    #: entries record the name.
-    api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    #: further named bearer tokens, each a string (every scope:
+    #: `PIPELINE_API_TOKENS='{"ops": "..."}'`) or a `[api_tokens.NAME]` table with
+    #: `token_env`, `scopes` and `sources` ([below](#api-tokens)); DLQ audit entries
+    #: record the name.
+    api_tokens: dict[str, ApiToken] = Field(default_factory=dict)
     #: largest HTTP request body accepted by the API (413 above).
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
@@ -98,6 +107,14 @@ class Settings(BaseSettings):
     breakers: dict[str, BreakerConfig] = Field(default_factory=dict)
     #: classification rules, `[[rules]]`, tried in order: the first match wins.
     rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("api_token")
+    @classmethod
+    def _real_token(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = None if value is None else token_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -37,6 +37,7 @@ from pipeline.endpoints import Endpoints, banner, write_env_file
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.redisurl import redact
 from pipeline.supervisor import Child, say, stop_all, supervise
+from pipeline.tokens import credentials
 
 __all__ = ["run_stack"]
 
@@ -63,7 +64,7 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
     os.environ.update(env)
     try:
         settings = load_settings()
-        problems = check_settings(settings)
+        problems = check_settings(settings) + credentials(settings)[1]
         if not settings.broker_url and settings.state_url:  # the broker will be embedded
             problems = [p for p in problems if p.field != "state_url"]
             problems.append(FieldProblem(

@@ -42,9 +42,13 @@ class Keys:
         return f"{cls.prefix}settled:{task_id}:{try_key}"
 
     @classmethod
-    def seen(cls, dedupe_key: str) -> str:
-        """An event id / idempotency key accepted at ingest (TTL: the idempotency window)."""
-        return f"{cls.prefix}seen:{dedupe_key}"
+    def seen(cls, dedupe_key: str, source: str | None = None) -> str:
+        """An event id / idempotency key accepted at ingest (TTL: the idempotency window),
+        within its ``source`` when given. A source never holds ``|`` (events.py), and
+        ``seen-src:`` is no ``seen:`` key: the two key spaces cannot meet."""
+        if source is None:
+            return f"{cls.prefix}seen:{dedupe_key}"
+        return f"{cls.prefix}seen-src:{source}|{dedupe_key}"
 
     @classmethod
     def done(cls, task_id: str) -> str:

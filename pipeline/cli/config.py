@@ -12,6 +12,8 @@ import click
 from pipeline.cli.base import EXIT_CONFIG, cli, fail_config
 from pipeline.config import check_settings, load_settings
 from pipeline.errors import ConfigError, FieldProblem
+from pipeline.redisurl import MASK, mask_urls, redact
+from pipeline.tokens import credentials, token_notes
 
 
 def _drop_none(value: Any) -> Any:
@@ -24,6 +26,18 @@ def _drop_none(value: Any) -> Any:
 
 
 
+def _masked(value: Any, key: str = "") -> Any:
+    """What ``config show`` prints: URLs without passwords, password options masked
+    (tokens are masked by the model already)."""
+    if isinstance(value, dict):
+        return {k: _masked(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, key) for v in value]
+    if isinstance(value, str) and "password" in key.lower():
+        return MASK
+    return mask_urls(value) if isinstance(value, str) else value
+
+
 @cli.group()
 def config() -> None:
     """Validate or print the configuration."""
@@ -34,13 +48,18 @@ def config() -> None:
 def config_check(file: Path | None) -> None:
     """Validate FILE (else $PIPELINE_CONFIG, else the built-in default)."""
     problems: list[FieldProblem]
+    notes: list[str] = []
     try:
         settings = load_settings(file)
         problems = check_settings(settings, import_handlers=True)
+        problems += credentials(settings)[1]  # token_env secrets, as `pipeline serve` reads them
+        notes = token_notes(settings)
     except ConfigError as exc:
         problems = list(exc.problems)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if problems:
         sys.exit(EXIT_CONFIG)
     click.echo(f"ok: {len(settings.tiers)} tiers, {len(settings.rules)} rules")
@@ -54,15 +73,15 @@ def config_show(as_json: bool) -> None:
         settings = load_settings()
     except ConfigError as exc:
         fail_config(exc)
-    data = settings.model_dump(mode="json")
+    data = _masked(settings.model_dump(mode="json"))
     if as_json:
-        data["effective_broker_url"] = settings.effective_broker_url
+        data["effective_broker_url"] = redact(settings.effective_broker_url)
         data["effective_visibility_timeout_s"] = settings.visibility_timeout_s
         click.echo(json.dumps(data, indent=2))
         return
     import tomli_w
 
-    click.echo(f"# effective broker: {settings.effective_broker_url}")
+    click.echo(f"# effective broker: {redact(settings.effective_broker_url)}")
     click.echo(f"# effective visibility timeout: {settings.visibility_timeout_s:g}s")
     click.echo(tomli_w.dumps(_drop_none(data)))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import logging
+import secrets
 import sys
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from pipeline.cli.base import EXIT_CONFIG, cli, fail_config, runtime
 from pipeline.errors import ConfigError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # where --insecure-local may bind
+GENERATED_TOKEN_BYTES = 32  # entropy of the token --insecure-local makes for one run
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -39,29 +40,35 @@ def worker(tier: str, celery_args: tuple[str, ...]) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--insecure-local", is_flag=True,
-              help="Run WITHOUT authentication, bound to loopback only (local development).")
+              help="Local development without a configured token: bind loopback only and "
+                   "generate a token for this run, printed once. Authentication stays on.")
 def serve(host: str, port: int, insecure_local: bool) -> None:
-    """Serve the HTTP ingest API (bearer token from PIPELINE_API_TOKEN)."""
+    """Serve the HTTP ingest API (bearer tokens: PIPELINE_API_TOKEN, PIPELINE_API_TOKENS)."""
     import uvicorn
 
     from pipeline.api import create_api
+    from pipeline.tokens import DEFAULT_TOKEN_NAME, TOKEN_HINT, Credential, credentials
 
+    if insecure_local and host not in LOOPBACK_HOSTS:
+        click.echo(f"error: --insecure-local binds loopback only, not {host!r}", err=True)
+        sys.exit(EXIT_CONFIG)
     rt = runtime()
-    secret = rt.settings.api_token
-    named = {name: value.get_secret_value() for name, value in rt.settings.api_tokens.items()}
-    if secret is None and not named:
+    creds, problems = credentials(rt.settings)
+    if problems:
+        fail_config(ConfigError(problems))
+    if not creds:
         if not insecure_local:
-            click.echo("error: PIPELINE_API_TOKEN is not set; refusing to serve without "
-                       "authentication (use --insecure-local for a loopback-only dev server)",
+            click.echo("error: no API token; refusing to serve without authentication. Set "
+                       f"PIPELINE_API_TOKEN ({TOKEN_HINT}), or use --insecure-local for a "
+                       "loopback-only dev server with a token generated for this run",
                        err=True)
             sys.exit(EXIT_CONFIG)
-        if host not in LOOPBACK_HOSTS:
-            click.echo(f"error: --insecure-local binds loopback only, not {host!r}", err=True)
-            sys.exit(EXIT_CONFIG)
-        click.secho("WARNING: serving WITHOUT AUTHENTICATION (--insecure-local); anyone on "
-                    "this machine can publish events", fg="red", bold=True, err=True)
-        logging.getLogger("pipeline.api").warning("serving without authentication")
-    api = create_api(rt, token=secret.get_secret_value() if secret else None, tokens=named)
+        generated = secrets.token_urlsafe(GENERATED_TOKEN_BYTES)
+        creds = [Credential(DEFAULT_TOKEN_NAME, generated)]
+        click.secho(f"--insecure-local: no token configured; this run's token (every scope, "
+                    f"loopback only):\n  PIPELINE_API_TOKEN={generated}", fg="yellow",
+                    err=True)
+    api = create_api(rt, credentials=creds)
     from pipeline.logs import configure
 
     configure()  # JSON lines in production, readable on a terminal, as the workers

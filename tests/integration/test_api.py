@@ -16,7 +16,7 @@ from pipeline.embedded import EmbeddedServer, start_server
 from pipeline.runtime import Runtime, runtime_for
 from tests.integration.support import write_config
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-the-api-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TINY_TIER = """
 [tiers.tiny]

@@ -179,9 +179,9 @@ def test_http_replay_is_audited_with_the_token_name(stack: Stack) -> None:
     dead(stack, [result.id])
     stack.state.set(fixed_key("demo.fail"), "1")
     try:
-        api = create_api(stack.rt, token=None, tokens={"ops": "ops-secret"})
+        api = create_api(stack.rt, token=None, tokens={"ops": "ops-secret-0123456789"})
         with TestClient(api) as client:
-            auth = {"Authorization": "Bearer ops-secret"}
+            auth = {"Authorization": "Bearer ops-secret-0123456789"}
             assert client.get("/dlq", params={"handler": "demo.fail"}).status_code == 401
             listed = client.get("/dlq", params={"handler": "demo.fail"}, headers=auth).json()
             assert result.id in {r["event"]["id"] for r in listed}

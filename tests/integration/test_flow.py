@@ -108,6 +108,25 @@ def test_payload_failing_handler_model_is_dead_lettered_as_invalid_payload(stack
     assert stack.effects(result.id) == 0
 
 
+def test_task_whose_handler_is_not_for_its_event_type_is_dead_lettered_not_run(
+        stack: Stack) -> None:
+    """As a crafted DLQ record or a task applied from Flower would send it."""
+    from pipeline.events import Event
+    from pipeline.ingest import task_id_for
+
+    event = Event(type="reward.granted", source="crafted", payload={"user_id": 1})
+    message = event.to_message()
+    spec = stack.rt.publisher.spec(message, handler="demo.ok", tier="critical",
+                                   task_id=task_id_for(message["id"], "demo.ok"), attempt=1)
+    stack.rt.publisher.send([spec])
+    record = stack.wait_dlq(message["id"])
+    assert record.reason is Reason.INVALID_PAYLOAD
+    assert record.handler == "demo.ok"
+    assert "'demo.ok'" in record.message
+    assert "'reward.granted'" in record.message
+    assert stack.effects(message["id"]) == 0
+
+
 def test_fan_out_failure_of_one_handler_does_not_rerun_the_other(stack: Stack) -> None:
     result = stack.publish("demo.fanout")
     assert sorted(result.handlers) == ["demo.fanout.fail", "demo.fanout.ok"]

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.app import create_app
 from pipeline.config import load_settings
+from pipeline.messages import redis_list_key
 from pipeline.runtime import runtime_for
 from tests.integration.support import Stack, wait_for, write_config
 
@@ -55,6 +56,46 @@ def test_same_idempotency_key_with_another_id_is_a_duplicate(stack: Stack) -> No
     second = stack.publish("demo.ok", idempotency_key=key)
     assert first.id != second.id
     assert second.outcome == "duplicate"
+
+
+def test_same_idempotency_key_from_another_source_is_another_event(stack: Stack) -> None:
+    key = f"order-{uuid.uuid4()}"
+    shop = stack.publish("demo.ok", source="shop", idempotency_key=key)
+    games = stack.publish("demo.ok", source="games", idempotency_key=key)
+    again = stack.publish("demo.ok", source="games", idempotency_key=key)
+    assert (shop.outcome, games.outcome, again.outcome) == ("accepted", "accepted", "duplicate")
+    assert shop.id is not None
+    assert games.id is not None
+    stack.wait_effect(shop.id)
+    stack.wait_effect(games.id)
+
+
+def test_global_idempotency_scope_shares_keys_across_sources(stack: Stack) -> None:
+    settings = load_settings(stack.config_path, broker_url=stack.url,
+                             idempotency_scope="global")
+    publisher = runtime_for(create_app(settings, main="global-keys")).publisher
+    key = f"order-{uuid.uuid4()}"
+    outcomes = [r.outcome for r in publisher.publish_many([
+        {"type": "demo.ok", "source": "shop", "idempotency_key": key},
+        {"type": "demo.ok", "source": "games", "idempotency_key": key}])]
+    assert outcomes == ["accepted", "duplicate"]
+
+
+@pytest.mark.parametrize("scope", ["source", "global"])
+def test_batched_tiers_claim_keys_in_the_same_scope(stack: Stack, scope: str) -> None:
+    settings = load_settings(stack.config_path, broker_url=stack.url, idempotency_scope=scope,
+                             tiers={"packed": {"batch_size": 10, "queue": f"packed-{scope}",
+                                               "time_limit_s": 5, "soft_time_limit_s": 4,
+                                               "prefetch_multiplier": 1}})
+    publisher = runtime_for(create_app(settings, main=f"packed-{scope}")).publisher
+    key = f"order-{uuid.uuid4()}"
+    events = [{"type": "demo.ok", "source": source, "idempotency_key": key, "tier": "packed"}
+              for source in ("shop", "games", "games")]
+    outcomes = [r.outcome for r in publisher.publish_many(events)]
+    expected = {"source": ["accepted", "accepted", "duplicate"],
+                "global": ["accepted", "duplicate", "duplicate"]}
+    assert outcomes == expected[scope]
+    stack.state.delete(*[redis_list_key(f"packed-{scope}", p) for p in range(10)])
 
 
 def test_same_id_after_the_window_is_accepted_again(stack: Stack) -> None:

@@ -267,10 +267,10 @@ def test_oldest_age_grows_while_a_tier_has_no_worker(
 
 
 def test_api_metrics_need_the_token_and_count_ingest_outcomes(stack: Stack) -> None:
-    with TestClient(create_api(stack.rt, token="obs-token")) as client:
+    with TestClient(create_api(stack.rt, token="obs-token-0123456789")) as client:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
-        auth = {"Authorization": "Bearer obs-token"}
+        auth = {"Authorization": "Bearer obs-token-0123456789"}
         labels = {"tier": "bulk", "type": "demo.ok", "outcome": "accepted", "reason": ""}
         before = value(parse(client.get("/metrics", headers=auth).text),
                        "pipeline_events_total", **labels)

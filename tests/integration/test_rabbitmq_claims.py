@@ -58,7 +58,7 @@ def _events(n: int) -> list[dict[str, Any]]:
 
 
 def _seen(stack: Stack, event: dict[str, Any]) -> bytes | None:
-    value = stack.state.get(Keys.seen(event["idempotency_key"]))
+    value = stack.state.get(Keys.seen(event["idempotency_key"], event["source"]))
     return value if isinstance(value, bytes) else None
 
 

@@ -135,3 +135,19 @@ def test_check_reports_undefined_breakers_and_unbatchable_handlers_on_batch_tier
                for line in lines), lines
     assert any(line.startswith("error: tiers.bulk.batch_size=100") and "batchable=False" in line
                for line in lines), lines
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["toml", "json"])
+def test_show_masks_url_passwords_tokens_and_password_options(
+        monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
+    monkeypatch.setenv("PIPELINE_BROKER_URL", "amqp://guest:brokerpw@rabbit:5672//")
+    monkeypatch.setenv("PIPELINE_STATE_URL", "redis://:statepw@state:6379/2")
+    monkeypatch.setenv("PIPELINE_BROKER_TRANSPORT_OPTIONS",
+                       json.dumps({"sentinel_kwargs": {"password": "sentinelpw"}}))
+    monkeypatch.setenv("PIPELINE_API_TOKEN", "tokenvalue-0123456789")
+    code, out, _ = run("config", "show", *(["--json"] if as_json else []))
+    assert code == 0
+    for secret in ("brokerpw", "statepw", "sentinelpw", "tokenvalue"):
+        assert secret not in out
+    assert "amqp://guest:***@rabbit:5672//" in out
+    assert "redis://:***@state:6379/2" in out

@@ -146,3 +146,12 @@ def test_handler_without_a_model_gets_only_the_event() -> None:
 def test_current_raises_outside_a_handler() -> None:
     with pytest.raises(RuntimeError, match="outside a running handler"):
         current()
+
+
+def test_a_handler_handles_the_types_its_pattern_matches() -> None:
+    glob = Handler("h.glob", "game.*", lambda e: None)
+    exact = Handler("h.exact", "reward.granted", lambda e: None)
+    assert glob.handles("game.updated")
+    assert not glob.handles("reward.granted")
+    assert exact.handles("reward.granted")
+    assert not exact.handles("reward.granted.extra")

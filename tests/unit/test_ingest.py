@@ -10,9 +10,9 @@ from celery import Celery
 
 from pipeline.config import load_settings
 from pipeline.embedded import free_port
-from pipeline.enqueue import _redact
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.ingest import PublishResult, task_id_for
+from pipeline.redisurl import redact
 
 PASSWORD = "s3cret-pw"
 EVENT = {"type": "reward.granted", "source": "game-server", "payload": {"user_id": 7}}
@@ -81,7 +81,7 @@ def test_publish_applies_the_configured_payload_cap(closed_port: int) -> None:
     ],
 )
 def test_redact_hides_only_the_password(url: str, shown: str) -> None:
-    assert _redact(url) == shown
+    assert redact(url) == shown
 
 
 def test_task_id_is_deterministic_per_event_and_handler() -> None:

@@ -114,3 +114,20 @@ def test_configuring_twice_keeps_one_handler_and_honours_the_level() -> None:
     logging.getLogger("x").warning("loud")
     assert lines(first) == []
     assert [json.loads(line)["message"] for line in lines(second)] == ["loud"]
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["json", "console"])
+def test_url_passwords_are_masked_in_every_line(tty: bool) -> None:
+    stream = Stream(tty=tty)
+    logs.configure(logging.INFO, stream)
+    log = logging.getLogger("pipeline.enqueue")
+    log.error("broker %s unreachable", "redis://:hunter2@broker:6379/0")
+    try:
+        raise ConnectionError("cannot reach amqp://guest:s3cret@rabbit:5672//")
+    except ConnectionError:
+        log.exception("publish failed")
+    text = stream.getvalue()
+    assert "hunter2" not in text
+    assert "redis://:***@broker:6379/0" in text
+    assert "s3cret" not in text
+    assert "amqp://guest:***@rabbit:5672//" in text

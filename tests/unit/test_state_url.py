@@ -94,3 +94,26 @@ def test_redact_masks_each_sentinel_password_and_query_passwords() -> None:
     assert not any(secret in shown for secret in ("a1", "b2", "c3"))
     assert shown.count("***") == 3
     assert redact("redis://user@h:6379/0") == "redis://user@h:6379/0"
+
+
+def test_mask_urls_masks_every_url_in_a_text_and_leaves_the_rest() -> None:
+    from pipeline.redisurl import mask_urls
+
+    text = ("a redis://:p1@h:6379/0, b amqp://guest:p2@rabbit:5672// "
+            "c rediss://h/1?password=p3&ssl_cert_reqs=required d redis://:p4@[::1:6379/0")
+    shown = mask_urls(text)
+    for secret in ("p1", "p2", "p3", "p4"):
+        assert f"{secret}@" not in shown
+        assert f"={secret}" not in shown
+    assert shown.startswith("a redis://:***@h:6379/0, b amqp://guest:***@rabbit:5672// c ")
+    assert mask_urls("no url, redis://h:6379/0 and redis://user@h") == \
+        "no url, redis://h:6379/0 and redis://user@h"
+
+
+def test_broker_unavailable_names_the_broker_without_its_password() -> None:
+    from pipeline.enqueue import unavailable
+
+    exc = unavailable("redis://:hunter2@h:6379/0",
+                      OSError("Error connecting to redis://:hunter2@h:6379/0"))
+    assert "hunter2" not in str(exc)
+    assert "redis://:***@h:6379/0" in str(exc)

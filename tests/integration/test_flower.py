@@ -1,19 +1,28 @@
-"""Flower tells the truth: task states through Flower's own HTTP API, real workers.
+"""Flower tells the truth: task states through Flower's own HTTP API and its Tasks page
+in a real Chromium (Playwright), against real workers.
 
 One stack for the module: a ``standard`` worker, a ``held`` worker whose retries
 wait an hour (its retry mover polls once a minute, so nothing it scheduled runs
 during the test), a ``batched`` worker, and Flower with basic auth, started before
 any event so it sees every task event. What each test reads is Flower's
 ``/api/tasks``: the state Celery's events gave each task, and its exception.
+
+The browser test drives Debian's ``chromium`` (``PIPELINE_TEST_CHROMIUM`` names
+another binary; Playwright's own browser download is not used). It is skipped when
+there is no Chromium, and fails instead under ``CI``, where ``.ci/run`` installs it.
+With ``PIPELINE_TEST_SCREENSHOTS=docs/img`` it refreshes the README's screenshot.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,3 +230,59 @@ def test_a_batch_is_failure_only_when_one_of_its_events_was_dead_lettered(
         "BatchDeadLettered('1 of 2 events dead-lettered (invalid_payload=1); per event: ")
     wait_for(lambda: any(t["result"] == "'batch:succeeded=2'" for t in batches("SUCCESS")),
              FLOWER_TIMEOUT_S, "the all-good batch to be SUCCESS")
+
+
+def chromium() -> str:
+    """Chromium's path; skip (fail under ``CI``) without one or without Playwright."""
+    path = shutil.which(os.environ.get("PIPELINE_TEST_CHROMIUM", "chromium"))
+    missing = None if path else "no chromium on PATH (Debian: apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing = "the playwright package is not installed (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser test under CI: {missing}")
+        pytest.skip(missing)
+    assert path is not None
+    return path
+
+
+def test_flowers_tasks_page_filtered_to_failure_lists_the_dead_lettered_task(
+    stack: Stack, flower: Server, sent: dict[str, PublishResult], tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = chromium()
+    dead = sent["invalid"].task_ids[0]
+    succeeded = sent["ok"].task_ids[0]
+    listed(flower, "FAILURE", dead)
+    listed(flower, "SUCCESS", succeeded)
+    shots = Path(os.environ.get("PIPELINE_TEST_SCREENSHOTS") or tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True)
+        try:
+            wrong = browser.new_context(
+                http_credentials={"username": FLOWER_USER, "password": "wrong"})
+            refused = wrong.new_page().goto(flower.url("/tasks?state=FAILURE"))
+            assert refused is not None
+            assert refused.status == 401
+            context = browser.new_context(
+                http_credentials={"username": FLOWER_USER, "password": FLOWER_PASSWORD},
+                viewport={"width": 1600, "height": 900})
+            page = context.new_page()
+            opened = page.goto(flower.url("/tasks?state=FAILURE"))
+            assert opened is not None
+            assert opened.ok
+            row = page.locator("#tasks-table tbody tr", has_text=dead)
+            expect(row).to_have_count(1, timeout=FLOWER_TIMEOUT_S * 1000)
+            expect(row).to_contain_text("FAILURE")
+            expect(row).to_contain_text("pipeline.handle[demo.invalid]")
+            expect(row).to_contain_text("dead-lettered (permanent_error)")  # the column
+            table = page.locator("#tasks-table tbody")
+            expect(table).not_to_contain_text(succeeded)
+            expect(table).not_to_contain_text("SUCCESS")
+            page.screenshot(path=str(shots / "flower-failure.png"))
+        finally:
+            browser.close()
+    assert (shots / "flower-failure.png").stat().st_size > 10_000

@@ -6,6 +6,7 @@
 ``GET /healthz``        process alive (no auth)
 ``GET /readyz``         broker reachable -> 200, else 503 (no auth)
 ``GET /metrics``        Prometheus metrics (token required)
+``GET /docs``, ``/redoc``  the API's pages, every asset served from the package (no auth)
 =====================  ====================================================
 
 Bearer-token auth (``PIPELINE_API_TOKEN``) on every route that reads or writes
@@ -14,6 +15,11 @@ events get 422 naming every offending field; a full tier 429 with
 ``Retry-After``; an event whose key another publish holds unconfirmed (RabbitMQ)
 409 with ``Retry-After``; a broker outage 503 — and nothing is reported accepted that was
 not enqueued. No input produces another 5xx.
+
+``/docs`` (Swagger UI) and ``/redoc`` load their scripts, styles and icon from
+``/static-offline-docs``, files the pinned ``fastapi-offline`` package ships: FastAPI's
+own pages fetch them from a CDN and stay blank on a machine without internet.
+(ReDoc's script still asks for Redocly's logo online; it hides the image offline.)
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 
 from pipeline import exporter
 from pipeline.admission import TIER_FULL
@@ -70,8 +77,10 @@ def create_api(runtime: Runtime, *, token: str | None,
     """The ASGI app. ``token`` (named "default") and/or named ``tokens``; none at all
     means no auth (only with ``--insecure-local``)."""
     settings = runtime.settings
-    api = FastAPI(title="pipeline ingest", version="1",
-                  description="Events in; tiers, retries and a DLQ behind.")
+    api = FastAPIOffline(title="pipeline ingest", version="1",
+                         description="Events in; tiers, retries and a DLQ behind.",
+                         # no spec sent to the online validator (a badge it would fetch)
+                         swagger_ui_parameters={"validatorUrl": None})
     known = dict(tokens or {})
     if token is not None:
         known.setdefault("default", token)

@@ -7,17 +7,14 @@ during the test), a ``batched`` worker, and Flower with basic auth, started befo
 any event so it sees every task event. What each test reads is Flower's
 ``/api/tasks``: the state Celery's events gave each task, and its exception.
 
-The browser test drives Debian's ``chromium`` (``PIPELINE_TEST_CHROMIUM`` names
-another binary; Playwright's own browser download is not used). It is skipped when
-there is no Chromium, and fails instead under ``CI``, where ``.ci/run`` installs it.
-With ``PIPELINE_TEST_SCREENSHOTS=docs/img`` it refreshes the README's screenshot.
+The browser test drives Debian's Chromium (:mod:`tests.integration.browser`);
+with ``PIPELINE_TEST_SCREENSHOTS=docs/img`` it refreshes the README's screenshot.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import pytest
 
 from pipeline.events import Event
 from pipeline.ingest import PublishResult
+from tests.integration.browser import chromium
 from tests.integration.support import (
     Server,
     Stack,
@@ -230,22 +228,6 @@ def test_a_batch_is_failure_only_when_one_of_its_events_was_dead_lettered(
         "BatchDeadLettered('1 of 2 events dead-lettered (invalid_payload=1); per event: ")
     wait_for(lambda: any(t["result"] == "'batch:succeeded=2'" for t in batches("SUCCESS")),
              FLOWER_TIMEOUT_S, "the all-good batch to be SUCCESS")
-
-
-def chromium() -> str:
-    """Chromium's path; skip (fail under ``CI``) without one or without Playwright."""
-    path = shutil.which(os.environ.get("PIPELINE_TEST_CHROMIUM", "chromium"))
-    missing = None if path else "no chromium on PATH (Debian: apt-get install chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing = "the playwright package is not installed (pip install -e '.[dev]')"
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test under CI: {missing}")
-        pytest.skip(missing)
-    assert path is not None
-    return path
 
 
 def test_flowers_tasks_page_filtered_to_failure_lists_the_dead_lettered_task(

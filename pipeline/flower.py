@@ -7,12 +7,17 @@ Flower's OAuth options passed through (``--auth=REGEX --auth_provider=...``
 with ``FLOWER_OAUTH2_KEY``/``_SECRET``/``_REDIRECT_URI``). Without either it
 refuses to start, unless ``--insecure-local``: loopback only, with a warning.
 
-Two things Flower does not do on its own:
+Three things Flower does not do on its own:
 
 * its Broker tab lists only the queues online workers consume, so a tier whose
   workers are all down (the moment its depth matters most) and the DLQ (nobody
   consumes it) would vanish: :func:`list_every_queue` adds every tier queue and
   the DLQ to the list;
+* it picks its queue-length client by the scheme of the broker URI kombu renders,
+  which for the pipeline's reliable-fetch transport is ``pipeline.fetch:Transport://``,
+  unknown to Flower (the Broker tab and ``/api/queues/length`` answered 404):
+  :func:`read_queues_at` hands it the configured ``redis://`` (``rediss://``,
+  ``sentinel://``) URL instead;
 * its task list hides task arguments by default: ``args`` (which start with the
   event's id and type) is added to the columns, next to the task name
   ``pipeline.handle[<event type>]`` (the messages' Celery ``shadow`` name), and so
@@ -27,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["BASIC_AUTH_ENV", "DEFAULT_PORT", "auth_mode", "flower_argv", "list_every_queue",
-           "parse_basic_auth"]
+           "parse_basic_auth", "read_queues_at"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,16 @@ def list_every_queue(queues: Sequence[str]) -> None:
 
     get_active_queue_names._pipeline = True  # type: ignore[attr-defined]
     BaseHandler.get_active_queue_names = get_active_queue_names
+
+
+def read_queues_at(broker_url: str) -> None:
+    """Make Flower read queue lengths through ``broker_url`` (the configured URL),
+    whatever transport class the Celery app's connections use."""
+    try:
+        from flower.app import Flower  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - flower is a dependency
+        return
+    Flower.broker_uri_with_password = property(lambda self: broker_url)
 
 
 def prepare_environment(*, basic_auth: str | None, insecure_local: bool) -> None:

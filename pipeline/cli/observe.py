@@ -91,6 +91,7 @@ def flower(host: str, port: int, insecure_local: bool, flower_args: tuple[str, .
         flower_argv,
         list_every_queue,
         prepare_environment,
+        read_queues_at,
     )
 
     mode = auth_mode(os.environ, flower_args)
@@ -118,4 +119,6 @@ def flower(host: str, port: int, insecure_local: bool, flower_args: tuple[str, .
     logs.configure()
     list_every_queue([*(settings.queue_for(t) for t in settings.tiers),
                       settings.dead_letter_queue])
+    if settings.broker_is_redis:
+        read_queues_at(settings.effective_broker_url)
     sys.exit(rt.app.start(flower_argv(host=host, port=port, extra=flower_args)) or 0)

@@ -15,6 +15,10 @@ through the same :meth:`Attempt.run`:
 4. **settle** exactly one outcome, atomically with the try's settled mark: the done
    mark, a retry or deferral in the schedule, or a DLQ record.
 
+:meth:`Attempt.run` returns the outcome as a string (what the metrics label) and
+leaves in :attr:`Attempt.verdict` what the task raises afterwards to give Celery's
+task state the same outcome (:mod:`pipeline.taskstate`).
+
 Every exit after a breaker let the attempt through records or releases it.
 """
 
@@ -42,6 +46,7 @@ from pipeline.logs import attempt_fields
 from pipeline.messages import TaskSpec
 from pipeline.retry import Reason, compute_deferral, decide
 from pipeline.runtime import Runtime
+from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled, Verdict
 
 __all__ = ["Attempt"]
 
@@ -75,6 +80,7 @@ class Attempt:
         self.token = uuid.uuid4().hex  # names this delivery in the running mark
         self.only_if_running = False  # settle only a try that began (hard time limit)
         self.settled_now = False  # the last settle wrote this try's outcome
+        self.verdict: Verdict | None = None  # how it settled if not as a success (task state)
 
     @property
     def queue(self) -> str:
@@ -221,7 +227,8 @@ class Attempt:
             log.info("event %s handler %s deferred %.2fs (%s)", self.event.get("id"),
                      self.handler, delay_s, why,
                      extra=attempt_fields(self, outcome="deferred", why=why))
-        return f"deferred:{why}"
+        self.verdict = Deferred.of(why=why, attempt=self.attempt, due_at=now + delay_s, now=now)
+        return self.verdict.result
 
     def fan_out(self, event: Event) -> str:
         """The producer knew no handler for this type; this worker may know some."""
@@ -248,14 +255,18 @@ class Attempt:
                               first_failed_at=self.first_failed_at)
         if self.budget_charged:
             spec.kwargs["budget_charged"] = True
-        due_at = time.time() + delay_s
+        now = time.time()
+        due_at = now + delay_s
         spec.enqueued_at = due_at
         key, member = self.rt.schedule.entry(spec)
         self.settle(Outcome("recheck", key, member, due_at))
         log.info("event %s handler %s: try %s is running elsewhere; checking again in %.1fs",
                  self.event.get("id"), self.handler, self.key, delay_s,
                  extra=attempt_fields(self, outcome="rechecked"))
-        return "rechecked"
+        self.verdict = Deferred.of(why=f"try {self.key} may still be running elsewhere",
+                                   attempt=self.attempt, due_at=due_at, now=now,
+                                   result="rechecked")
+        return self.verdict.result
 
     def was_lost(self, previous: str) -> str:
         """An earlier delivery of this try began and never settled: a failed attempt."""
@@ -280,20 +291,27 @@ class Attempt:
         spec = self.next_spec(attempt=self.attempt + 1, deferrals=0,
                               priority=self.requeue_priority(),
                               first_failed_at=self.first_failed_at or _now_iso())
-        if self.schedule(spec, time.time() + decision.delay_s):
+        now = time.time()
+        if self.schedule(spec, now + decision.delay_s):
             log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
                         self.event.get("id"), self.handler, self.attempt, type(exc).__name__,
                         exc, decision.delay_s,
                         extra=attempt_fields(self, outcome="retried",
                                              exception=_qualname(type(exc)),
                                              delay_s=round(decision.delay_s, 3)))
-        return "retry_scheduled"
+        self.verdict = RetryScheduled.of(
+            attempt=self.attempt, max_attempts=tier.max_retries + 1,
+            exception=_qualname(type(exc)), message=str(exc), due_at=now + decision.delay_s,
+            now=now)
+        self.verdict.__cause__ = exc  # its traceback shows in the task's
+        return self.verdict.result
 
     def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
         trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-        return self.dead_letter(reason, _qualname(type(exc)), str(exc), trace)
+        return self.dead_letter(reason, _qualname(type(exc)), str(exc), trace, cause=exc)
 
-    def dead_letter(self, reason: Reason, exception: str, message: str, trace: str) -> str:
+    def dead_letter(self, reason: Reason, exception: str, message: str, trace: str,
+                    cause: BaseException | None = None) -> str:
         now = _now_iso()
         record = DeadLetterRecord(
             id=record_id(self.task_id, self.attempt, reason), event=self.event, tier=self.tier,
@@ -315,7 +333,11 @@ class Attempt:
                       self.handler or "-", reason.value, exception, message,
                       extra=attempt_fields(self, outcome="dead_lettered", reason=reason.value,
                                            exception=exception))
-        return f"dead_lettered:{reason.value}"
+        self.verdict = DeadLettered.of(reason=reason.value, attempt=self.attempt,
+                                       exception=exception, message=message,
+                                       record_id=record.id)
+        self.verdict.__cause__ = cause
+        return self.verdict.result
 
 
 def _alive(pid: int) -> bool:

@@ -35,6 +35,7 @@ from pipeline.attempt import Attempt
 from pipeline.messages import TaskSpec
 from pipeline.runtime import runtime_for
 from pipeline.tasks import PipelineTask, settle_or_requeue
+from pipeline.taskstate import BatchDeadLettered, raise_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
 __all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "batch_outcomes", "batch_spec",
-           "register_batch_task"]
+           "batch_verdict", "register_batch_task"]
 
 BATCH_TASK_NAME = "pipeline.handle_batch"
 BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
@@ -120,6 +121,20 @@ def _rate_bucket(rt: Runtime, tier: str) -> TokenBucket | None:
     return _BUCKETS[key]
 
 
+def batch_verdict(result: str) -> BatchDeadLettered | None:
+    """A batch message is FAILURE when some of its events were dead-lettered in it:
+    the only place Flower sees those (its retried events show as tasks of their own)."""
+    pairs = batch_outcomes(result)
+    dead = [(r.removeprefix("dead_lettered:"), n) for r, n in pairs
+            if r.startswith("dead_lettered:")]
+    if not dead:
+        return None
+    reasons = ", ".join(f"{reason}={n}" for reason, n in dead)
+    return BatchDeadLettered(f"{sum(n for _, n in dead)} of {sum(n for _, n in pairs)} "
+                             f"events dead-lettered ({reasons}); per event: "
+                             f"{result.removeprefix(BATCH_RESULT_PREFIX)}", result)
+
+
 def batch_outcomes(retval: str) -> list[tuple[str, int]]:
     """``[(per-event result, count)]`` from what ``pipeline.handle_batch`` returned."""
     body = retval.removeprefix(BATCH_RESULT_PREFIX)
@@ -137,8 +152,12 @@ class BatchTask(PipelineTask):
 def register_batch_task(app: Celery) -> Any:
     @app.task(name=BATCH_TASK_NAME, bind=True, base=BatchTask, shared=False)
     def handle_batch(self: BatchTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
-        return settle_or_requeue(str(self.request.id),
-                                 lambda: run_batch(runtime_for(self.app), events, kwargs),
-                                 self.app)
+        result = settle_or_requeue(str(self.request.id),
+                                   lambda: run_batch(runtime_for(self.app), events, kwargs),
+                                   self.app)
+        verdict = batch_verdict(result)
+        if verdict is not None:
+            raise_for(verdict)
+        return result
 
     return handle_batch

@@ -15,7 +15,8 @@ Two things Flower does not do on its own:
   the DLQ to the list;
 * its task list hides task arguments by default: ``args`` (which start with the
   event's id and type) is added to the columns, next to the task name
-  ``pipeline.handle[<event type>]`` (the messages' Celery ``shadow`` name).
+  ``pipeline.handle[<event type>]`` (the messages' Celery ``shadow`` name), and so
+  is ``exception``: why a task is RETRY or FAILURE (:mod:`pipeline.taskstate`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 BASIC_AUTH_ENV = "PIPELINE_FLOWER_BASIC_AUTH"  # "user:password[,user2:password2]"
 DEFAULT_PORT = 5555  # Flower's own default port
-TASK_COLUMNS = "name,uuid,state,args,received,started,runtime,worker"  # Flower's /tasks page
+TASK_COLUMNS = "name,uuid,state,exception,args,received,started,runtime,worker"  # its /tasks page
 _FLOWER_AUTH_OPTIONS = ("--auth=", "--auth_provider=", "--auth-provider=")  # OAuth pass-through
 _FLOWER_BASIC_OPTIONS = ("--basic_auth=", "--basic-auth=")  # discouraged: visible in ps
 

@@ -9,8 +9,9 @@ reads their files) with ``PROMETHEUS_MULTIPROC_DIR`` naming an empty directory.
 The broker-side gauges (depth, oldest age, ...) are not recorded here: the
 exporter reads them from the broker on each scrape (:mod:`pipeline.exporter`).
 
-``pipeline.handle`` returns how its attempt settled; :func:`task_outcome` maps that
-onto the ``outcome`` label. Every settled task also counts in the per-minute Redis
+``pipeline.handle`` returns how its attempt settled, or raises it for Celery's task
+state (:mod:`pipeline.taskstate`); :func:`task_outcome` maps that onto the
+``outcome`` label. Every settled task also counts in the per-minute Redis
 counters ``pipeline status`` reads (:mod:`pipeline.rates`).
 """
 
@@ -36,6 +37,7 @@ from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
 from pipeline.rates import OutcomeRates
 from pipeline.retry import decide
 from pipeline.runtime import Runtime, runtime_for
+from pipeline.taskstate import settled_result
 
 
 def _process_identifier() -> str:
@@ -111,13 +113,16 @@ def install() -> None:
 
 
 def task_outcome(retval: object, state: str) -> tuple[str, str | None]:
-    """``(outcome label, dead-letter reason)`` for what ``pipeline.handle`` returned.
+    """``(outcome label, dead-letter reason)`` for what ``pipeline.handle`` returned
+    or raised (``retval``) with Celery's ``state``.
 
-    ``state`` is Celery's: anything but ``SUCCESS`` (the task raised ``Reject``
-    because it could not settle the attempt) is ``failed``.
+    RETRY and FAILURE carry the settled outcome (:func:`pipeline.taskstate.settled_result`);
+    anything else raised (``Reject``: the attempt could not be settled) is ``failed``.
     """
-    if state != "SUCCESS" or not isinstance(retval, str):
+    settled = settled_result(retval)
+    if (settled is retval and state != "SUCCESS") or not isinstance(settled, str):
         return "failed", None
+    retval = settled
     if retval == "succeeded":
         return "succeeded", None
     if retval == "retry_scheduled":
@@ -206,9 +211,10 @@ def _on_postrun(task_id: str = "", task: Any = None, kwargs: Any = None, retval:
     duration_s = time.monotonic() - started if started is not None else None
     tier = _tier(runtime, kwargs)
     handler = str((kwargs or {}).get("handler", ""))
-    if task.name == BATCH_TASK_NAME and state == "SUCCESS" and isinstance(retval, str):
-        for result, count in batch_outcomes(retval):  # one batch message, many events
-            outcome, reason = task_outcome(result, state)
+    settled = settled_result(retval)
+    if task.name == BATCH_TASK_NAME and isinstance(settled, str):
+        for result, count in batch_outcomes(settled):  # one batch message, many events
+            outcome, reason = task_outcome(result, "SUCCESS")
             _record(runtime, tier, handler, outcome, reason, None, count)
         if duration_s is not None:
             HANDLER_DURATION.labels(tier, handler).observe(duration_s)

@@ -8,6 +8,11 @@ acknowledging it before the task's ``on_failure`` has settled the try; the
 redelivery finds the try settled and is acknowledged without running. If a settle
 cannot reach the state store (after retries), the message is rejected for
 redelivery rather than acknowledged.
+
+After a settle the task returns (SUCCESS) or raises what gives Celery's task state
+the settled outcome (RETRY, FAILURE: :mod:`pipeline.taskstate`); either way the
+message is acknowledged (``acks_on_failure`` is pinned true) and nothing is
+re-published.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pipeline.attempt import Attempt
 from pipeline.handlers import registry
 from pipeline.runtime import runtime_for
 from pipeline.statewatch import report_state_failure
+from pipeline.taskstate import BatchDeadLettered, DeadLettered, raise_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -38,12 +44,15 @@ class PipelineTask(Task):  # type: ignore[type-arg]
     """Base class: late acks, requeue when the worker child is lost or timed out, JSON."""
 
     acks_late = True
+    acks_on_failure = True  # a dead letter raised for its FAILURE state is settled: ack it
     acks_on_timeout = False  # requeue: on_failure settles; the redelivery only acks
     reject_on_worker_lost = True
     ignore_result = True
     serializer = "json"
     typing = False  # kwargs are validated by the envelope, not by signature binding
     timeout_settled = False  # the last hard time limit's try was settled (for metrics)
+    # expected: Celery logs them at INFO without a traceback (the attempt logged it)
+    throws = (DeadLettered, BatchDeadLettered)
 
     def attempts(self, task_id: str, args: Any, kwargs: Any) -> list[Attempt]:
         """The tries one message carries (one; a batch overrides)."""
@@ -78,7 +87,10 @@ def register_task(app: Celery) -> Any:
     @app.task(name=TASK_NAME, bind=True, base=PipelineTask, shared=False)
     def handle(self: PipelineTask, /, event: dict[str, Any], **kwargs: Any) -> str:
         (attempt,) = self.attempts(str(self.request.id), [event], kwargs)
-        return settle_or_requeue(str(self.request.id), attempt.run, self.app)
+        result = settle_or_requeue(str(self.request.id), attempt.run, self.app)
+        if attempt.verdict is not None:  # settled, and not as a success: say so
+            raise_for(attempt.verdict)
+        return result
 
     return handle
 

@@ -1,13 +1,17 @@
-"""Real tier workers as subprocesses, and a publisher in the test process."""
+"""Real tier workers and servers (exporter, Flower) as subprocesses, and a publisher
+in the test process."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +22,13 @@ import redis
 from pipeline.app import create_app
 from pipeline.config import load_settings
 from pipeline.deadletter import DeadLetterRecord
+from pipeline.embedded import free_port
 from pipeline.ingest import PublishResult
 from pipeline.runtime import Runtime, runtime_for
 from pipeline.state import Keys
 
 WORKER_READY_TIMEOUT_S = 30.0  # a worker that is not ready by then fails the test
+SERVER_READY_TIMEOUT_S = 30.0  # an exporter or Flower not answering by then fails the test
 T = TypeVar("T")
 
 # A test config: fast retries, short limits, demo handlers loaded.
@@ -177,13 +183,15 @@ class Stack:
         env.update(self.env_extra)
         return env
 
-    def start_worker(self, tier: str, *extra: str, wait: bool = True) -> Worker:
+    def start_worker(self, tier: str, *extra: str, wait: bool = True,
+                     env: dict[str, str] | None = None) -> Worker:
+        """A worker for ``tier``; ``env`` adds variables to this one worker's."""
         log_path = self.tmp / f"worker-{tier}-{len(self.workers)}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", "worker", "--tier", tier,
                  "--without-gossip", "--without-mingle", *extra],
-                env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                env={**self.env(), **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
             )
         worker = Worker(tier, process, log_path)
         self.workers.append(worker)
@@ -239,3 +247,58 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def start_server(stack: Stack, name: str, args: list[str], env: dict[str, str],
+                 probe: str) -> Server:
+    port = free_port()
+    log_path = stack.tmp / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--port", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, port, log_path)
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"{name} exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(server.url(probe), timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    wait_for(answers, SERVER_READY_TIMEOUT_S, f"{name} to answer", interval_s=0.2)
+    return server
+
+
+def stop_server(server: Server) -> None:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()

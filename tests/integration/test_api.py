@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,6 +148,28 @@ def test_openapi_schema_is_served_and_documents_the_event(client: TestClient) ->
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]
     assert "type" in body["schema"]["properties"]
+
+
+# src="...", href="...", url: '...' (Swagger UI's spec), spec-url="..." (ReDoc's)
+ASSET_REFERENCE = re.compile(r"""(?:src|href|spec-url)=["']([^"']+)|\burl: *'([^']+)'""")
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_doc_pages_load_every_asset_from_the_app_itself(
+    client: TestClient, page: str,
+) -> None:
+    response = client.get(page)
+    assert response.status_code == 200
+    html = response.text
+    assert "://" not in html  # no CDN, no font service: nothing from another host
+    assets = {a or b for a, b in ASSET_REFERENCE.findall(html)}
+    assert len(assets) >= 2  # the page's script and what it renders (CSS, spec)
+    for asset in assets:
+        assert asset.startswith("/"), asset
+        assert not asset.startswith("//"), asset
+        served = client.get(asset)
+        assert served.status_code == 200, asset
+        assert len(served.content) > 100, asset
 
 
 def test_broker_outage_gives_503_and_recovery_needs_no_restart(tmp_path: Path) -> None:

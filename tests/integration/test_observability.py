@@ -8,10 +8,8 @@ queues hold exactly what a test puts there.
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +31,20 @@ from pipeline.events import Event
 from pipeline.messages import RedisMessageRenderer, redis_list_key
 from pipeline.retry import Reason
 from pipeline.snapshot import DLQ_EVICTIONS_KEY
-from tests.integration.support import SLOW_TIER, Stack, wait_for, write_config
+from tests.integration.support import (
+    SLOW_TIER,
+    Server,
+    Stack,
+    get,
+    start_server,
+    stop_server,
+    wait_for,
+    write_config,
+)
 
 SECRET = "do-not-log-this-card-4111"  # a payload value that must never reach a log
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-pw"
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_READY_TIMEOUT_S = 30.0  # exporter or Flower not answering by then fails the test
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -56,67 +61,12 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         s.stop()
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-
-def start_server(stack: Stack, name: str, args: list[str], env: dict[str, str],
-                 probe: str) -> Server:
-    port = free_port()
-    log_path = stack.tmp / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(process, port, log_path)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"{name} exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(server.url(probe), timeout=2):
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
-
-    wait_for(answers, SERVER_READY_TIMEOUT_S, f"{name} to answer", interval_s=0.2)
-    return server
-
-
-def stop_server(server: Server) -> None:
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        server.process.wait(15)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
-
-
 @pytest.fixture(scope="module")
 def exporter(stack: Stack) -> Iterator[Server]:
     server = start_server(stack, "exporter", ["exporter", "--host", "127.0.0.1"], stack.env(),
                           "/metrics")
     yield server
     stop_server(server)
-
-
-def get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url)
-    if auth is not None:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def parse(text: str) -> Samples:

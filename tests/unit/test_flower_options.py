@@ -37,11 +37,11 @@ def test_auth_mode_sees_basic_auth_and_oauth_options(
     assert auth_mode(env, extra) == mode
 
 
-def test_flower_argv_binds_the_address_and_shows_the_event_in_the_task_list() -> None:
+def test_flower_argv_binds_the_address_and_shows_the_event_and_why_in_the_task_list() -> None:
     argv = flower_argv(host="0.0.0.0", port=5600, extra=("--url_prefix=flower",))
     assert argv[:3] == ["flower", "--address=0.0.0.0", "--port=5600"]
     assert f"--tasks_columns={TASK_COLUMNS}" in argv
-    assert "args" in TASK_COLUMNS.split(",")
+    assert {"args", "exception"} <= set(TASK_COLUMNS.split(","))
     assert argv[-1] == "--url_prefix=flower"
     own = flower_argv(host="h", port=1, extra=("--tasks_columns=name,uuid",))
     assert [a for a in own if a.startswith("--tasks_columns")] == ["--tasks_columns=name,uuid"]

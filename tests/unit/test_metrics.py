@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from prometheus_client import REGISTRY
 
 from pipeline import metrics
@@ -12,6 +12,7 @@ from pipeline.config import load_settings
 from pipeline.ingest import PublishResult
 from pipeline.rates import minute_of, per_minute, rate_key, window_keys
 from pipeline.runtime import runtime_for
+from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled
 
 
 @pytest.mark.parametrize(("retval", "state", "expected"), [
@@ -26,8 +27,16 @@ from pipeline.runtime import runtime_for
     (None, "REJECTED", ("failed", None)),
     ("succeeded", "FAILURE", ("failed", None)),
     ("something new", "SUCCESS", ("failed", None)),
+    (Retry(exc=RetryScheduled("...", "retry_scheduled", 1.0)), "RETRY", ("retried", None)),
+    (Retry(exc=Deferred("...", "deferred:requested", 1.0)), "RETRY", ("deferred", None)),
+    (Retry(exc=Deferred("...", "rechecked", 1.0)), "RETRY", ("rechecked", None)),
+    (DeadLettered("...", "dead_lettered:invalid_payload"), "FAILURE",
+     ("dead_lettered", "invalid_payload")),
+    (Reject("state store down", requeue=True), "REJECTED", ("failed", None)),
+    (ValueError("not ours"), "FAILURE", ("failed", None)),
+    (Retry(exc=ValueError("not ours")), "RETRY", ("failed", None)),
 ])
-def test_task_return_value_maps_to_the_outcome_label(
+def test_task_return_value_or_raised_state_maps_to_the_outcome_label(
     retval: object, state: str, expected: tuple[str, str | None]
 ) -> None:
     assert metrics.task_outcome(retval, state) == expected
@@ -115,3 +124,4 @@ def test_a_batch_result_counts_each_event_under_its_own_outcome() -> None:
                      ("dead_lettered:retries_exhausted", 1)]
     assert [metrics.task_outcome(r, "SUCCESS") for r, _ in pairs] == [
         ("succeeded", None), ("retried", None), ("dead_lettered", "retries_exhausted")]
+

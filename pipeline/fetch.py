@@ -267,7 +267,7 @@ class _Heartbeat:
                                 unacked_index_key=self._unacked[1], now=now)
                 if restored:
                     log.warning("restored %d in-flight messages of lost consumers", restored)
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # never let the thread die: silence means "lost"
                 log.warning("consumer heartbeat failed: %s", exc)
             self._stop.wait(interval_s)
 

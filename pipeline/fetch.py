@@ -18,19 +18,23 @@ This transport keeps kombu's Redis transport (queues, priority sub-lists, acks,
   step, writes the message into ``unacked``/``unacked_index`` and into this
   consumer's in-flight hash ``pipeline:inflight:<consumer>`` (tag -> source list
   and message). Nothing can fall between the pop and the record; the consumer
-  then skips kombu's own ``unacked`` write, one round trip fewer per message.
+  then skips kombu's own ``unacked`` write, one round trip fewer per message. One
+  fetch takes as many messages as the prefetch credit allows (up to ``FETCH_MOST``)
+  and carries the acknowledgements made since the last one: an ack costs no round
+  trip of its own (the try's settle, already written, makes a redelivery of a
+  message whose ack was lost with the process harmless; a clean close sends them).
   While its queues are empty the consumer waits with ``BLMOVE q q RIGHT RIGHT``
   (a no-op rotation that blocks until the list is non-empty) on its first list,
   for at most ``FETCH_WAIT_S``, then fetches again: fresh work on the default
   priority wakes it at once, other sub-lists within ``FETCH_WAIT_S``.
-* **Consumers lease their in-flight work**: each consuming channel has an id
-  registered in the sorted set ``pipeline:consumers`` scored by a deadline that a
-  heartbeat thread pushes ``lost_after_s`` ahead every ``lost_after_s / 5``. Every
-  beat also runs the reaper: one Lua script that puts back, at the head of their
-  queue, the messages still unacked in the in-flight hash of each consumer past its
-  deadline (a SIGKILLed worker, a channel dropped by a connection reset), and
-  forgets that consumer. Any live consumer reaps; the script is atomic, so a
-  message is restored once.
+* **Consumers lease their in-flight work** (:mod:`pipeline.inflight`): each
+  consuming channel has an id registered in the sorted set ``pipeline:consumers``
+  scored by a deadline that a heartbeat thread pushes ``lost_after_s`` ahead every
+  ``lost_after_s / 5``. Every beat also runs the reaper: one Lua script that puts
+  back, at the head of their queue, the messages still unacked in the in-flight hash
+  of each consumer past its deadline (a SIGKILLed worker, a channel dropped by a
+  connection reset), and forgets that consumer. Any live consumer reaps; the script
+  is atomic, so a message is restored once.
 
 Design choice (docs/design.md, "Reliable fetch"): dramatiq's Redis broker fetches
 with one Lua call into a per-worker ack set and requeues the sets of workers whose
@@ -51,28 +55,37 @@ import uuid
 from queue import Empty
 from typing import Any
 
-import redis
 from kombu.transport import redis as kredis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-__all__ = ["CONSUMERS_KEY", "SentinelTransport", "Transport", "inflight_key", "install", "reap"]
+from pipeline.inflight import CONSUMERS_KEY, LOST_AFTER_S, Heartbeat, inflight_key
+
+__all__ = ["SentinelTransport", "Transport", "install"]
 
 log = logging.getLogger(__name__)
 
-CONSUMERS_KEY = "pipeline:consumers"  # zset: consumer id -> deadline (epoch s)
 FETCH_WAIT_S = 0.25  # longest wait on an empty queue before every sub-list is read again
-LOST_AFTER_S = 15.0  # default: a consumer silent this long has its in-flight work restored
-REAP_BATCH = 100  # dead consumers restored per reaper call
+FETCH_MOST = 100  # most messages one fetch takes (within the prefetch credit left)
 
 # KEYS: unacked, unacked_index, in-flight hash, consumers zset, then the lists in order.
-# ARGV: now, deadline, consumer id. Returns {list, message} or nil.
+# ARGV: now, deadline, consumer id, most messages, acks n, then n delivery tags to ack.
+# Acks first (removed from unacked, its index and the in-flight hash), then pops up to
+# "most" messages, recording each. Returns {list, message, list, message, ...}.
 _FETCH_LUA = """
+local n_acks = tonumber(ARGV[5])
+for i = 6, 5 + n_acks do
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
+local most, out = tonumber(ARGV[4]), {}
 for i = 5, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
+  while #out < 2 * most do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
     local props = cjson.decode(item)['properties']
     local tag = props['delivery_tag']
     local info = props['delivery_info'] or {}
@@ -80,48 +93,13 @@ for i = 5, #KEYS do
                .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
     redis.call('ZADD', KEYS[2], ARGV[1], tag)
     redis.call('HSET', KEYS[3], tag, KEYS[i] .. '\\n' .. item)
-    return {KEYS[i], item}
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = item
   end
+  if #out >= 2 * most then break end
 end
-return false
+return out
 """
-
-# KEYS: unacked, unacked_index, consumers zset. ARGV: now, in-flight key prefix, batch.
-# Restores the in-flight messages of consumers past their deadline that are still
-# unacked (an acked or already restored one is only forgotten). Returns how many.
-_REAP_LUA = """
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local restored = 0
-for _, consumer in ipairs(dead) do
-  local key = ARGV[2] .. consumer
-  local entries = redis.call('HGETALL', key)
-  for i = 1, #entries, 2 do
-    local tag, value = entries[i], entries[i + 1]
-    if redis.call('HDEL', KEYS[1], tag) == 1 then
-      local nl = string.find(value, '\\n', 1, true)
-      redis.call('RPUSH', string.sub(value, 1, nl - 1), string.sub(value, nl + 1))
-      restored = restored + 1
-    end
-    redis.call('ZREM', KEYS[2], tag)
-  end
-  redis.call('DEL', key)
-  redis.call('ZREM', KEYS[3], consumer)
-end
-return restored
-"""
-
-
-def inflight_key(consumer: str) -> str:
-    """``pipeline:inflight:<consumer>``: delivery tag -> ``"<list>\\n<message>"``."""
-    return f"pipeline:inflight:{consumer}"
-
-
-def reap(client: redis.Redis, *, unacked_key: str = "unacked",
-         unacked_index_key: str = "unacked_index", now: float | None = None) -> int:
-    """Restore the in-flight messages of every consumer past its deadline; how many."""
-    return int(client.eval(_REAP_LUA, 3, unacked_key, unacked_index_key, CONSUMERS_KEY,
-                           time.time() if now is None else now, inflight_key(""), REAP_BATCH))
-
 
 class QoS(kredis.QoS):
     """kombu's Redis QoS; messages this transport fetched are already recorded."""
@@ -133,6 +111,16 @@ class QoS(kredis.QoS):
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        """Acknowledged in the channel's next fetch (same round trip), not by a command
+        of its own: the try's settle already made a redelivery harmless."""
+        if self.channel._consumer:
+            with self.channel._acks_lock:
+                self.channel._acks.append(delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().ack(delivery_tag)
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)
@@ -152,20 +140,49 @@ class Channel(kredis.Channel):
         self._fetched: set[str] = set()
         self._consumer = ""
         self._waiting = False  # the command in flight is the BLMOVE wait, not a fetch
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._acks: list[str] = []  # delivery tags acknowledged, sent with the next fetch
+        self._acks_lock = threading.Lock()
 
     # -- fetching -------------------------------------------------------------------
     def _lists(self, queues: list[str]) -> list[str]:
         return [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
 
-    def _fetch_keys(self, lists: list[str]) -> list[str]:
-        return [self.unacked_key, self.unacked_index_key, inflight_key(self._consumer),
+    def _fetch_command(self, lists: list[str], most: int) -> list[Any]:
+        """``EVAL`` arguments of one fetch: the acks waiting, then up to ``most`` pops."""
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        keys = [self.unacked_key, self.unacked_index_key, inflight_key(self._consumer),
                 CONSUMERS_KEY, *lists]
+        now = time.time()
+        return [_FETCH_LUA, len(keys), *keys, now, now + self.lost_after_s, self._consumer,
+                most, len(acks), *acks]
+
+    def _credit(self) -> int:
+        """How many messages the prefetch limit lets this fetch take."""
+        estimate = self.qos.can_consume_max_estimate()
+        return max(1, min(FETCH_MOST, estimate if estimate else FETCH_MOST))
+
+    def flush_acks(self) -> None:
+        """Send the acknowledgements waiting for the next fetch now (shutdown)."""
+        if not self._acks:
+            return
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        consumer = inflight_key(self._consumer) if self._consumer else ""
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            pipe.hdel(self.unacked_key, *acks).zrem(self.unacked_index_key, *acks)
+            if consumer:
+                pipe.hdel(consumer, *acks)
+            pipe.execute()
 
     def _ensure_consumer(self) -> None:
         if not self._consumer:
             self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-            self._heartbeat = _Heartbeat(self, self._consumer)
+            self._heartbeat = Heartbeat(
+                self.pool, self._consumer, lost_after_s=float(self.lost_after_s),
+                unacked_key=self.unacked_key, unacked_index_key=self.unacked_index_key)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -175,15 +192,13 @@ class Channel(kredis.Channel):
         lists = self._lists(queues)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        if self._waiting:
+        if self._waiting and not self._acks:
             wait_s = min(FETCH_WAIT_S, timeout or self.brpop_timeout or FETCH_WAIT_S)
             self.client.connection.send_command("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT",
                                                 wait_s)
             return
-        keys = self._fetch_keys(lists)
-        now = time.time()
-        self.client.connection.send_command("EVAL", _FETCH_LUA, len(keys), *keys, now,
-                                            now + self.lost_after_s, self._consumer)
+        self._waiting = False
+        self.client.connection.send_command("EVAL", *self._fetch_command(lists, self._credit()))
 
     def _brpop_read(self, **options: Any) -> bool:
         waited = self._waiting
@@ -201,12 +216,13 @@ class Channel(kredis.Channel):
             if not reply:
                 self._waiting = True
                 raise Empty()
-            dest, item = (bytes_to_str(part) for part in reply)
-            message = loads(item)
-            self._fetched.add(message["properties"]["delivery_tag"])
-            queue = dest.rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(queue)
-            self.connection._deliver(message, queue)
+            parts = [bytes_to_str(part) for part in reply]
+            for dest, item in zip(parts[::2], parts[1::2], strict=True):
+                message = loads(item)
+                self._fetched.add(message["properties"]["delivery_tag"])
+                queue = dest.rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(message, queue)
             return True
         finally:
             self._in_poll = None
@@ -214,11 +230,8 @@ class Channel(kredis.Channel):
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         self._ensure_consumer()
-        keys = self._fetch_keys(self._lists([queue]))
-        now = time.time()
         with self.conn_or_acquire() as client:
-            reply = client.eval(_FETCH_LUA, len(keys), *keys, now, now + self.lost_after_s,
-                                self._consumer)
+            reply = client.eval(*self._fetch_command(self._lists([queue]), 1))
         if not reply:
             raise Empty()
         message = loads(bytes_to_str(reply[1]))
@@ -236,52 +249,16 @@ class Channel(kredis.Channel):
 
     def close(self) -> None:
         consumer, heartbeat = self._consumer, self._heartbeat
+        try:
+            self.flush_acks()
+        except Exception as exc:  # restored at the deadline instead, then found settled
+            log.warning("acknowledgements not sent at close: %s", exc)
         super().close()  # restores what this channel still holds (warm shutdown)
         if heartbeat is not None:
             heartbeat.stop()
             heartbeat.forget(consumer)
         self._heartbeat = None
         self._consumer = ""
-
-
-class _Heartbeat:
-    """Pushes one consumer's deadline ahead and reaps dead consumers, in a thread."""
-
-    def __init__(self, channel: Channel, consumer: str) -> None:
-        self._client = redis.Redis(connection_pool=channel.pool)
-        self._consumer = consumer
-        self._lost_after_s = float(channel.lost_after_s)
-        self._unacked = (channel.unacked_key, channel.unacked_index_key)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pipeline-fetch-heartbeat",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        interval_s = self._lost_after_s / 5
-        while not self._stop.is_set():
-            now = time.time()
-            try:
-                self._client.zadd(CONSUMERS_KEY, {self._consumer: now + self._lost_after_s})
-                restored = reap(self._client, unacked_key=self._unacked[0],
-                                unacked_index_key=self._unacked[1], now=now)
-                if restored:
-                    log.warning("restored %d in-flight messages of lost consumers", restored)
-            except Exception as exc:  # never let the thread die: silence means "lost"
-                log.warning("consumer heartbeat failed: %s", exc)
-            self._stop.wait(interval_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def forget(self, consumer: str) -> None:
-        """A clean close: whatever is left in flight is restored now, not at the deadline."""
-        self._thread.join(timeout=self._lost_after_s / 5 + 1)
-        try:
-            self._client.zadd(CONSUMERS_KEY, {consumer: 0})
-            reap(self._client, unacked_key=self._unacked[0], unacked_index_key=self._unacked[1])
-        except (redis.RedisError, OSError) as exc:
-            log.warning("consumer %s not forgotten (restored at its deadline): %s", consumer, exc)
 
 
 class Transport(kredis.Transport):

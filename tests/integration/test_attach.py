@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from pipeline.fetch import CONSUMERS_KEY
+from pipeline.inflight import CONSUMERS_KEY
 from pipeline.runtime import runtime_for
 from tests.integration.support import Stack, Worker, wait_for, write_config
 

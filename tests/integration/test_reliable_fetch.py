@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.fetch import CONSUMERS_KEY
+from pipeline.inflight import CONSUMERS_KEY
 from pipeline.ledger import _SETTLE_LUA
 from pipeline.retry import Reason
 from tests.integration import fault_handlers

@@ -232,3 +232,22 @@ def test_fetch_cut_off_by_a_reset_neither_loses_nor_repeats_the_message(
     time.sleep(5)  # past lost_after_s: a second copy would have run by now
     assert _runs(event_id) == 1
     worker.stop()
+
+
+def test_hard_time_limit_mid_batch_settles_the_running_event_and_runs_the_rest_once(
+    stack: Stack,
+) -> None:
+    worker = stack.start_worker("slowbatch")  # batch of 3, hard limit 1.5 s for all of it
+    events = [{"id": str(uuid.uuid4()), "type": "fault.sleep", "source": "faults",
+               "tier": "slowbatch", "payload": {"s": s}} for s in (0.1, 3.0, 0.1)]
+    assert all(r.outcome == "accepted" for r in stack.rt.publisher.publish_many(events))
+    first, stuck, last = (e["id"] for e in events)
+    record = stack.wait_dlq(stuck, timeout_s=40)
+    wait_for(lambda: _runs(last) == 1, 20, "the event after the stuck one")
+    time.sleep(3)
+    assert (_starts(first), _runs(first)) == (1, 1)  # done before the limit: not re-run
+    assert (_starts(last), _runs(last)) == (1, 1)  # never began: ran on the redelivery
+    assert (_starts(stuck), _runs(stuck)) == (2, 0)  # attempt 1 in the batch, attempt 2
+    assert record.reason is Reason.RETRIES_EXHAUSTED
+    assert record.exception.endswith("TimeLimitExceeded")
+    worker.stop()

@@ -3,7 +3,9 @@ command line ``pipeline worker --tier NAME`` turns into.
 
 The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
 finds the tier(s) behind the consumed queues, moves their due retries, and
-applies the tier's rate limit when the worker serves a single tier.
+applies the tier's rate limit when the worker serves a single tier. On Redis it
+refuses to start a worker of a tier queue whose priority steps leave some of the
+sub-lists the pipeline writes to unread (their work would wait forever).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from typing import Any
 
 from celery import bootsteps
 
+from pipeline import adopt
 from pipeline.config import Settings
 from pipeline.runtime import runtime_for
 from pipeline.schedule import RetryMover
 
-__all__ = ["PipelineWorkerStep", "worker_argv"]
+__all__ = ["PipelineWorkerStep", "refuse_unread_priorities", "worker_argv"]
 
 log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2  # a worker refused for its configuration exits with the CLI's config code
 
 
 class PipelineWorkerStep(bootsteps.StartStopStep):
@@ -36,6 +41,7 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
         self.tiers = [t for q in consumed if (t := settings.tier_for_queue(q)) is not None]
         if self.tiers and settings.broker_is_redis:  # read when the consumer connects
             options = dict(worker.app.conf.broker_transport_options or {})
+            refuse_unread_priorities(options, [settings.queue_for(t) for t in self.tiers])
             options["lost_after_s"] = min(settings.tier(t).lost_after_s for t in self.tiers)
             worker.app.conf.broker_transport_options = options
         if len(self.tiers) == 1:
@@ -62,6 +68,16 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
             self.mover.stop()
 
     shutdown = stop
+
+
+def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None:
+    """Exit (code 2) when a consumer with these transport options would never read
+    some priority sub-list of ``queues`` that the pipeline writes to."""
+    problem = adopt.priority_problem(options)
+    if problem is None:
+        return
+    log.critical("pipeline: refusing to start a worker of %s: %s", queues, problem)
+    raise SystemExit(EXIT_CONFIG)
 
 
 def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -1,0 +1,103 @@
+"""attach takes the broker from the app, never lowers its transport options, and
+leaves no priority sub-list it writes to unread."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+
+from pipeline import adopt
+from pipeline.app import attach
+from pipeline.config import load_settings
+from pipeline.errors import ConfigError
+from pipeline.redisurl import same_broker
+from pipeline.runtime import runtime_for
+from pipeline.worker import refuse_unread_priorities
+
+TEAM_BROKER = "redis://:s3cret@team-redis:6379/3"
+
+
+def team_app(**conf: object) -> Celery:
+    app = Celery("team", broker=TEAM_BROKER, set_as_current=False)
+    app.conf.update(**conf)
+    return app
+
+
+def test_attach_uses_the_apps_broker_and_state_store() -> None:
+    app = attach(team_app(), load_settings())
+    settings = runtime_for(app).settings
+    assert settings.effective_broker_url == TEAM_BROKER
+    assert settings.effective_state_url == TEAM_BROKER
+
+
+def test_a_differing_pipeline_broker_is_refused_naming_both_without_passwords() -> None:
+    with pytest.raises(ConfigError) as err:
+        attach(team_app(), load_settings(broker_url="redis://:other@elsewhere:6379/0"))
+    text = str(err.value)
+    assert "broker_url" in text
+    assert "redis://:***@elsewhere:6379/0" in text
+    assert "redis://:***@team-redis:6379/3" in text
+    assert "s3cret" not in text
+    assert "other@" not in text
+
+
+def test_the_same_broker_spelled_otherwise_is_accepted() -> None:
+    app = attach(team_app(), load_settings(broker_url="redis://TEAM-redis/3"))
+    assert runtime_for(app).settings.effective_broker_url == TEAM_BROKER
+
+
+def test_an_app_without_a_broker_gets_the_pipelines() -> None:
+    app = Celery("bare", set_as_current=False)
+    attach(app, load_settings(broker_url="redis://127.0.0.1:6379/5"))
+    assert app.conf.broker_url == "redis://127.0.0.1:6379/5"
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ("amqp://guest:guest@rabbit:5672//", "pyamqp://guest:x@RABBIT/", True),
+    ("amqp://guest@rabbit//", "amqp://guest@rabbit/other", False),
+    ("amqp://guest@rabbit//", "redis://rabbit:6379/0", False),
+    ("redis://h:6379/0", "rediss://h/0", True),
+    ("redis://h:6379/0", "redis://h:6379/1", False),
+])
+def test_same_broker(a: str, b: str, same: bool) -> None:
+    assert same_broker(a, b) is same
+
+
+def test_kombus_default_visibility_timeout_counts_as_set() -> None:
+    # kombu's default is 3600 s: a tier needing less leaves it alone, never lowers it
+    app = attach(team_app(), load_settings())
+    assert runtime_for(app).settings.visibility_timeout_s < 3600
+    assert "visibility_timeout" not in app.conf.broker_transport_options
+    assert adopt.raised_visibility({}, 5000.0) == 5000.0
+    assert adopt.raised_visibility({"visibility_timeout": 7200}, 5000.0) is None
+    assert adopt.raised_visibility({"visibility_timeout": 10}, 60.0) == 60.0
+
+
+def test_a_lower_visibility_timeout_is_raised_and_other_options_kept() -> None:
+    app = attach(team_app(broker_transport_options={"visibility_timeout": 10,
+                                                    "max_connections": 7}),
+                 load_settings())
+    options = app.conf.broker_transport_options
+    assert options["visibility_timeout"] == runtime_for(app).settings.visibility_timeout_s
+    assert options["max_connections"] == 7
+
+
+def test_attach_sets_a_priority_step_per_priority_the_pipeline_writes() -> None:
+    assert adopt.missing_priorities(None) == [1, 2, 4, 5, 7, 8]  # kombu's [0, 3, 6, 9]
+    app = attach(team_app(), load_settings())
+    assert app.conf.broker_transport_options["priority_steps"] == list(range(10))
+
+
+def test_priority_steps_the_app_set_that_leave_sub_lists_unread_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        attach(team_app(broker_transport_options={"priority_steps": [0, 3, 6, 9]}),
+               load_settings())
+    assert adopt.PRIORITY_STEPS_FIELD in str(err.value)
+    assert "[1, 2, 4, 5, 7, 8]" in str(err.value)
+
+
+def test_a_tier_worker_that_cannot_read_every_sub_list_is_refused() -> None:
+    refuse_unread_priorities({"priority_steps": list(range(10))}, ["critical"])
+    with pytest.raises(SystemExit) as exited:
+        refuse_unread_priorities({}, ["critical"])
+    assert exited.value.code == 2

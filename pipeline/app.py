@@ -1,15 +1,17 @@
 """The Celery app: one queue per tier plus the DLQ, JSON only, late acks.
 
-``celery -A pipeline.app worker -Q critical`` uses :data:`app`, built from the
-settings in the environment. A team with its own Celery app calls
-:func:`attach` instead: the pipeline's task, queues and worker step are added,
-their tasks, queues and settings are left as they were.
+``celery -A pipeline.app worker -Q critical`` uses ``app``, built from the
+settings in the environment at its first use (not on import). A team with its own
+Celery app calls :func:`attach` instead: the pipeline's task, queues and worker
+step are added, their tasks, queues and settings are left as they were. Neither
+imports the handler modules: :meth:`pipeline.runtime.Runtime.load_handlers` does,
+when a tier worker starts or before the first publish.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -19,7 +21,6 @@ from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.dlx import tier_queue_arguments
 from pipeline.errors import ConfigError, FieldProblem
-from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.redisurl import redact
 from pipeline.runtime import bind
@@ -124,7 +125,6 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
                 "the pipeline needs its reliable-fetch Redis transport; unset broker_transport"))
     if problems:
         raise ConfigError(problems)
-    import_handler_modules(settings.handler_modules)
 
     ours = tier_queues(settings)
     existing = list(celery.conf.task_queues or [])
@@ -184,4 +184,17 @@ def _redis_options(options: dict[str, Any], settings: Settings) -> dict[str, Any
     return options
 
 
-app = create_app()
+_default: Celery | None = None  # pipeline.app.app, built at first use
+if TYPE_CHECKING:
+    app: Celery  # provided by __getattr__
+
+
+def __getattr__(name: str) -> Celery:
+    """``pipeline.app.app``: the pipeline's own app, built from the environment at
+    first use, so that importing :func:`attach` builds nothing and reads no config."""
+    global _default
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _default is None:
+        _default = create_app()
+    return _default

@@ -39,6 +39,8 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
         settings = runtime.settings
         consumed = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
         self.tiers = [t for q in consumed if (t := settings.tier_for_queue(q)) is not None]
+        if self.tiers:  # before the pool forks: its processes inherit the handlers
+            runtime.load_handlers()
         if self.tiers and settings.broker_is_redis:  # read when the consumer connects
             options = dict(worker.app.conf.broker_transport_options or {})
             refuse_unread_priorities(options, [settings.queue_for(t) for t in self.tiers])

@@ -3,6 +3,11 @@ leaves no priority sub-list it writes to unread."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from celery import Celery
 
@@ -14,6 +19,7 @@ from pipeline.redisurl import same_broker
 from pipeline.runtime import runtime_for
 from pipeline.worker import refuse_unread_priorities
 
+ROOT = Path(__file__).resolve().parents[2]
 TEAM_BROKER = "redis://:s3cret@team-redis:6379/3"
 
 
@@ -101,3 +107,41 @@ def test_a_tier_worker_that_cannot_read_every_sub_list_is_refused() -> None:
     with pytest.raises(SystemExit) as exited:
         refuse_unread_priorities({}, ["critical"])
     assert exited.value.code == 2
+
+
+def test_importing_pipeline_and_attaching_import_no_handler_module(tmp_path: Path) -> None:
+    """A handler module that imports the team's app module (a circular import if
+    attach imported it) loads at the first publish, not before."""
+    pkg = tmp_path / "circ_team"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "celery.py").write_text(
+        "from celery import Celery\n"
+        "from pipeline.app import attach\n"
+        "from pipeline.config import load_settings\n"
+        "app = Celery('circ', broker='redis://127.0.0.1:1/0', set_as_current=False)\n"
+        "@app.task(name='circ.job')\n"
+        "def job() -> None: ...\n"
+        "attach(app, load_settings())\n")
+    (pkg / "handlers.py").write_text(
+        "from pipeline import Event, handler\n"
+        "from circ_team.celery import job\n"
+        "@handler('circ.event')\n"
+        "def on_event(event: Event) -> None:\n"
+        "    job.delay()\n")
+    script = (
+        "from circ_team.celery import app\n"  # as a worker does: the app module first
+        "import pipeline.app\n"
+        "from pipeline.handlers import registry\n"
+        "from pipeline.runtime import runtime_for\n"
+        "assert pipeline.app._default is None, 'the default app was built'\n"
+        "assert registry.for_type('circ.event') == [], 'handlers imported by attach'\n"
+        "runtime_for(app).publisher\n"  # what the first publish does first
+        "assert [h.name for h in registry.for_type('circ.event')] == "
+        "['circ_team.handlers.on_event']\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env.update(PIPELINE_HANDLER_MODULES='["circ_team.handlers"]',
+               PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

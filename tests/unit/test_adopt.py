@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from celery import Celery
@@ -17,7 +18,7 @@ from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 from pipeline.redisurl import same_broker
 from pipeline.runtime import runtime_for
-from pipeline.worker import refuse_unread_priorities
+from pipeline.worker import apply_tier, refuse_unread_priorities
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM_BROKER = "redis://:s3cret@team-redis:6379/3"
@@ -145,3 +146,31 @@ def test_importing_pipeline_and_attaching_import_no_handler_module(tmp_path: Pat
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def fake_worker(app: Celery, **given: object) -> SimpleNamespace:
+    """What a worker's ``setup_defaults`` leaves: the command line, else the app's conf."""
+    attrs = {"prefetch_multiplier": app.conf.worker_prefetch_multiplier,
+             "time_limit": app.conf.task_time_limit,
+             "soft_time_limit": app.conf.task_soft_time_limit, **given}
+    return SimpleNamespace(app=app, **attrs)
+
+
+def test_a_plain_worker_of_one_tier_queue_gets_the_tiers_prefetch_and_limits() -> None:
+    app = attach(team_app(worker_prefetch_multiplier=8), load_settings())
+    tier = runtime_for(app).settings.tier("critical")
+    worker = fake_worker(app)
+    said = apply_tier(worker, runtime_for(app).settings, "critical")
+    assert worker.prefetch_multiplier == tier.prefetch_multiplier
+    assert (worker.soft_time_limit, worker.time_limit) == (tier.soft_time_limit_s,
+                                                           tier.time_limit_s)
+    assert app.tasks["pipeline.handle"].time_limit == tier.time_limit_s
+    assert "tier 'critical' worker: prefetch multiplier 1" in said
+
+
+def test_a_prefetch_given_on_the_command_line_is_kept_and_said() -> None:
+    app = attach(team_app(), load_settings())
+    worker = fake_worker(app, prefetch_multiplier=16)
+    said = apply_tier(worker, runtime_for(app).settings, "bulk")
+    assert worker.prefetch_multiplier == 16
+    assert "16 (command line" in said

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pipeline import adopt, fetch, logs, metrics
+from pipeline import adopt, consumer, fetch, logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.dlx import tier_queue_arguments
@@ -32,6 +32,7 @@ __all__ = ["app", "attach", "create_app", "tier_queues"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"  # Celery's default worker_consumer
 PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails fast
 
 
@@ -138,6 +139,8 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
         celery.conf.broker_transport_options = _redis_options(
             dict(celery.conf.broker_transport_options or {}), settings)
         fetch.install()  # redis://, rediss://, sentinel:// now fetch reliably in this process
+    else:
+        _without_native_delayed_delivery(celery, existing)
 
     register_task(celery)
     register_batch_task(celery)
@@ -167,6 +170,20 @@ def _with_app_broker(celery: Celery, settings: Settings) -> Settings:
                **settings.broker_transport_options}
     return settings.model_copy(update={"broker_url": app_url,
                                        "broker_transport_options": options})
+
+
+def _without_native_delayed_delivery(celery: Celery, theirs: list[Queue]) -> None:
+    """RabbitMQ: no native delayed delivery because of the tier queues (the pipeline
+    sends no countdown or ETA messages; :mod:`pipeline.consumer` says why), unless
+    the app's own queues are quorum queues or it runs a consumer class of its own."""
+    default_type = celery.conf.task_default_queue_type
+    quorum = [q.name for q in theirs
+              if (q.queue_arguments or {}).get("x-queue-type", default_type) == "quorum"]
+    if quorum or celery.conf.worker_consumer != DEFAULT_CONSUMER:
+        log.info("keeping Celery's native delayed delivery: the app's quorum queues %s or "
+                 "worker_consumer %r need it", quorum, celery.conf.worker_consumer)
+        return
+    celery.conf.worker_consumer = consumer.CONSUMER_PATH
 
 
 def _redis_options(options: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -1,26 +1,28 @@
 """The Celery app: one queue per tier plus the DLQ, JSON only, late acks.
 
-``celery -A pipeline.app worker -Q critical`` uses :data:`app`, built from the
-settings in the environment. A team with its own Celery app calls
-:func:`attach` instead: the pipeline's task, queues and worker step are added,
-their tasks, queues and settings are left as they were.
+``celery -A pipeline.app worker -Q critical`` uses ``app``, built from the
+settings in the environment at its first use (not on import). A team with its own
+Celery app calls :func:`attach` instead: the pipeline's task, queues and worker
+step are added, their tasks, queues and settings are left as they were. Neither
+imports the handler modules: :meth:`pipeline.runtime.Runtime.load_handlers` does,
+when a tier worker starts or before the first publish.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pipeline import fetch, logs, metrics
+from pipeline import adopt, consumer, fetch, logs, metrics
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.dlx import tier_queue_arguments
 from pipeline.errors import ConfigError, FieldProblem
-from pipeline.handlers import import_handler_modules
 from pipeline.heartbeat import HeartbeatStep
+from pipeline.redisurl import redact
 from pipeline.runtime import bind
 from pipeline.statewatch import StateWatchStep
 from pipeline.tasks import register_task
@@ -30,6 +32,7 @@ __all__ = ["app", "attach", "create_app", "tier_queues"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CONSUMER = "celery.worker.consumer:Consumer"  # Celery's default worker_consumer
 PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails fast
 
 
@@ -50,7 +53,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_is_redis:
         options.update(
             visibility_timeout=settings.visibility_timeout_s,
-            priority_steps=list(range(10)),  # every event priority 0-9 its own sub-queue
+            priority_steps=list(adopt.PIPELINE_PRIORITIES),  # each priority its own sub-list
             socket_timeout=PUBLISH_TIMEOUT_S,
             socket_connect_timeout=PUBLISH_TIMEOUT_S / 2,
         )
@@ -97,18 +100,32 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     Adds the tier queues and the ``pipeline.handle`` task, the worker steps that
     move due retries and write heartbeats, the consumer step that pauses
     consumption while the state store is down (RabbitMQ), and the metric and
-    log-context signal receivers (they act on ``pipeline.handle`` only). The app's own queues, tasks
-    and settings stay, except two broker matters on Redis: kombu's ``redis://``,
-    ``rediss://`` and ``sentinel://`` transports become the pipeline's reliable fetch
-    in this process (:func:`pipeline.fetch.install`: kombu's Redis transport with an
-    atomic fetch; their tasks gain from it too), and the visibility timeout is raised
-    (never lowered) to what the tiers need.
+    log-context signal receivers (they act on ``pipeline.handle`` only).
+
+    The app's broker is the pipeline's: a ``broker_url`` in ``settings`` naming
+    another one is refused (:class:`ConfigError`), and the state store is that
+    broker unless ``state_url`` is set. The app's own queues, tasks and settings
+    stay, except three broker matters on Redis: kombu's ``redis://``, ``rediss://``
+    and ``sentinel://`` transports become the pipeline's reliable fetch in this
+    process (:func:`pipeline.fetch.install`: kombu's Redis transport with an
+    atomic fetch; their tasks gain from it too), the visibility timeout is raised
+    (never lowered, kombu's default counting as set) to what the tiers need, and
+    the priority steps are set to one per priority 0-9 when the app set none (an
+    app that set steps leaving some unread is refused).
     """
-    settings = settings or load_settings()
+    settings = _with_app_broker(celery, settings or load_settings())
     problems = check_settings(settings)
+    if settings.broker_is_redis:
+        options = dict(celery.conf.broker_transport_options or {})
+        if "priority_steps" in options and (problem := adopt.priority_problem(options)):
+            problems.append(problem)
+        if celery.conf.broker_transport not in (None, "redis", "rediss", "sentinel",
+                                                *fetch.ALIASES.values()):
+            problems.append(FieldProblem(
+                "broker_transport", celery.conf.broker_transport,
+                "the pipeline needs its reliable-fetch Redis transport; unset broker_transport"))
     if problems:
         raise ConfigError(problems)
-    import_handler_modules(settings.handler_modules)
 
     ours = tier_queues(settings)
     existing = list(celery.conf.task_queues or [])
@@ -118,21 +135,12 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     names = {q.name for q in existing}
     celery.conf.task_queues = existing + [q for q in ours if q.name not in names]
 
-    options = dict(celery.conf.broker_transport_options or {})
     if settings.broker_is_redis:
-        needed = settings.visibility_timeout_s
-        current = options.get("visibility_timeout")
-        if current is not None and current < needed:
-            log.warning("raising broker visibility_timeout from %ss to %ss for the pipeline",
-                        current, needed)
-        options["visibility_timeout"] = max(current or 0, needed)
-        if celery.conf.broker_transport not in (None, "redis", "rediss", "sentinel",
-                                                *fetch.ALIASES.values()):
-            raise ConfigError([FieldProblem(
-                "broker_transport", celery.conf.broker_transport,
-                "the pipeline needs its reliable-fetch Redis transport; unset broker_transport")])
+        celery.conf.broker_transport_options = _redis_options(
+            dict(celery.conf.broker_transport_options or {}), settings)
         fetch.install()  # redis://, rediss://, sentinel:// now fetch reliably in this process
-    celery.conf.broker_transport_options = options
+    else:
+        _without_native_delayed_delivery(celery, existing)
 
     register_task(celery)
     register_batch_task(celery)
@@ -145,4 +153,65 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     return celery
 
 
-app = create_app()
+def _with_app_broker(celery: Celery, settings: Settings) -> Settings:
+    """``settings`` on the app's broker (and its transport options, under the
+    pipeline's own); a pipeline ``broker_url`` naming another broker is refused.
+    An app that names no broker at all is given the pipeline's."""
+    app_url = adopt.app_broker_url(celery.conf.broker_url)
+    if app_url is None:
+        log.warning("the Celery app %r names no broker_url: giving it the pipeline's (%s)",
+                    celery.main, redact(settings.effective_broker_url))
+        app_url = settings.effective_broker_url
+        celery.conf.update(broker_url=app_url)
+    problem = adopt.broker_problem(app_url, settings.broker_url)
+    if problem is not None:
+        raise ConfigError([problem])
+    options = {**(celery.conf.broker_transport_options or {}),
+               **settings.broker_transport_options}
+    return settings.model_copy(update={"broker_url": app_url,
+                                       "broker_transport_options": options})
+
+
+def _without_native_delayed_delivery(celery: Celery, theirs: list[Queue]) -> None:
+    """RabbitMQ: no native delayed delivery because of the tier queues (the pipeline
+    sends no countdown or ETA messages; :mod:`pipeline.consumer` says why), unless
+    the app's own queues are quorum queues or it runs a consumer class of its own."""
+    default_type = celery.conf.task_default_queue_type
+    quorum = [q.name for q in theirs
+              if (q.queue_arguments or {}).get("x-queue-type", default_type) == "quorum"]
+    if quorum or celery.conf.worker_consumer != DEFAULT_CONSUMER:
+        log.info("keeping Celery's native delayed delivery: the app's quorum queues %s or "
+                 "worker_consumer %r need it", quorum, celery.conf.worker_consumer)
+        return
+    celery.conf.worker_consumer = consumer.CONSUMER_PATH
+
+
+def _redis_options(options: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The app's Redis transport options with what the tiers need: a visibility
+    timeout at least theirs, and a sub-list per priority 0-9 read by every consumer."""
+    raised = adopt.raised_visibility(options, settings.visibility_timeout_s)
+    if raised is not None:
+        log.warning("raising broker visibility_timeout from %ss to %ss for the pipeline",
+                    options.get("visibility_timeout", adopt.KOMBU_VISIBILITY_TIMEOUT_S), raised)
+        options["visibility_timeout"] = raised
+    if "priority_steps" not in options:  # kombu's [0, 3, 6, 9] would leave retries unread
+        options["priority_steps"] = list(adopt.PIPELINE_PRIORITIES)
+        log.info("setting broker priority_steps to %s: the pipeline writes every priority "
+                 "0-9", options["priority_steps"])
+    return options
+
+
+_default: Celery | None = None  # pipeline.app.app, built at first use
+if TYPE_CHECKING:
+    app: Celery  # provided by __getattr__
+
+
+def __getattr__(name: str) -> Celery:
+    """``pipeline.app.app``: the pipeline's own app, built from the environment at
+    first use, so that importing :func:`attach` builds nothing and reads no config."""
+    global _default
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _default is None:
+        _default = create_app()
+    return _default

@@ -21,6 +21,7 @@ import orjson
 from kombu import Connection, Exchange, Queue
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.queuedepth import passive_depth
 from pipeline.retry import Reason
 from pipeline.state import Keys
 
@@ -171,8 +172,7 @@ class DeadLetterQueue:
             assert self._state is not None
             return int(self._state.llen(self.queue.name))
         with self._connection() as conn:
-            declared: Any = self.queue(conn.default_channel).queue_declare(passive=True)
-            return int(declared.message_count)
+            return passive_depth(conn, self.queue.name) or 0  # not declared yet: empty
 
     def move_to_queue(self, moves: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
         """Redis: for each ``(raw entry, list key, message)``, remove the entry and push

@@ -18,7 +18,7 @@ definition time: so no ``from __future__ import annotations`` here.
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query
 from fastapi.concurrency import run_in_threadpool
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.replay import Replayer
+from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
 from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
 
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_dlq_routes"]
 
-Reason = Literal["retries_exhausted", "permanent_error", "invalid_payload", "no_handler",
-                 "max_deliveries"]
 LIST_LIMIT_MAX = 10_000  # most records one GET /dlq returns
 
 
@@ -57,7 +56,8 @@ class Selection(BaseModel):
 
     def to_filter(self) -> RecordFilter:
         return RecordFilter(ids=frozenset(self.ids), tier=self.tier, type=self.type,
-                            reason=self.reason, exception=self.exception, handler=self.handler,
+                            reason=None if self.reason is None else self.reason.value,
+                            exception=self.exception, handler=self.handler,
                             fingerprint=self.fingerprint, since=_utc(self.since),
                             until=_utc(self.until))
 

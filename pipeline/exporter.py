@@ -82,6 +82,9 @@ class BrokerCollector(Collector):
         slo = per_tier("pipeline_tier_slo_seconds", "The tier's slo_s setting.")
         max_depth = per_tier("pipeline_tier_max_depth",
                              "The tier's max_depth setting (0: unbounded).")
+        declared = per_tier("pipeline_queue_declared",
+                            "1 when the tier's queue exists on the broker; 0 for a RabbitMQ "
+                            "queue no worker has declared yet (its depth reads 0).")
         for t in snap.tiers:
             depth.add_metric([t.tier], t.depth)
             age = 0.0 if t.depth == 0 else t.oldest_age_s
@@ -91,7 +94,8 @@ class BrokerCollector(Collector):
             held.add_metric([t.tier], t.in_flight)
             slo.add_metric([t.tier], t.slo_s)
             max_depth.add_metric([t.tier], t.max_depth)
-        yield from (depth, oldest, retries, workers, held, slo, max_depth)
+            declared.add_metric([t.tier], 1 if t.declared else 0)
+        yield from (depth, oldest, retries, workers, held, slo, max_depth, declared)
         dlq = GaugeMetricFamily("pipeline_dlq_depth", "Records in the dead-letter queue.")
         dlq.add_metric([], snap.dlq_depth)
         yield dlq

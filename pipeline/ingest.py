@@ -31,6 +31,7 @@ from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
 from pipeline.messages import RedisMessageRenderer, TaskSpec, redis_list_key
+from pipeline.queuedepth import passive_depth
 from pipeline.tiers import classify
 
 if TYPE_CHECKING:
@@ -232,18 +233,23 @@ class Publisher:
         return found
 
     def queue_depth(self, tier: str) -> int:
-        """Messages waiting in ``tier``'s queue (priority sub-queues included)."""
+        """Messages waiting in ``tier``'s queue (priority sub-queues included); 0 for
+        a RabbitMQ queue not declared yet."""
+        return self.queue_reading(tier)[0]
+
+    def queue_reading(self, tier: str) -> tuple[int, bool]:
+        """``(depth, declared)`` of ``tier``'s queue: on RabbitMQ a queue no worker has
+        declared yet is ``(0, False)``; a Redis list always exists."""
         queue = self.rt.settings.queue_for(tier)
         try:
             if self.rt.settings.broker_is_redis:
                 pipe = self.rt.state.pipeline(transaction=False)
                 for pri in range(10):
                     pipe.llen(redis_list_key(queue, pri))
-                return int(sum(pipe.execute()))
+                return int(sum(pipe.execute())), True
             with self.rt.app.connection_for_read() as conn:
-                channel: Any = conn.default_channel
-                declared = channel.queue_declare(queue, passive=True)
-                return int(declared.message_count)
+                depth = passive_depth(conn, queue)
+                return (0, False) if depth is None else (depth, True)
         except (redis.RedisError, OperationalError, OSError) as exc:
             raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 

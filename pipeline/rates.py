@@ -3,7 +3,8 @@
 Prometheus answers "how many per second" for dashboards, but ``pipeline status``
 must work with no Prometheus at all. So every settled task also counts into
 ``pipeline:stats:<tier>:<outcome>:<minute>`` (buffered: at most one pipelined
-round trip per process per second).
+round trip per process per second, and a timer writes what an idle process still
+holds a second later, so ``ok/min`` is right within seconds).
 A reader takes the current and the previous minute and weighs the previous one by
 the part of the current minute not yet elapsed (a sliding-window estimate), so the
 rate neither drops to zero nor doubles at a minute boundary.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -63,9 +65,10 @@ class OutcomeRates:
     Counts are buffered in the process and written at most once per
     ``FLUSH_EVERY_S`` (one pipelined round trip for all of them): a blocking
     round trip per task cost a fifth of a pool process's time in the overhead
-    benchmark. The first count of a process is written at once; the last second's
-    counts of a process that goes idle are written with its next task, or when the
-    pool process shuts down (:func:`flush`).
+    benchmark. The first count of a process is written at once; counts buffered
+    after it are written by the next count past the second, or by a timer thread
+    :data:`FLUSH_EVERY_S` later (a pool process that goes idle holds nothing
+    longer than that), and at pool-process shutdown (:func:`flush`).
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -74,27 +77,33 @@ class OutcomeRates:
     def incr(self, tier: str, outcome: str, now: float | None = None, count: int = 1) -> None:
         now = time.time() if now is None else now
         buffer = _buffer()
-        buffer.pending[rate_key(tier, outcome, minute_of(now))] += count
-        buffer.client = self._client
+        with buffer.lock:
+            buffer.pending[rate_key(tier, outcome, minute_of(now))] += count
+            buffer.client = self._client
         if now - buffer.flushed_at >= FLUSH_EVERY_S:
             flush(now)
+        elif buffer.timer is None or not buffer.timer.is_alive():
+            buffer.timer = threading.Timer(FLUSH_EVERY_S, flush)
+            buffer.timer.daemon = True  # a process may exit without waiting for it
+            buffer.timer.start()
 
 
 def flush(now: float | None = None) -> None:
     """Write this process's buffered counts now (also at pool-process shutdown)."""
     buffer = _buffer()
-    if not buffer.pending or buffer.client is None:
-        return
-    pending, buffer.pending = buffer.pending, Counter()
-    buffer.flushed_at = time.time() if now is None else now
-    try:
-        pipe = buffer.client.pipeline(transaction=False)
-        for key, n in pending.items():
-            pipe.incrby(key, n)
-            pipe.expire(key, RATE_TTL_S)
-        pipe.execute()
-    except (redis.RedisError, OSError) as exc:  # a statistic is not worth a failed task
-        log.debug("could not write %d outcome counts: %s", len(pending), exc)
+    with buffer.lock:  # the timer thread and a task may flush at once
+        if not buffer.pending or buffer.client is None:
+            return
+        pending, buffer.pending = buffer.pending, Counter()
+        buffer.flushed_at = time.time() if now is None else now
+        try:
+            pipe = buffer.client.pipeline(transaction=False)
+            for key, n in pending.items():
+                pipe.incrby(key, n)
+                pipe.expire(key, RATE_TTL_S)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:  # a statistic is not worth a failed task
+            log.debug("could not write %d outcome counts: %s", len(pending), exc)
 
 
 @dataclass
@@ -103,6 +112,8 @@ class _Buffer:
     pending: Counter[str] = field(default_factory=Counter)
     flushed_at: float = 0.0
     client: redis.Redis | None = None
+    timer: threading.Timer | None = None  # writes what is still buffered a second later
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _buffers: dict[int, _Buffer] = {}  # by pid: a forked pool process starts empty

@@ -1,4 +1,5 @@
-"""Redis URLs compared and shown: does ``state_url`` name the broker's own Redis,
+"""Broker URLs compared and shown: does ``state_url`` name the broker's own Redis,
+does the pipeline's ``broker_url`` name an attached app's broker (:func:`same_broker`),
 and a URL as it may be printed (never with its password): :func:`redact` for one
 URL (any scheme), :func:`mask_urls` for every URL inside a text (log lines).
 
@@ -7,19 +8,23 @@ Two ``redis://``/``rediss://`` URLs name the same Redis when host (any case), po
 redis-py obeys over the path) are equal. Scheme (TLS or not), credentials, a trailing
 slash and the rest of the query do not matter. Anything else (``sentinel://``, a
 unix socket, a database that is not a number) is the same only when the URLs are
-identical: which server a Sentinel names is known only by asking it.
+identical: which server a Sentinel names is known only by asking it. Two AMQP URLs
+name the same broker when host, port (default 5672, 5671 for ``amqps``), virtual
+host and user are equal (``amqp``, ``pyamqp`` and ``librabbitmq`` are one scheme).
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-__all__ = ["mask_urls", "redact", "same_redis"]
+__all__ = ["mask_urls", "redact", "same_broker", "same_redis"]
 
 DEFAULT_REDIS_PORT = 6379  # port kombu and redis-py connect to when a URL names none
 DEFAULT_REDIS_DB = 0  # database kombu and redis-py select when a URL names none
 MASK = "***"  # stands in for a password in anything printed
+DEFAULT_AMQP_PORTS = {"amqp": 5672, "amqps": 5671}  # RabbitMQ's ports when a URL names none
+_AMQP_SCHEMES = {"amqp": "amqp", "pyamqp": "amqp", "librabbitmq": "amqp", "amqps": "amqps"}
 _COMPARABLE_SCHEMES = ("redis", "rediss")  # URLs whose host, port and db say it all
 _SECRET_QUERY_KEYS = ("password", "sentinel_password")  # query parameters masked too
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")  # a URL inside a text
@@ -32,6 +37,30 @@ def same_redis(a: str, b: str) -> bool:
     if ia is None or ib is None:
         return a.strip() == b.strip()
     return ia == ib
+
+
+def same_broker(a: str, b: str) -> bool:
+    """Whether broker URLs ``a`` and ``b`` name the same broker (Redis: the same
+    server and database; AMQP: the same server, virtual host and user)."""
+    ia, ib = _amqp_identity(a), _amqp_identity(b)
+    if ia is not None or ib is not None:
+        return ia == ib
+    return same_redis(a, b)
+
+
+def _amqp_identity(url: str) -> tuple[str, str, int, str, str] | None:
+    """(scheme, host, port, virtual host, user) of an AMQP URL; ``None`` for others."""
+    parts = urlsplit(url.strip())
+    scheme = _AMQP_SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        return None
+    try:
+        port = parts.port or DEFAULT_AMQP_PORTS[scheme]
+    except ValueError:
+        return None
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) or "/"
+    return scheme, (parts.hostname or "localhost").lower(), port, vhost, parts.username or ""
 
 
 def _identity(url: str) -> tuple[str, int, int] | None:

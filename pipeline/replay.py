@@ -85,6 +85,7 @@ class Replayer:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        runtime.load_handlers()  # validation and fan-out look handlers up
 
     def replay(self, flt: RecordFilter, *, by: str, to_tier: str | None = None,
                rate_per_s: float | None = None, dry_run: bool = False,

@@ -1,7 +1,10 @@
 """Per-app, per-process wiring: settings, state client, retry schedule, DLQ, publisher.
 
 Clients are created lazily and again after a fork, so a prefork child never
-shares a socket with its parent.
+shares a socket with its parent. The handler modules (``handler_modules``) are
+imported lazily too, by :meth:`Runtime.load_handlers`: when a worker of a tier
+queue starts, and before the first publish or replay, never when an app is built
+or attached (a handler module may import the very app module that attaches).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import redis
 from pipeline import state
 from pipeline.breaker import Breakers
 from pipeline.deadletter import DeadLetterQueue
+from pipeline.handlers import import_handler_modules
 from pipeline.ledger import Ledger
 from pipeline.schedule import RetrySchedule
 
@@ -42,6 +46,13 @@ class Runtime:
         self._publisher: Publisher | None = None
         self._ledger: Ledger | None = None
         self._breakers: Breakers | None = None
+        self._handlers_loaded = False
+
+    def load_handlers(self) -> None:
+        """Import the ``handler_modules`` (once) so that their ``@handler`` decorators register."""
+        if not self._handlers_loaded:
+            import_handler_modules(self.settings.handler_modules)
+            self._handlers_loaded = True
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
@@ -102,6 +113,7 @@ class Runtime:
 
         self._check_fork()
         if self._publisher is None:
+            self.load_handlers()  # an event becomes one task per registered handler
             self._publisher = Publisher(self)
         return self._publisher
 

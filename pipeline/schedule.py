@@ -139,12 +139,21 @@ class RetryMover:
 
     def _run(self) -> None:
         pause_s = self._interval_s
+        failures = 0  # in a row: the first is logged with its traceback, the rest in one line
         while not self._stop.wait(pause_s):
             try:
                 moved = self.tick()
                 if moved:
                     log.info("moved %d due retries onto %s", moved, ",".join(self._queues))
+                if failures:
+                    log.warning("retry mover works again after %d failures", failures)
+                failures = 0
                 pause_s = self._interval_s
-            except Exception:
-                log.exception("retry mover failed; retrying")
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.exception("retry mover failed; retrying")
+                else:
+                    log.warning("retry mover failed %d times in a row (%s); retrying in %.2gs",
+                                failures, exc, min(MOVER_ERROR_BACKOFF_MAX_S, pause_s * 2))
                 pause_s = min(MOVER_ERROR_BACKOFF_MAX_S, pause_s * 2)

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     #: Celery broker URL: `redis://`, `rediss://`, `sentinel://h:p;sentinel://h2:p` or
     #: `amqp://`. Unset: `redis://127.0.0.1:6379/0`, and `pipeline up` starts an embedded
     #: broker. TLS options go in the `rediss://` query; always give `ssl_cert_reqs`.
+    #: `attach(app)` uses the app's broker: one set here that names another is refused.
     broker_url: str | None = None
     #: Redis holding the retry schedule, delivery counts, breakers and retry budgets.
     #: Unset: the broker, when it is Redis. Required with a RabbitMQ broker. With a Redis

@@ -10,9 +10,10 @@ O(1) (the heartbeat hash is O(workers)). The oldest message's
 ``pipeline_enqueued_at`` header is cut out of it inside Redis, so a large
 payload never crosses the network.
 
-On RabbitMQ the depth comes from a passive ``queue_declare`` per tier and the age
-of the oldest message is unknown (RabbitMQ cannot peek); everything else is read
-from the state Redis the same way.
+On RabbitMQ the depth comes from a passive ``queue_declare`` per tier (a queue
+not declared yet reads as depth 0 with ``declared`` false) and the age of the
+oldest message is unknown (RabbitMQ cannot peek); everything else is read from
+the state Redis the same way.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class TierReading:
     slo_s: float
     max_depth: int
     per_minute: dict[str, float] = field(default_factory=dict)  # outcome -> sliding rate
+    declared: bool = True  # False: a RabbitMQ queue no worker has declared yet (depth 0)
 
     @property
     def late(self) -> bool:
@@ -159,7 +161,8 @@ def read_snapshot(runtime: Runtime, now: float | None = None) -> Snapshot:
         script = runtime.state.register_script(_READ_LUA)
         raw = script(keys=plan.keys, args=[now - HEARTBEAT_STALE_S, *plan.ops])
         answers = [a.decode() if isinstance(a, bytes) else str(a) for a in raw]
-        depths = {} if on_redis else {t: runtime.publisher.queue_depth(t) for t in settings.tiers}
+        depths = {} if on_redis else {t: runtime.publisher.queue_reading(t)
+                                      for t in settings.tiers}
         dlq_depth = int(answers[dlq_spot]) if on_redis else runtime.dlq.depth()
     except (redis.RedisError, OperationalError, OSError) as exc:
         raise BrokerUnavailable(f"could not read the broker: {exc}") from exc
@@ -170,7 +173,8 @@ def read_snapshot(runtime: Runtime, now: float | None = None) -> Snapshot:
         online, held = (int(x) for x in answers[spots["workers"]].split())
         readings.append(TierReading(
             tier=tier, queue=settings.queue_for(tier),
-            depth=sum(int(a.split(" ", 1)[0]) for a in lists) if on_redis else depths[tier],
+            depth=sum(int(a.split(" ", 1)[0]) for a in lists) if on_redis else depths[tier][0],
+            declared=on_redis or depths[tier][1],
             oldest_age_s=oldest_age(lists, now), retries_pending=int(answers[spots["retries"]]),
             workers_online=online, in_flight=held, slo_s=cfg.slo_s, max_depth=cfg.max_depth,
             per_minute={o: per_minute(int(answers[spots[o][0]]), int(answers[spots[o][1]]), now)

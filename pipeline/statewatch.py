@@ -13,9 +13,10 @@ first failed PING it cancels the worker's consumers of its tier queues (Celery's
 ``cancel_task_queue``, run on the event loop): messages already prefetched run or
 are rejected once more, nothing new is delivered. It keeps probing with
 exponential backoff and full jitter (:func:`pipeline.retry.compute_backoff`, at
-most :data:`PROBE_BACKOFF_MAX_S` apart) and resumes consuming (``add_task_queue``)
-at the first PING answered. The main process sees the outage itself, so no signal
-from the pool's children is needed.
+most :data:`PROBE_BACKOFF_MAX_S` apart), says so once per :data:`DOWN_REPORT_S`
+(one line: how long, how many failed probes, the last error), and resumes
+consuming (``add_task_queue``) at the first PING answered. The main process sees
+the outage itself, so no signal from the pool's children is needed.
 
 :func:`report_state_failure` is for a task that meets the outage before the probe
 does: it makes this process's watch probe at once (when the task runs in the main
@@ -57,6 +58,7 @@ PROBE_BACKOFF_MIN_S = 0.25  # shortest wait between probes while it is down
 PROBE_BACKOFF_MAX_S = 5.0  # longest wait between probes while down: bounds the resume delay
 REPORT_HOLD_S = 1.0  # a task that reports a failure waits this long before it rejects
 STOP_TIMEOUT_S = 2.0  # how long stopping waits for the probe thread
+DOWN_REPORT_S = 10.0  # while it stays down, one log line with the counts this often
 
 _WATCHES: weakref.WeakKeyDictionary[Any, StateWatch] = weakref.WeakKeyDictionary()
 
@@ -67,13 +69,16 @@ class StateWatch:
 
     def __init__(self, ping: Callable[[], object], on_down: Callable[[], None],
                  on_up: Callable[[], None], *, down: bool = False,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ping = ping
         self._on_down = on_down
         self._on_up = on_up
         self._rand = rand
+        self._clock = clock
         self.down = down
         self.failures = 0
+        self._down_since = self._reported_at = clock()
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -99,16 +104,24 @@ class StateWatch:
             self._ping()
         except (redis.RedisError, OSError) as exc:
             self.failures += 1
+            now = self._clock()
             if not self.down:
                 self.down = True
+                self._down_since = self._reported_at = now
                 log.error("state store unreachable (%s): pausing consumption", exc)
                 self._on_down()
+            elif now - self._reported_at >= DOWN_REPORT_S:
+                self._reported_at = now
+                log.warning("state store still unreachable after %.0fs (%d failed probes; "
+                            "last: %s): consumption stays paused", now - self._down_since,
+                            self.failures, exc)
             return PROBE_BACKOFF_MIN_S + compute_backoff(
                 self.failures, base_s=PROBE_INTERVAL_S, max_s=PROBE_BACKOFF_MAX_S,
                 rand=self._rand)
         if self.down:
-            log.warning("state store answers again after %d failed probes: resuming "
-                        "consumption", self.failures)
+            log.warning("state store answers again after %.0fs and %d failed probes: "
+                        "resuming consumption", self._clock() - self._down_since,
+                        self.failures)
             self.down = False
             self._on_up()
         self.failures = 0

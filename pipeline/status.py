@@ -47,6 +47,7 @@ def _tier_dict(t: TierReading) -> dict[str, Any]:
         "failed_per_min": round(sum(t.per_minute.get(o, 0.0) for o in FAILED_OUTCOMES), 1),
         "dead_lettered_per_min": round(t.per_minute.get("dead_lettered", 0.0), 1),
         "workers_online": t.workers_online, "max_depth": t.max_depth,
+        "declared": t.declared,
     }
 
 
@@ -84,7 +85,8 @@ def render_text(report: dict[str, Any]) -> str:
             f"{'retries':>9}{'ok/min':>9}{'failed/min':>12}{'workers':>9}")
     lines = [head]
     for t in report["tiers"]:
-        flag = "  LATE" if t["late"] else ""
+        flag = ("  LATE" if t["late"] else "") + ("" if t.get("declared", True)
+                                                  else "  (queue not declared yet)")
         lines.append(
             f"{t['tier']:<12}{t['depth']:>9}{format_age(t['oldest_age_s']):>9}"
             f"{format_age(t['slo_s']):>8}{t['in_flight']:>11}{t['retries_pending']:>9}"

@@ -3,7 +3,11 @@ command line ``pipeline worker --tier NAME`` turns into.
 
 The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
 finds the tier(s) behind the consumed queues, moves their due retries, and
-applies the tier's rate limit when the worker serves a single tier.
+applies the tier's rate limit when the worker serves a single tier, and a worker
+that consumes nothing but one tier's queue gets that tier's prefetch and time
+limits (:func:`apply_tier`), unless its command line gave others. On Redis it
+refuses to start a worker of a tier queue whose priority steps leave some of the
+sub-lists the pipeline writes to unread (their work would wait forever).
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from typing import Any
 
 from celery import bootsteps
 
+from pipeline import adopt
+from pipeline.batch import BATCH_TASK_NAME
 from pipeline.config import Settings
+from pipeline.messages import TASK_NAME
 from pipeline.runtime import runtime_for
 from pipeline.schedule import RetryMover
 
-__all__ = ["PipelineWorkerStep", "worker_argv"]
+__all__ = ["PipelineWorkerStep", "apply_tier", "refuse_unread_priorities", "worker_argv"]
 
 log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2  # a worker refused for its configuration exits with the CLI's config code
 
 
 class PipelineWorkerStep(bootsteps.StartStopStep):
@@ -34,14 +43,19 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
         settings = runtime.settings
         consumed = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
         self.tiers = [t for q in consumed if (t := settings.tier_for_queue(q)) is not None]
+        if self.tiers:  # before the pool forks: its processes inherit the handlers
+            runtime.load_handlers()
         if self.tiers and settings.broker_is_redis:  # read when the consumer connects
             options = dict(worker.app.conf.broker_transport_options or {})
+            refuse_unread_priorities(options, [settings.queue_for(t) for t in self.tiers])
             options["lost_after_s"] = min(settings.tier(t).lost_after_s for t in self.tiers)
             worker.app.conf.broker_transport_options = options
         if len(self.tiers) == 1:
             rate = settings.tier(self.tiers[0]).rate_limit
             if rate:
                 worker.app.tasks["pipeline.handle"].rate_limit = rate
+            if len(set(consumed)) == 1:  # a tier's own worker, however it was started
+                log.info("pipeline: %s", apply_tier(worker, settings, self.tiers[0]))
 
     def start(self, worker: Any) -> None:
         if not self.tiers:
@@ -62,6 +76,40 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
             self.mover.stop()
 
     shutdown = stop
+
+
+def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
+    """Give a worker consuming only ``tier``'s queue the tier's prefetch and time
+    limits (as ``pipeline worker --tier`` passes them), unless its command line set
+    others; before the pool and the consumer are built. Says what it did."""
+    cfg = settings.tier(tier)
+    conf = worker.app.conf
+    said = []
+    if worker.prefetch_multiplier == conf.worker_prefetch_multiplier:  # not given on the CLI
+        worker.prefetch_multiplier = cfg.prefetch_multiplier
+        said.append(f"prefetch multiplier {cfg.prefetch_multiplier}")
+    else:
+        said.append(f"prefetch multiplier {worker.prefetch_multiplier} (command line; the "
+                    f"tier's is {cfg.prefetch_multiplier})")
+    if worker.time_limit == conf.task_time_limit and worker.soft_time_limit == \
+            conf.task_soft_time_limit:
+        worker.time_limit, worker.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
+    for name in (TASK_NAME, BATCH_TASK_NAME):  # pipeline messages carry them too
+        task = worker.app.tasks[name]
+        task.time_limit, task.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
+    said.append(f"time limits {cfg.soft_time_limit_s:g} s soft, {cfg.time_limit_s:g} s hard")
+    said.append(f"rate limit {cfg.rate_limit or 'none'}")
+    return f"tier {tier!r} worker: {', '.join(said)} (the tier's settings)"
+
+
+def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None:
+    """Exit (code 2) when a consumer with these transport options would never read
+    some priority sub-list of ``queues`` that the pipeline writes to."""
+    problem = adopt.priority_problem(options)
+    if problem is None:
+        return
+    log.critical("pipeline: refusing to start a worker of %s: %s", queues, problem)
+    raise SystemExit(EXIT_CONFIG)
 
 
 def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> list[str]:

@@ -21,6 +21,7 @@ from pipeline.cli.base import (
     runtime,
 )
 from pipeline.errors import BrokerUnavailable
+from pipeline.retry import Reason
 from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,9 +32,7 @@ def filter_options(func: F) -> F:
     options = [
         click.option("--tier", help="Only records of this tier."),
         click.option("--type", "event_type", help="Only this event type."),
-        click.option("--reason", type=click.Choice(["retries_exhausted", "permanent_error",
-                                                    "invalid_payload", "no_handler",
-                                                    "max_deliveries"])),
+        click.option("--reason", type=click.Choice([r.value for r in Reason])),
         click.option("--exception", help="Exception class (name or dotted path)."),
         click.option("--handler", help="Only this handler."),
         click.option("--fingerprint", "fp", help="Error fingerprint (a prefix is enough)."),

@@ -39,7 +39,8 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config = rabbit_config(tmp / "pipeline.toml", prefix)
     s = Stack(AMQP_URL, config, tmp, env_extra={"PIPELINE_STATE_URL": redis_url})
     try:
-        s.start_worker("standard")
+        # a node name of this run's own: its pidbox queue is exclusive on a shared broker
+        s.start_worker("standard", "--hostname", f"{prefix}standard@%h")
         yield s
     finally:
         s.stop()
@@ -57,6 +58,15 @@ def test_rabbitmq_tier_queues_are_quorum_queues_with_our_delivery_limit(stack: S
             with pytest.raises(Exception, match="PRECONDITION_FAILED"):
                 channel.queue_declare(queue, durable=True, auto_delete=False, passive=False,
                                       arguments=arguments)
+
+
+def test_rabbitmq_worker_starts_without_native_delayed_delivery(stack: Stack) -> None:
+    """The pipeline sends no countdown/ETA messages: Celery's native delayed delivery,
+    which the quorum tier queues would switch on, is left out (pipeline.consumer)."""
+    log = stack.workers[0].log()
+    assert "ready." in log
+    assert "delayed delivery" not in log.lower()
+    assert "Direct exchanges" not in log
 
 
 def test_rabbitmq_event_is_processed(stack: Stack) -> None:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from prometheus_client import REGISTRY
 
 from pipeline import metrics
+from pipeline import rates as rates_module
 from pipeline.app import create_app
 from pipeline.config import load_settings
 from pipeline.ingest import PublishResult
-from pipeline.rates import minute_of, per_minute, rate_key, window_keys
+from pipeline.rates import (
+    FLUSH_EVERY_S,
+    OutcomeRates,
+    minute_of,
+    per_minute,
+    rate_key,
+    window_keys,
+)
 from pipeline.runtime import runtime_for
 from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled
 
@@ -125,3 +135,36 @@ def test_a_batch_result_counts_each_event_under_its_own_outcome() -> None:
     assert [metrics.task_outcome(r, "SUCCESS") for r, _ in pairs] == [
         ("succeeded", None), ("retried", None), ("dead_lettered", "retries_exhausted")]
 
+
+
+class RecordingClient:
+    """A redis client stand-in that records what the flushes wrote."""
+
+    def __init__(self) -> None:
+        self.written: dict[str, int] = {}
+
+    def pipeline(self, transaction: bool = False) -> RecordingClient:
+        return self
+
+    def incrby(self, key: str, n: int) -> None:
+        self.written[key] = self.written.get(key, 0) + n
+
+    def expire(self, key: str, ttl_s: int) -> None:
+        pass
+
+    def execute(self) -> None:
+        pass
+
+
+def test_counts_an_idle_process_buffered_are_written_by_the_timer() -> None:
+    rates_module._buffers.clear()  # this process's buffer, as a fresh pool process has it
+    client = RecordingClient()
+    rates = OutcomeRates(client)  # type: ignore[arg-type]
+    rates.incr("critical", "succeeded")  # the first count is written at once
+    for _ in range(29):
+        rates.incr("critical", "succeeded")  # then buffered: the process goes idle
+    assert sum(client.written.values()) == 1
+    deadline = time.monotonic() + FLUSH_EVERY_S * 3
+    while sum(client.written.values()) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(client.written.values()) == 30

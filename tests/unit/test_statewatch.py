@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import redis
 
 from pipeline.statewatch import (
@@ -50,3 +53,24 @@ def test_a_watch_started_paused_resumes_at_the_first_answer() -> None:
                        down=True)
     watch.probe()
     assert calls == ["up"]
+
+
+def test_a_long_outage_says_so_once_per_interval_with_its_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    ping, calls = FlakyPing(), []
+    watch = StateWatch(ping, lambda: calls.append("down"), lambda: calls.append("up"),
+                       rand=lambda: 1.0, clock=lambda: now[0])
+    ping.up = False
+    with caplog.at_level(logging.WARNING, logger="pipeline.statewatch"):
+        while now[0] < 35.0:  # 35 s down, a probe every 0.5 s
+            watch.probe()
+            now[0] += 0.5
+    lines = [r.getMessage() for r in caplog.records]
+    still = [m for m in lines if "still unreachable" in m]
+    assert len(still) == 3  # at 10, 20 and 30 s
+    assert len(lines) == 1 + len(still)  # and the pause itself
+    assert "after 10s (21 failed probes" in still[0]
+    ping.up = True
+    watch.probe()
+    assert "answers again after 35s and 70 failed probes" in caplog.records[-1].getMessage()

@@ -93,6 +93,15 @@ def test_text_flags_the_late_tier_and_says_when_no_worker_serves_it() -> None:
     assert "LATE: standard" not in text
 
 
+def test_a_queue_not_declared_yet_reads_as_empty_and_says_so() -> None:
+    report = build_report(FakeRuntime(), snapshot(  # type: ignore[arg-type]
+        reading("critical", declared=False), reading("standard")))
+    assert [(t["depth"], t["declared"]) for t in report["tiers"]] == [(0, False), (0, True)]
+    rows = render_text(report).splitlines()
+    assert rows[1].endswith("(queue not declared yet)")
+    assert "not declared" not in rows[2]
+
+
 def test_oldest_age_takes_the_oldest_stamp_over_the_priority_sub_lists() -> None:
     now = 1000.0
     answers = ["2 990.5", "0 -", "1 900.25", "3 -"]  # "-": a message without the header

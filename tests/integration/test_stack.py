@@ -47,9 +47,9 @@ def cmdline(pid: int) -> str:
 class Up:
     """A `pipeline up` subprocess with its output in a file."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        config = tmp / "small.toml"
-        config.write_text(SMALL_TOML)
+    def __init__(self, tmp: Path, *extra: str, config: str = SMALL_TOML) -> None:
+        path = tmp / "small.toml"
+        path.write_text(config)
         self.state = tmp / "state"
         self.out = tmp / "up.out"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
@@ -57,7 +57,7 @@ class Up:
             # Its own process group, as a shell gives a foreground job: a test can send
             # the group a terminal's Ctrl-C.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "up", "--config", str(config),
+                [sys.executable, "-m", "pipeline", "up", "--config", str(path),
                  "--state-dir", str(self.state), *extra],
                 env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: set[int] = set()

@@ -17,6 +17,7 @@ from pipeline.cli.base import (
     EXIT_CONFIG,
     EXIT_REJECTED,
     cli,
+    note_if_no_workers,
     progress_bar,
     runtime,
 )
@@ -76,7 +77,9 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
     """List dead-letter records, oldest first."""
     flt = make_filter(**kw)
     records = []
-    for record in runtime().dlq.iter_records():
+    rt = runtime()
+    note_if_no_workers(rt)
+    for record in rt.dlq.iter_records():
         if flt.matches(record):
             records.append(record)
             if limit is not None and len(records) >= limit:
@@ -99,7 +102,9 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
 def dlq_stats(as_json: bool, **kw: Any) -> None:
     """Records grouped by error fingerprint: the causes, largest first."""
     flt = make_filter(**kw)
-    stats = group_by_fingerprint(r for r in runtime().dlq.iter_records() if flt.matches(r))
+    rt = runtime()
+    note_if_no_workers(rt)
+    stats = group_by_fingerprint(r for r in rt.dlq.iter_records() if flt.matches(r))
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in stats], indent=2))
         return

@@ -226,3 +226,41 @@ def test_pipeline_up_demo_fills_the_dlq_with_the_failing_demo_handlers(
                                                 "demo.typed"}
     demo.stop()
     assert demo.process.returncode == 0, demo.output()[-2000:]
+
+
+def test_commands_find_the_stack_pipeline_up_runs_from_the_current_directory(
+    up: Up, tmp_path: Path,
+) -> None:
+    up.banner_value("broker")
+    up.wait_ready("critical")
+    (tmp_path / ".pipeline-state").symlink_to(up.state)  # the default --state-dir
+    broker = read_env_file(up.state / "stack.env")["PIPELINE_BROKER_URL"]
+
+    def pipeline(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path,
+                              env=up.env, capture_output=True, text=True, timeout=60)
+
+    for args in (("status", "--json"), ("--state-dir", str(up.state), "status", "--json")):
+        found = pipeline(*args)
+        assert found.returncode == 0, found.stderr
+        assert f"using the stack `pipeline up` (pid {up.process.pid}) runs from" in found.stderr
+        assert broker in found.stderr
+        tiers = {t["tier"]: t["workers_online"] for t in json.loads(found.stdout)["tiers"]}
+        assert tiers["critical"] >= 1
+    for args in (("dlq", "stats"), ("breaker", "status")):
+        found = pipeline(*args)
+        assert found.returncode == 0, found.stderr
+        assert "using the stack" in found.stderr
+        assert "no workers" not in found.stderr
+
+
+def test_a_command_that_finds_no_workers_says_which_broker_it_read(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PIPELINE_BROKER_URL"] = redis_url.rsplit("/", 1)[0] + "/15"  # nobody works here
+    for args in (("status",), ("dlq", "list"), ("dlq", "stats"), ("breaker", "status")):
+        found = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert found.returncode in (0, 1), found.stderr
+        assert f"note: no workers on broker {env['PIPELINE_BROKER_URL']}" in found.stderr, args

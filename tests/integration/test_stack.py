@@ -264,3 +264,32 @@ def test_a_command_that_finds_no_workers_says_which_broker_it_read(
                                env=env, capture_output=True, text=True, timeout=60)
         assert found.returncode in (0, 1), found.stderr
         assert f"note: no workers on broker {env['PIPELINE_BROKER_URL']}" in found.stderr, args
+
+
+def test_sigkill_of_pipeline_up_leaves_no_child_alive(up: Up) -> None:
+    up.banner_value("broker")
+    for tier in ("critical", "standard"):
+        up.wait_ready(tier)
+    children = up.children()
+    assert len(children) >= 4  # broker, services, workers and their pools
+    os.kill(up.process.pid, signal.SIGKILL)  # no chance to stop anything itself
+    up.process.wait(10)
+    survivors = wait_for(lambda: not [p for p in children if alive(p)] or None, 60,
+                         "every child of the SIGKILLed stack to exit", 0.5)
+    assert survivors
+
+
+def test_a_second_pipeline_up_on_the_same_state_dir_refuses_naming_the_first(
+    start_up: Callable[..., Up],
+) -> None:
+    first = start_up()
+    api_url = first.banner_value("broker") and read_env_file(
+        first.state / "stack.env").get("PIPELINE_API_URL", "")
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline", "up", "--state-dir", str(first.state)],
+        env=first.env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert f"is in use by `pipeline up` (pid {first.process.pid})" in second.stderr
+    if api_url:
+        assert api_url in second.stderr
+    assert first.process.poll() is None  # the first stack is untouched

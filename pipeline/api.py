@@ -15,7 +15,9 @@ events or the DLQ: a request without a valid token is 401, whatever the
 configuration (an API without tokens lets nobody in); a valid token without the
 route's scope (``ingest``, ``dlq:read``, ``dlq:write``) is 403, and so is an event
 for a source its ``ingest`` token is not limited to. Limits: body size (413),
-batch size (413), content type (415). Invalid events get 422 naming every
+batch size (413), an event over its cap (413: the payload's ``max_payload_bytes``,
+or a body over that plus the envelope), content type (415). No answer echoes more
+than ~200 characters of an offending value. Invalid events get 422 naming every
 offending field; a full tier 429 with ``Retry-After``; an event whose key another
 publish holds unconfirmed (RabbitMQ) 409 with ``Retry-After``; a broker outage
 503 — and nothing is reported accepted that was not enqueued. No input produces
@@ -46,7 +48,7 @@ from pipeline.admission import TIER_FULL
 from pipeline.dlqapi import add_dlq_routes
 from pipeline.enqueue import IN_FLIGHT
 from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem
-from pipeline.events import Event
+from pipeline.events import EVENT_ENVELOPE_MAX_BYTES, Event, over_payload_cap
 from pipeline.ingest import FORBIDDEN_SOURCE, PublishResult
 from pipeline.runtime import Runtime
 from pipeline.tokens import DEFAULT_TOKEN_NAME, Credential, token_problem
@@ -135,20 +137,25 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
     async def _problem(request: Request, exc: _Problem) -> JSONResponse:
         return JSONResponse(exc.body, exc.status, headers=exc.headers)
 
-    async def body_of(request: Request, allowed: tuple[str, ...]) -> tuple[bytes, str]:
+    # One event's body: its payload cap plus what the rest of an event can take.
+    event_cap = min(settings.api_max_body_bytes,
+                    settings.max_payload_bytes + EVENT_ENVELOPE_MAX_BYTES)
+
+    async def body_of(request: Request, allowed: tuple[str, ...],
+                      limit: int, what: str) -> tuple[bytes, str]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in allowed:
             raise _Problem(415, {"error": f"content-type {kind or '(none)'!r} not accepted; "
                                           f"use {' or '.join(allowed)}"})
-        limit = settings.api_max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise _Problem(413, {"error": f"body of {declared} bytes over the {limit}-byte limit"})
+            raise _Problem(413, {"error": f"body of {declared} bytes over the {limit}-byte "
+                                          f"{what}"})
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _Problem(413, {"error": f"body over the {limit}-byte limit"})
+                raise _Problem(413, {"error": f"body over the {limit}-byte {what}"})
             chunks.append(chunk)
         return b"".join(chunks), kind
 
@@ -175,7 +182,8 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
                          415: {}, 422: {}, 409: {"description": "in flight"}, 429: {},
                          503: {}})
     async def post_event(request: Request, by: IngestCaller) -> Response:
-        raw, _ = await body_of(request, JSON_TYPES)
+        raw, _ = await body_of(request, JSON_TYPES, event_cap,
+                               "per-event cap (max_payload_bytes and the envelope)")
         try:
             item = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -191,7 +199,8 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
               responses={207: {"description": "some items rejected"}, 401: {}, 403: {},
                          413: {}, 415: {}, 422: {}, 503: {}})
     async def post_batch(request: Request, by: IngestCaller) -> Response:
-        raw, kind = await body_of(request, JSON_TYPES + NDJSON_TYPES)
+        raw, kind = await body_of(request, JSON_TYPES + NDJSON_TYPES,
+                                  settings.api_max_body_bytes, "limit (api_max_body_bytes)")
         items = _batch_items(raw, kind)
         if len(items) > settings.api_max_batch:
             raise _Problem(413, {"error": f"{len(items)} events over the batch limit of "
@@ -241,6 +250,8 @@ def _single_response(result: PublishResult) -> Response:
     if result.reason == IN_FLIGHT:
         return JSONResponse(result.as_dict(), 409,
                             headers={"Retry-After": str(RETRY_AFTER_IN_FLIGHT_S)})
+    if over_payload_cap(result.errors):  # as a body over the per-event cap
+        return JSONResponse(result.as_dict(), 413)
     return JSONResponse(result.as_dict(), 422)
 
 

@@ -17,6 +17,7 @@ and traces a bad value back to the layer it came from.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from pipeline.settings import ENV_PREFIX, SECRET_FIELDS, Settings
 from pipeline.tokens import SECRET_MASK
 
 __all__ = ["CONFIG_ENV", "Settings", "check_settings", "load_settings"]
+
+SUGGEST_CUTOFF = 0.75  # difflib similarity above which an unknown key gets a suggestion
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -60,9 +63,32 @@ def _problems(exc: pydantic.ValidationError, arguments: set[str]) -> list[FieldP
         field = ".".join(loc)
         message = err["msg"].removeprefix("Value error, ")
         source = _source_of(loc, arguments)
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting" + _did_you_mean(loc)
         problems.append(FieldProblem(field, _shown(loc, err.get("input")),
                                      f"{message} ({source})"))
     return problems
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    """``; did you mean `max_retries`?`` for a key close to one its table knows."""
+    from pipeline.breaker import BreakerConfig
+    from pipeline.tiers import Rule, TierConfig
+    from pipeline.tokens import ApiToken
+
+    tables: dict[str, type[pydantic.BaseModel]] = {
+        "tiers": TierConfig, "breakers": BreakerConfig, "api_tokens": ApiToken, "rules": Rule}
+    model = tables.get(loc[0], Settings) if len(loc) > 1 else Settings
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1,
+                                      cutoff=SUGGEST_CUTOFF)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    if model is Settings:  # a tier's setting written at the top level
+        close = difflib.get_close_matches(loc[-1], list(TierConfig.model_fields), n=1,
+                                          cutoff=SUGGEST_CUTOFF)
+        if close:
+            return f"; did you mean `{close[0]}` in a [tiers.NAME] table?"
+    return ""
 
 
 def _shown(loc: list[str], value: object) -> object:

@@ -7,17 +7,25 @@ longest unacked time, a RabbitMQ broker without a Redis ``state_url``, a Redis
 broker with a ``state_url`` naming another Redis) and, when asked to import the
 handler modules, between the handlers and the config. URLs are shown without
 their passwords.
+
+:func:`config_warnings` finds what is valid but probably not meant (``pipeline config
+check`` prints them as warnings and still exits 0): a tier that nothing routes to,
+and a file whose ``[tiers]`` silently drops the built-in tiers and rules.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from typing import Any
 
-from pipeline.errors import FieldProblem
+from pipeline.errors import NO_VALUE, FieldProblem
 from pipeline.redisurl import redact, same_redis
 from pipeline.settings import Settings
 
-__all__ = ["SUPPORTED_SCHEMES", "check_settings", "state_url_problem"]
+__all__ = ["SUPPORTED_SCHEMES", "check_settings", "config_warnings", "state_url_problem"]
+
+TIER_NAME_CUTOFF = 0.75  # difflib similarity above which a tier name looks like a typo
 
 SUPPORTED_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
 
@@ -94,6 +102,39 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
                 )
         problems += _handler_problems(settings)
     return problems
+
+
+def config_warnings(settings: Settings, file_data: dict[str, Any] | None,
+                    builtin: dict[str, Any]) -> list[FieldProblem]:
+    """What loads and runs but is probably a mistake: a tier that neither
+    ``default_tier`` nor any rule routes to (only events that name it reach it), and
+    a file (``file_data``, the TOML as read) whose ``[tiers]`` replaces the built-in
+    tiers and rules (``builtin``, default.toml as read) without redeclaring them."""
+    warnings: list[FieldProblem] = []
+    routed = {settings.default_tier, *(rule.tier for rule in settings.rules)}
+    for name in settings.tiers:
+        if name in routed:
+            continue
+        close = difflib.get_close_matches(name, sorted(routed | set(builtin.get("tiers", {}))),
+                                          n=1, cutoff=TIER_NAME_CUTOFF)
+        hint = f"; a typo of `{close[0]}`?" if close and close[0] != name else ""
+        warnings.append(FieldProblem(
+            f"tiers.{name}", NO_VALUE,
+            f"nothing routes to this tier: it is not default_tier and no rule names it, so "
+            f"only events that say \"tier\": \"{name}\" reach it{hint}"))
+    if file_data is not None and "tiers" in file_data:
+        dropped = [t for t in builtin.get("tiers", {}) if t not in file_data["tiers"]]
+        lost_rules = len(builtin.get("rules", [])) if "rules" not in file_data else 0
+        if dropped or lost_rules:
+            parts = ([f"drops the built-in tier(s) {', '.join(dropped)}"] if dropped else [])
+            if lost_rules:
+                parts.append(f"drops the {lost_rules} built-in rules (declare [[rules]] "
+                             "to route by type or source)")
+            warnings.append(FieldProblem(
+                "tiers", NO_VALUE,
+                "this file declares [tiers], which replaces the built-in tiers and rules "
+                f"rather than merging: it {' and '.join(parts)}"))
+    return warnings
 
 
 def state_url_problem(broker_url: str, state_url: str) -> FieldProblem | None:

@@ -25,10 +25,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import clip
 from pipeline.replay import Replayer
 from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
-from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["add_dlq_routes"]
 
 LIST_LIMIT_MAX = 10_000  # most records one GET /dlq returns
+CANDIDATES_SHOWN = 20  # records listed when an id prefix names several
 
 
 class Selection(BaseModel):
@@ -125,17 +127,20 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
                         limit: Annotated[int, Query(ge=1, le=10_000)] = 100) -> Any:
         return await run_in_threadpool(Replayer(runtime).audit_entries, limit)
 
-    @api.get("/dlq/{record_id}", tags=["dlq"], responses={404: {}})
+    @api.get("/dlq/{record_id}", tags=["dlq"],
+             responses={404: {}, 409: {"description": "a prefix of several records"}})
     async def dlq_show(by: caller, record_id: str) -> Any:
-        def find() -> Any:
-            for r in runtime.dlq.iter_records():
-                if r.id.startswith(record_id) or r.event_id == record_id:
-                    return {**r.model_dump(mode="json"), "fingerprint": record_fingerprint(r)}
-            return None
-
-        found = await run_in_threadpool(find)
-        return found if found is not None else JSONResponse(
-            {"error": f"no DLQ record {record_id!r}"}, 404)
+        """A record by record id or event id, or a prefix of either."""
+        found = await run_in_threadpool(find_by_id, runtime.dlq.iter_records(), record_id)
+        if len(found) == 1:
+            record = found[0]
+            return {**record.model_dump(mode="json"), "fingerprint": record_fingerprint(record)}
+        if not found:
+            return JSONResponse({"error": f"no DLQ record {clip(record_id, 80)!r}"}, 404)
+        return JSONResponse({"error": f"{len(found)} records match; use a longer prefix",
+                             "candidates": [{"id": r.id, "event_id": r.event_id, "tier": r.tier,
+                                             "reason": r.reason.value, "handler": r.handler}
+                                            for r in found[:CANDIDATES_SHOWN]]}, 409)
 
     @api.post("/dlq/replay", tags=["dlq"], responses={422: {}})
     async def dlq_replay(by: writer, request: ReplayRequest) -> Any:

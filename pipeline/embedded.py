@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,13 +87,15 @@ class EmbeddedServer:
 
 def start_server(data_dir: Path, *, port: int | None = None, persist: bool = True,
                  binary: str | None = None, new_session: bool = False,
-                 appendfsync: str = "everysec") -> EmbeddedServer:
+                 appendfsync: str = "everysec",
+                 preexec_fn: Callable[[], None] | None = None) -> EmbeddedServer:
     """Start a server on 127.0.0.1:``port`` (a free one if None) with data in ``data_dir``.
 
     ``persist`` turns on the append-only file (fsync every second; ``appendfsync =
     "always"`` before every reply), so a restart after a crash keeps what was
     acknowledged. ``new_session`` keeps a terminal's
-    Ctrl-C from reaching the server, so its owner can stop it last.
+    Ctrl-C from reaching the server, so its owner can stop it last; ``preexec_fn``
+    runs in the child before exec (``pipeline up``: die with it).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -106,7 +109,7 @@ def start_server(data_dir: Path, *, port: int | None = None, persist: bool = Tru
     else:
         argv += ["--appendonly", "no"]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=new_session)
+                               start_new_session=new_session, preexec_fn=preexec_fn)
     server = EmbeddedServer(process, port, data_dir)
     deadline = time.monotonic() + READY_TIMEOUT_S
     client = redis.Redis(port=port, socket_connect_timeout=0.5)

@@ -31,7 +31,7 @@ class Endpoints:
 
 def write_env_file(path: Path, env: dict[str, str], endpoints: Endpoints) -> None:
     """Shell-sourceable settings of this stack, readable by its owner only."""
-    values = {"PIPELINE_BROKER_URL": endpoints.broker}
+    values = {"PIPELINE_BROKER_URL": endpoints.broker, "PIPELINE_UP_PID": str(os.getpid())}
     for key in ("PIPELINE_CONFIG", "PIPELINE_HANDLER_MODULES"):
         if env.get(key):
             values[key] = env[key]

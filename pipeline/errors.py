@@ -14,11 +14,13 @@ Hierarchy::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "NO_VALUE",
     "BrokerUnavailable",
     "ConfigError",
     "EventValidationError",
@@ -30,7 +32,19 @@ __all__ = [
     "ValidationError",
 ]
 
-_VALUE_REPR_MAX_CHARS = 80  # longest rendering of an offending value in a message
+VALUE_REPR_MAX_CHARS = 80  # longest rendering of an offending value in a message
+VALUE_JSON_MAX_CHARS = 200  # longest offending value echoed in JSON (HTTP, --json)
+
+
+class _NoValue:
+    """The value of a field that is missing: there is nothing to show."""
+
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+#: The value of a :class:`FieldProblem` whose field is missing: messages show none.
+NO_VALUE: Any = _NoValue()
 
 
 class PipelineError(Exception):
@@ -39,17 +53,25 @@ class PipelineError(Exception):
 
 @dataclass(frozen=True)
 class FieldProblem:
-    """One offending field: its dotted path, the value it had, and what is wrong."""
+    """One offending field: its dotted path, the value it had (:data:`NO_VALUE` when
+    the field is missing), and what is wrong. Renderings clip the value: a message
+    never echoes a large input back."""
 
     field: str
     value: Any
     message: str
 
     def __str__(self) -> str:
-        shown = repr(self.value)
-        if len(shown) > _VALUE_REPR_MAX_CHARS:
-            shown = shown[: _VALUE_REPR_MAX_CHARS - 3] + "..."
-        return f"{self.field}={shown}: {self.message}"
+        if self.value is NO_VALUE:
+            return f"{self.field}: {self.message}"
+        return f"{self.field}={clip(repr(self.value), VALUE_REPR_MAX_CHARS)}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form: the value clipped to :data:`VALUE_JSON_MAX_CHARS`; no
+        ``value`` key for a missing field."""
+        if self.value is NO_VALUE:
+            return {"field": self.field, "message": self.message}
+        return {"field": self.field, "value": shown_value(self.value), "message": self.message}
 
 
 class ValidationError(PipelineError, ValueError):
@@ -71,10 +93,7 @@ class ValidationError(PipelineError, ValueError):
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """JSON-friendly form, for CLI ``--json`` output and HTTP responses."""
-        return [
-            {"field": p.field, "value": _jsonable(p.value), "message": p.message}
-            for p in self.problems
-        ]
+        return [p.as_dict() for p in self.problems]
 
 
 class EventValidationError(ValidationError):
@@ -124,7 +143,24 @@ class RetryAfter(HandlerError):
         super().__init__(message or f"retry requested in {self.delay_s:g}s")
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool | list | dict):
+def clip(text: str, max_chars: int = VALUE_JSON_MAX_CHARS) -> str:
+    """``text``, cut to ``max_chars`` with what was left out counted."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}... ({len(text) - max_chars} more characters)"
+
+
+def shown_value(value: Any) -> Any:
+    """``value`` as a JSON answer may echo it: itself when small, else its start as a
+    clipped string (a 2 MB payload is never sent back)."""
+    if value is None or isinstance(value, bool | int | float):
         return value
-    return repr(value)
+    if isinstance(value, str):
+        return clip(value)
+    if isinstance(value, list | dict):
+        try:
+            text = json.dumps(value, default=repr, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = repr(value)
+        return value if len(text) <= VALUE_JSON_MAX_CHARS else clip(text)
+    return clip(repr(value))

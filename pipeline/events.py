@@ -17,16 +17,22 @@ import orjson
 import pydantic
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from pipeline.errors import EventValidationError, FieldProblem
+from pipeline.errors import NO_VALUE, EventValidationError, FieldProblem
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "EVENT_ENVELOPE_MAX_BYTES",
     "EVENT_TYPE_PATTERN",
     "Event",
+    "over_payload_cap",
     "parse_event",
 ]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024  # payload cap when the config sets none: 256 KiB
+# JSON of an event besides its payload can take at most this (names, key, id, time):
+# a body over max_payload_bytes plus this is over the per-event cap unread
+EVENT_ENVELOPE_MAX_BYTES = 4 * 1024
+_OVER_CAP = "-byte cap"  # how the payload cap's message ends (see over_payload_cap)
 EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$"  # dotted lowercase: reward.granted
 # service name, host or URL-ish id; never "|", which Keys.seen puts after the source
 SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/@\-]*$"
@@ -70,7 +76,7 @@ class Event(BaseModel):
         except (TypeError, ValueError) as exc:
             raise ValueError(f"payload is not JSON-serialisable ({exc})") from None
         if size > limit:
-            raise ValueError(f"payload is {size} bytes, over the {limit}-byte cap")
+            raise ValueError(f"payload is {size} bytes, over the {limit}{_OVER_CAP}")
         return value
 
     @property
@@ -100,7 +106,11 @@ def parse_event(
         text = data
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
+            raise EventValidationError(
+                [FieldProblem("<document>", _clip(text), f"not JSON: {_where(exc)}")]
+            ) from None
+        except ValueError as exc:  # bytes that are not UTF-8
             raise EventValidationError(
                 [FieldProblem("<document>", _clip(text), f"not JSON: {exc}")]
             ) from None
@@ -124,8 +134,25 @@ def problems_from_pydantic(exc: pydantic.ValidationError) -> list[FieldProblem]:
     for err in exc.errors(include_url=False):
         field = ".".join(str(part) for part in err["loc"]) or "<document>"
         message = err["msg"].removeprefix("Value error, ")
-        problems.append(FieldProblem(field, err.get("input"), message))
+        # A missing field's "input" is the whole enclosing object: show no value.
+        value = NO_VALUE if err["type"] == "missing" else err.get("input")
+        problems.append(FieldProblem(field, value, message))
     return problems
+
+
+def over_payload_cap(errors: list[dict[str, Any]]) -> bool:
+    """Whether a rejection's errors (:meth:`FieldProblem.as_dict`) include the payload
+    cap: HTTP answers such an event 413, as a body over the per-event cap."""
+    return any(e["field"] == "payload" and e["message"].endswith(_OVER_CAP) for e in errors)
+
+
+def _where(exc: json.JSONDecodeError) -> str:
+    """The decoder's complaint and where: "column C" in a one-line document (an NDJSON
+    line, whose file line the caller names), else "line L column C"."""
+    line = exc.doc.rstrip("\r\n")
+    if "\n" not in line:  # the end of the line, not "line 2 column 1" after its newline
+        return f"{exc.msg} at column {min(exc.pos, len(line)) + 1}"
+    return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
 
 
 def _clip(data: str | bytes) -> str:

@@ -25,6 +25,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from pipeline import ingestcounts
 from pipeline.errors import BrokerUnavailable
 from pipeline.metrics import multiprocess_dir
 from pipeline.snapshot import read_snapshot
@@ -111,7 +112,8 @@ class BrokerCollector(Collector):
 
 
     def _resilience(self) -> Iterator[Metric]:
-        """Circuit breakers and retry budgets (one pipelined round trip)."""
+        """Circuit breakers, retry budgets and ingest counters (one pipelined round
+        trip)."""
         settings = self._rt.settings
         breakers, tiers = list(settings.breakers), list(settings.tiers)
         try:
@@ -120,7 +122,8 @@ class BrokerCollector(Collector):
                 pipe.hmget(Keys.breaker(name), "state", "forced", "opened_total")
             for tier in tiers:
                 pipe.get(Keys.retry_budget(tier) + "exhausted")
-            answers = pipe.execute()
+            pipe.hgetall(Keys.ingest_counts())
+            *answers, counts = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("scrape could not read breakers and budgets: %s", exc)
             return
@@ -139,7 +142,13 @@ class BrokerCollector(Collector):
             "budget was spent (each is run later, never dropped).", labels=["tier"])
         for tier, count in zip(tiers, answers[len(breakers):], strict=True):
             exhausted.add_metric([tier], int(count or 0))
-        yield from (state, opened, exhausted)
+        events = CounterMetricFamily(
+            "pipeline_events", "Events offered for publishing, by what became of them "
+            "(every publisher, counted in the state Redis).",
+            labels=["tier", "type", "outcome", "reason"])
+        for labels, total in ingestcounts.read(counts):
+            events.add_metric(list(labels), total)
+        yield from (state, opened, exhausted, events)
 
 
 class _ThisProcess(Collector):

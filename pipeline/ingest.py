@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from kombu.exceptions import OperationalError
 
+from pipeline import ingestcounts
 from pipeline.admission import TIER_FULL, DepthCache, admitted
 from pipeline.coalesce import Coalescer
 from pipeline.enqueue import IN_FLIGHT, Claim, Enqueuer, Planned, unavailable
@@ -175,7 +176,7 @@ class Publisher:
                     continue
                 valid.append(event)
                 slots.append(None)
-            _notify(invalid)
+            self._notify(invalid)
             if len(chunk) == 1 and len(valid) == 1:  # a lone event (POST /events) may coalesce
                 coalescer = self._coalescer(self.tier_for(valid[0]))
                 if coalescer is not None:
@@ -292,8 +293,14 @@ class Publisher:
         for tier, n in counts.items():
             self.depths.added(tier, n)
         results = [outcome[id(plan)] for plan in plans]
-        _notify(results)
+        self._notify(results)
         return results
+
+    def _notify(self, results: Sequence[PublishResult]) -> None:
+        """Count ``results`` where the exporter reads them, then tell the listeners."""
+        if results:
+            ingestcounts.add(self.rt.state, results)
+            _notify(results)
 
     def _admit(self, plans: list[Planned]) -> tuple[list[Planned], list[Planned]]:
         wanted = Counter(p.tier for p in plans)

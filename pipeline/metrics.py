@@ -1,11 +1,12 @@
 """Prometheus metrics that producers and workers record.
 
-Producers count every publish outcome through :data:`pipeline.ingest.publish_listeners`.
-Workers record from Celery signals: ``task_prerun`` and ``task_postrun`` run in the
-prefork *children*, ``task_failure`` for a hard time limit in the worker's main
-process. Several processes therefore write the same metrics, which is what
-prometheus-client's multiprocess mode is for: start workers (and the exporter that
-reads their files) with ``PROMETHEUS_MULTIPROC_DIR`` naming an empty directory.
+Publish outcomes (``pipeline_events_total``) are counted in the state Redis, where
+the exporter reads them (:mod:`pipeline.ingestcounts`). Workers record from Celery
+signals: ``task_prerun`` and ``task_postrun`` run in the prefork *children*,
+``task_failure`` for a hard time limit in the worker's main process. Several
+processes therefore write the same metrics, which is what prometheus-client's
+multiprocess mode is for: start workers (and the exporter that reads their files)
+with ``PROMETHEUS_MULTIPROC_DIR`` naming an empty directory.
 The broker-side gauges (depth, oldest age, ...) are not recorded here: the
 exporter reads them from the broker on each scrape (:mod:`pipeline.exporter`).
 
@@ -21,9 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 from celery import signals
@@ -32,7 +31,6 @@ from prometheus_client import Counter, Histogram, values
 
 from pipeline import rates
 from pipeline.batch import BATCH_TASK_NAME, batch_outcomes
-from pipeline.ingest import PublishResult, publish_listeners
 from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
 from pipeline.rates import OutcomeRates
 from pipeline.retry import decide
@@ -51,22 +49,17 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     values.ValueClass = values.MultiProcessValue(  # type: ignore[no-untyped-call]
         process_identifier=_process_identifier)
 
-__all__ = ["install", "multiprocess_dir", "record_publish", "task_outcome", "timeout_outcome"]
+__all__ = ["install", "multiprocess_dir", "task_outcome", "timeout_outcome"]
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess directory
-TYPE_LABELS_MAX = 1000  # distinct event-type label values per process; later ones: "other"
-OTHER_TYPE = "other"  # the type label of event types past TYPE_LABELS_MAX
 # Queue wait and end-to-end latency span milliseconds (critical) to hours (bulk).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                      60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 HANDLER_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                      30.0, 60.0, 120.0, 300.0)
 
-EVENTS = Counter(
-    "pipeline_events_total", "Events offered for publishing, by what became of them.",
-    ["tier", "type", "outcome", "reason"])
 TASKS = Counter(
     "pipeline_tasks_total", "Settled pipeline.handle attempts, by outcome.",
     ["tier", "handler", "outcome"])
@@ -88,7 +81,6 @@ END_TO_END = Histogram(
 _started: dict[str, float] = {}  # task id -> monotonic start, in the process running it
 _timed_out: OrderedDict[tuple[str, int], None] = OrderedDict()  # recent (task id, attempt)
 TIMED_OUT_REMEMBERED = 1000  # hard time limits remembered, to count each once
-_types_seen: set[str] = set()
 _installed = False
 
 
@@ -107,8 +99,6 @@ def install() -> None:
     signals.task_failure.connect(_on_failure, weak=False)
     signals.worker_ready.connect(_on_worker_ready, weak=False)
     signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)
-    if record_publish not in publish_listeners:
-        publish_listeners.append(record_publish)
     _installed = True
 
 
@@ -147,25 +137,6 @@ def timeout_outcome(exc: BaseException, *, settled: bool, attempt: int,
     if decision.retry:
         return "retried", None
     return "dead_lettered", decision.reason.value if decision.reason else ""
-
-
-def record_publish(results: Sequence[PublishResult]) -> None:
-    """Count publish results; one ``inc`` per distinct label set of the batch."""
-    counts = Tally((r.tier or "", _type_label(r.type), r.outcome, r.reason or "")
-                   for r in results)
-    for labels, n in counts.items():
-        EVENTS.labels(*labels).inc(n)
-
-
-def _type_label(kind: str | None) -> str:
-    if not kind:
-        return ""
-    if kind in _types_seen:
-        return kind
-    if len(_types_seen) >= TYPE_LABELS_MAX:
-        return OTHER_TYPE
-    _types_seen.add(kind)
-    return kind
 
 
 def _ours(task: Any) -> Runtime | None:

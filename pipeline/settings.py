@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     default_tier: str = "standard"
     #: broker queue that holds dead-letter records.
     dead_letter_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] = "dead_letter"
-    #: largest accepted payload, JSON-encoded.
+    #: largest accepted payload, JSON-encoded (over it: HTTP 413 for one event, a
+    #: rejected item in a batch).
     max_payload_bytes: Annotated[int, Field(gt=0)] = DEFAULT_MAX_PAYLOAD_BYTES
     #: how often each tier worker moves due retries back onto its tier queue.
     retry_poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.25
@@ -96,7 +97,8 @@ class Settings(BaseSettings):
     #: `token_env`, `scopes` and `sources` ([below](#api-tokens)); DLQ audit entries
     #: record the name.
     api_tokens: dict[str, ApiToken] = Field(default_factory=dict)
-    #: largest HTTP request body accepted by the API (413 above).
+    #: largest HTTP request body accepted by the API (413 above); a single event's body
+    #: is also capped at `max_payload_bytes` plus 4 KiB for the rest of the event.
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000

@@ -8,6 +8,10 @@ Credentials that are not configured are generated and printed once; the broker
 URL, credentials, URLs and ports go to ``<state-dir>/stack.env`` (mode 0600) so
 other ``pipeline`` commands can be pointed at the stack (:mod:`pipeline.endpoints`).
 
+Children die with it whatever kills it (a parent-death signal), and the state
+directory is locked while it runs: a second ``pipeline up`` on it refuses, naming
+the running one (:mod:`pipeline.lifeline`).
+
 A child that dies is reported and restarted (with backoff; what it left behind
 in its process group is killed first). Ctrl-C or SIGTERM stops the API first,
 then everything else with SIGTERM (Celery's warm shutdown for workers), then
@@ -35,7 +39,9 @@ from pipeline.config import check_settings, load_settings
 from pipeline.embedded import EmbeddedServer, free_port, start_server
 from pipeline.endpoints import Endpoints, banner, write_env_file
 from pipeline.errors import ConfigError, FieldProblem
+from pipeline.lifeline import StateDirBusy, die_with_parent, lock_state_dir
 from pipeline.redisurl import redact
+from pipeline.stackfind import read_env_file
 from pipeline.supervisor import Child, say, stop_all, supervise
 from pipeline.tokens import credentials
 
@@ -82,6 +88,12 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env_file = state_dir / "stack.env"
+    try:
+        lock_state_dir(state_dir)  # held until this process exits, however
+    except StateDirBusy as exc:
+        click.echo(f"error: {exc}; it serves:\n{_running_stack(env_file)}\nstop it "
+                   f"(kill {exc.pid}) or use another --state-dir", err=True)
+        return 2
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -97,7 +109,8 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
         if not settings.broker_url:
             # Its own session: a terminal's Ctrl-C must not stop the broker before the
             # workers' warm shutdown has returned their prefetched messages to it.
-            server = start_server(state_dir / "broker", new_session=True)
+            server = start_server(state_dir / "broker", new_session=True,
+                                  preexec_fn=die_with_parent)
             env["PIPELINE_BROKER_URL"] = server.url
             os.environ["PIPELINE_BROKER_URL"] = server.url
         endpoints = Endpoints(server.url if server else settings.effective_broker_url)
@@ -129,6 +142,18 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
         env_file.unlink(missing_ok=True)
         say("stopped")
     return 0
+
+
+def _running_stack(env_file: Path) -> str:
+    """The URLs of the stack that holds the state directory, from its stack.env."""
+    try:
+        values = read_env_file(env_file)
+    except OSError:
+        return "  (its stack.env is not written yet)"
+    keys = ("PIPELINE_BROKER_URL", "PIPELINE_API_URL", "PIPELINE_FLOWER_URL",
+            "PIPELINE_EXPORTER_URL")
+    return "\n".join(f"  {key.removeprefix('PIPELINE_').lower()}: {redact(values[key])}"
+                     for key in keys if key in values)
 
 
 def _share_metrics_dir(metrics_dir: Path, children: list[Child]) -> None:

@@ -81,6 +81,11 @@ class Keys:
         return f"{cls.prefix}dlq:audit"
 
     @classmethod
+    def ingest_counts(cls) -> str:
+        """Publish outcomes by ``tier|type|outcome|reason`` (a hash of counters)."""
+        return f"{cls.prefix}ingest:counts"
+
+    @classmethod
     def demo_effects(cls) -> str:
         return f"{cls.prefix}demo:effects"
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import click
 
+from pipeline.lifeline import die_with_parent
+
 __all__ = ["Child", "say", "stop_all", "supervise"]
 
 WARM_SHUTDOWN_TIMEOUT_S = 30.0  # how long children get to finish running tasks
@@ -48,9 +50,11 @@ class Child:
         with self.log_path.open("ab") as handle:
             # Own session and process group: Ctrl-C reaches only `pipeline up`, which
             # stops children in order, and a dead child's leftovers can be killed.
+            # die_with_parent: whatever kills `pipeline up`, its children follow.
             self.process = subprocess.Popen(self.argv, env={**env, **self.extra_env},
                                             stdout=handle, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
 
     def running(self) -> bool:

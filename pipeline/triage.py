@@ -15,8 +15,8 @@ from datetime import datetime
 
 from pipeline.deadletter import DeadLetterRecord
 
-__all__ = ["FingerprintStat", "RecordFilter", "fingerprint", "group_by_fingerprint",
-           "normalise_message"]
+__all__ = ["FingerprintStat", "RecordFilter", "find_by_id", "fingerprint",
+           "group_by_fingerprint", "normalise_message"]
 
 FINGERPRINT_HEX_CHARS = 12  # length of a fingerprint (hex digits of a SHA-1)
 
@@ -148,3 +148,19 @@ def group_by_fingerprint(records: Iterable[DeadLetterRecord]) -> list[Fingerprin
 
 def select(records: Sequence[DeadLetterRecord], flt: RecordFilter) -> list[DeadLetterRecord]:
     return [r for r in records if flt.matches(r)]
+
+
+def find_by_id(records: Iterable[DeadLetterRecord], query: str) -> list[DeadLetterRecord]:
+    """The records ``query`` names: the one whose record id it is; else every record
+    whose record id or event id starts with it (an event id can name several records:
+    one per handler and attempt). One result is the answer; several are candidates."""
+    query = query.strip().lower()
+    if not query:
+        return []
+    found = []
+    for r in records:
+        if r.id == query:
+            return [r]
+        if r.id.startswith(query) or r.event_id.lower().startswith(query):
+            found.append(r)
+    return found

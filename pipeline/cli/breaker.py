@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pipeline.cli.base import cli, runtime
+from pipeline.cli.base import cli, note_if_no_workers, runtime
 
 
 @cli.group()
@@ -21,6 +21,7 @@ def breaker_status(names: tuple[str, ...], as_json: bool) -> None:
     """State of NAMES (default: every configured breaker)."""
     rt = runtime()
     statuses = [rt.breakers.status(n) for n in (names or tuple(rt.settings.breakers))]
+    note_if_no_workers(rt)
     if as_json:
         click.echo(json.dumps(statuses, indent=2))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import click
 
 from pipeline.cli.base import EXIT_CONFIG, cli, fail_config
-from pipeline.config import check_settings, load_settings
+from pipeline.config import CONFIG_ENV, check_settings, load_settings
+from pipeline.configcheck import config_warnings
+from pipeline.configfile import read_default_toml, read_toml
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.redisurl import MASK, mask_urls, redact
 from pipeline.tokens import credentials, token_notes
@@ -48,21 +51,29 @@ def config() -> None:
 def config_check(file: Path | None) -> None:
     """Validate FILE (else $PIPELINE_CONFIG, else the built-in default)."""
     problems: list[FieldProblem]
+    warnings: list[FieldProblem] = []
     notes: list[str] = []
     try:
         settings = load_settings(file)
         problems = check_settings(settings, import_handlers=True)
         problems += credentials(settings)[1]  # token_env secrets, as `pipeline serve` reads them
         notes = token_notes(settings)
+        path = file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+        warnings = config_warnings(settings, read_toml(path) if path else None,
+                                   read_default_toml())
     except ConfigError as exc:
         problems = list(exc.problems)
     for problem in problems:
         click.echo(f"error: {problem}", err=True)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     if problems:
         sys.exit(EXIT_CONFIG)
-    click.echo(f"ok: {len(settings.tiers)} tiers, {len(settings.rules)} rules")
+    click.echo(f"ok: {len(settings.tiers)} tiers ({', '.join(settings.tiers)}), "
+               f"{len(settings.rules)} rules"
+               + (f", {len(warnings)} warning(s)" if warnings else ""))
 
 
 @config.command("show")

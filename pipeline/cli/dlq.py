@@ -17,14 +17,16 @@ from pipeline.cli.base import (
     EXIT_CONFIG,
     EXIT_REJECTED,
     cli,
+    note_if_no_workers,
     progress_bar,
     runtime,
 )
-from pipeline.errors import BrokerUnavailable
+from pipeline.errors import BrokerUnavailable, clip
 from pipeline.retry import Reason
-from pipeline.triage import RecordFilter, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
 
 F = TypeVar("F", bound=Callable[..., Any])
+CANDIDATES_SHOWN = 20  # records listed when an id prefix is ambiguous
 
 
 def filter_options(func: F) -> F:
@@ -74,7 +76,9 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
     """List dead-letter records, oldest first."""
     flt = make_filter(**kw)
     records = []
-    for record in runtime().dlq.iter_records():
+    rt = runtime()
+    note_if_no_workers(rt)
+    for record in rt.dlq.iter_records():
         if flt.matches(record):
             records.append(record)
             if limit is not None and len(records) >= limit:
@@ -97,7 +101,9 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
 def dlq_stats(as_json: bool, **kw: Any) -> None:
     """Records grouped by error fingerprint: the causes, largest first."""
     flt = make_filter(**kw)
-    stats = group_by_fingerprint(r for r in runtime().dlq.iter_records() if flt.matches(r))
+    rt = runtime()
+    note_if_no_workers(rt)
+    stats = group_by_fingerprint(r for r in rt.dlq.iter_records() if flt.matches(r))
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in stats], indent=2))
         return
@@ -113,16 +119,27 @@ def dlq_stats(as_json: bool, **kw: Any) -> None:
 @dlq.command("show")
 @click.argument("record_id")
 def dlq_show(record_id: str) -> None:
-    """The full record (by record id, its prefix, or event id), traceback included."""
-    for r in runtime().dlq.iter_records():
-        if r.id.startswith(record_id) or r.event_id == record_id:
-            data = r.model_dump(mode="json")
-            data["fingerprint"] = record_fingerprint(r)
-            trace = data.pop("traceback")
-            click.echo(json.dumps(data, indent=2))
-            click.echo(trace)
-            return
-    click.echo(f"no DLQ record {record_id!r}", err=True)
+    """The full record (by record id or event id, or a prefix of either), traceback
+    included; a prefix that names several records lists them."""
+    found = find_by_id(runtime().dlq.iter_records(), record_id)
+    if len(found) == 1:
+        data = found[0].model_dump(mode="json")
+        data["fingerprint"] = record_fingerprint(found[0])
+        trace = data.pop("traceback")
+        click.echo(json.dumps(data, indent=2))
+        click.echo(trace)
+        return
+    if not found:
+        click.echo(f"no DLQ record or event id starting with {clip(record_id, 80)!r}",
+                   err=True)
+        sys.exit(EXIT_REJECTED)
+    click.echo(f"{clip(record_id, 80)!r} names {len(found)} records; use a longer prefix:",
+               err=True)
+    for r in found[:CANDIDATES_SHOWN]:
+        click.echo(f"  record {r.id}  event {r.event_id}  {r.tier}  {r.reason.value}  "
+                   f"{r.handler or '-'}", err=True)
+    if len(found) > CANDIDATES_SHOWN:
+        click.echo(f"  ... and {len(found) - CANDIDATES_SHOWN} more", err=True)
     sys.exit(EXIT_REJECTED)
 
 

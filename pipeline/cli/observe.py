@@ -9,7 +9,7 @@ import time
 
 import click
 
-from pipeline.cli.base import EXIT_BROKER, EXIT_CONFIG, cli, runtime
+from pipeline.cli.base import EXIT_BROKER, EXIT_CONFIG, cli, note_if_no_workers, runtime
 from pipeline.errors import BrokerUnavailable
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # where --insecure-local may bind
@@ -38,6 +38,8 @@ def status(as_json: bool, watch: float | None) -> None:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BROKER)
             code = EXIT_LATE if report["late"] else 0
+            if watch is None:
+                note_if_no_workers(rt)
             if as_json:
                 text = json.dumps(report, indent=None if watch else 2)
             else:

@@ -12,7 +12,7 @@ from typing import IO, Any
 import click
 
 from pipeline.cli.base import EXIT_BROKER, EXIT_REJECTED, cli, progress_bar, runtime
-from pipeline.errors import BrokerUnavailable
+from pipeline.errors import VALUE_REPR_MAX_CHARS, BrokerUnavailable, clip
 
 
 @cli.command()
@@ -51,11 +51,17 @@ def send(source: IO[bytes], as_json: bool) -> None:
         click.echo(f"accepted {counts['accepted']}, duplicate {counts['duplicate']}, "
                    f"rejected {counts['rejected']}" + (f" ({by_reason})" if by_reason else ""))
         for item in rejected:
-            for err in item["errors"] or [{"field": "-", "value": None,
-                                           "message": item["reason"]}]:
-                click.echo(f"  line {item['line']}: {err['field']}={err['value']!r}: "
-                           f"{err['message']}")
+            for err in item["errors"] or [{"field": "-", "message": item["reason"]}]:
+                click.echo(f"  line {item['line']}: {_problem(err)}")
     sys.exit(EXIT_REJECTED if rejected else 0)
+
+
+def _problem(err: dict[str, Any]) -> str:
+    """``field='value': message``, the value already clipped (:meth:`FieldProblem.as_dict`)
+    and left out for a missing field; a JSON error's message names the column."""
+    if "value" not in err or err["field"] == "<document>":  # the line itself: in the file
+        return f"{err['field']}: {err['message']}"
+    return f"{err['field']}={clip(repr(err['value']), VALUE_REPR_MAX_CHARS)}: {err['message']}"
 
 
 def _progress(source: IO[bytes]) -> Any:

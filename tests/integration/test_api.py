@@ -31,8 +31,9 @@ time_limit_s = 5
 
 def make_runtime(url: str, tmp: Path, **overrides: object) -> Runtime:
     config = write_config(tmp / "pipeline.toml", prefix=f"{tmp.name}-", extra=TINY_TIER)
+    limits: dict[str, object] = {"api_max_body_bytes": 64 * 1024, "api_max_batch": 50}
     settings = load_settings(config, broker_url=url, admission_cache_s=0.0,
-                             api_max_body_bytes=64 * 1024, api_max_batch=50, **overrides)
+                             **{**limits, **overrides})
     return runtime_for(create_app(settings, main=f"api-{tmp.name}"))
 
 
@@ -114,6 +115,28 @@ def test_all_accepted_batch_is_202(client: TestClient) -> None:
 def test_oversized_body_is_413(client: TestClient) -> None:
     big = event(payload={"blob": "x" * 70_000})
     assert client.post("/events", json=big, headers=AUTH).status_code == 413
+
+
+def test_an_event_over_the_per_event_cap_is_413_and_not_echoed(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    rt = make_runtime(redis_url, tmp_path, max_payload_bytes=1024, api_max_body_bytes=1 << 22)
+    with TestClient(create_api(rt, token=TOKEN)) as c:
+        # over the payload cap plus the envelope: refused before it is parsed
+        huge = c.post("/events", json=event(payload={"blob": "x" * (2 << 20)}), headers=AUTH)
+        assert huge.status_code == 413
+        assert len(huge.content) < 300
+        # over the payload cap only: the same status, the value clipped
+        over = c.post("/events", json=event(payload={"blob": "x" * 2000}), headers=AUTH)
+        assert over.status_code == 413, over.text
+        (problem,) = over.json()["errors"]
+        assert problem["field"] == "payload"
+        assert len(json.dumps(problem["value"])) < 260
+        # the batch route keeps its own limit and rejects that item alone
+        batch = c.post("/events/batch", json=[event(payload={"blob": "x" * 2000}), event()],
+                       headers=AUTH)
+        assert batch.status_code == 207
+        assert len(batch.content) < 1000
 
 
 def test_too_many_events_in_a_batch_is_413(client: TestClient) -> None:

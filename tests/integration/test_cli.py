@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def test_send_accepts_valid_lines_and_reports_each_rejected_one(stack: Stack) ->
     assert rejected[4][0]["field"] == "<document>"
 
 
+def test_send_names_the_file_line_and_the_json_column_and_clips_values(stack: Stack) -> None:
+    lines = [
+        json.dumps({"type": "demo.ok", "source": "cli-test"}),
+        '{"type": "demo.ok", "source": "cli-test"',
+        json.dumps({"source": "cli-test", "payload": {"blob": "y" * 5000}}),
+        json.dumps({"type": "Z" * 5000, "source": "cli-test"}),
+    ]
+    proc = run_cli(stack, "send", "-", stdin="\n".join(lines))
+    assert proc.returncode == 1, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == "accepted 1, duplicate 0, rejected 3 (invalid 3)"
+    assert out[1] == ("  line 2: <document>: not JSON: Expecting ',' delimiter at column 41"), out
+    assert out[2] == "  line 3: type: Field required"  # a missing field: no value shown
+    assert out[3].startswith("  line 4: type='ZZZ")
+    assert all(len(line) < 300 for line in out)
+
+
 def test_send_to_an_unreachable_broker_fails_clearly_and_accepts_nothing(stack: Stack) -> None:
     env = {**stack.env(), "PIPELINE_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
            "PIPELINE_PUBLISH_MAX_RETRIES": "0"}
@@ -66,6 +84,32 @@ def test_send_to_an_unreachable_broker_fails_clearly_and_accepts_nothing(stack: 
     assert "unreachable" in proc.stderr
     assert "0 accepted" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_dlq_show_takes_an_unambiguous_prefix_and_lists_candidates_otherwise(
+    stack: Stack,
+) -> None:
+    stem = uuid.uuid4().hex[:8]  # two event ids sharing their first 24 characters
+    ids = [f"{stem}-abcd-4bcd-8bcd-{n * 12}" for n in ("1", "2")]
+    for event_id in ids:
+        stack.publish("demo.invalid", id=event_id)
+    records = [stack.wait_dlq(event_id) for event_id in ids]
+
+    by_event = run_cli(stack, "dlq", "show", ids[0][:26])
+    assert by_event.returncode == 0, by_event.stderr
+    assert json.loads(by_event.stdout.split("\nTraceback")[0])["id"] == records[0].id
+    by_record = run_cli(stack, "dlq", "show", records[1].id[:10])
+    assert by_record.returncode == 0, by_record.stderr
+    assert f'"id": "{records[1].id}"' in by_record.stdout
+
+    ambiguous = run_cli(stack, "dlq", "show", stem)
+    assert ambiguous.returncode == 1
+    assert "names 2 records; use a longer prefix" in ambiguous.stderr
+    for record in records:
+        assert f"record {record.id}  event {record.event_id}" in ambiguous.stderr
+    missing = run_cli(stack, "dlq", "show", "ffff" * 60)
+    assert missing.returncode == 1
+    assert len(missing.stderr) < 200
 
 
 def test_dlq_list_json_prints_records_as_a_json_array(stack: Stack) -> None:

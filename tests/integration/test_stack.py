@@ -47,9 +47,9 @@ def cmdline(pid: int) -> str:
 class Up:
     """A `pipeline up` subprocess with its output in a file."""
 
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        config = tmp / "small.toml"
-        config.write_text(SMALL_TOML)
+    def __init__(self, tmp: Path, *extra: str, config: str = SMALL_TOML) -> None:
+        path = tmp / "small.toml"
+        path.write_text(config)
         self.state = tmp / "state"
         self.out = tmp / "up.out"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
@@ -57,7 +57,7 @@ class Up:
             # Its own process group, as a shell gives a foreground job: a test can send
             # the group a terminal's Ctrl-C.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "up", "--config", str(config),
+                [sys.executable, "-m", "pipeline", "up", "--config", str(path),
                  "--state-dir", str(self.state), *extra],
                 env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: set[int] = set()
@@ -226,3 +226,70 @@ def test_pipeline_up_demo_fills_the_dlq_with_the_failing_demo_handlers(
                                                 "demo.typed"}
     demo.stop()
     assert demo.process.returncode == 0, demo.output()[-2000:]
+
+
+def test_commands_find_the_stack_pipeline_up_runs_from_the_current_directory(
+    up: Up, tmp_path: Path,
+) -> None:
+    up.banner_value("broker")
+    up.wait_ready("critical")
+    (tmp_path / ".pipeline-state").symlink_to(up.state)  # the default --state-dir
+    broker = read_env_file(up.state / "stack.env")["PIPELINE_BROKER_URL"]
+
+    def pipeline(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path,
+                              env=up.env, capture_output=True, text=True, timeout=60)
+
+    for args in (("status", "--json"), ("--state-dir", str(up.state), "status", "--json")):
+        found = pipeline(*args)
+        assert found.returncode == 0, found.stderr
+        assert f"using the stack `pipeline up` (pid {up.process.pid}) runs from" in found.stderr
+        assert broker in found.stderr
+        tiers = {t["tier"]: t["workers_online"] for t in json.loads(found.stdout)["tiers"]}
+        assert tiers["critical"] >= 1
+    for args in (("dlq", "stats"), ("breaker", "status")):
+        found = pipeline(*args)
+        assert found.returncode == 0, found.stderr
+        assert "using the stack" in found.stderr
+        assert "no workers" not in found.stderr
+
+
+def test_a_command_that_finds_no_workers_says_which_broker_it_read(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    env["PIPELINE_BROKER_URL"] = redis_url.rsplit("/", 1)[0] + "/15"  # nobody works here
+    for args in (("status",), ("dlq", "list"), ("dlq", "stats"), ("breaker", "status")):
+        found = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert found.returncode in (0, 1), found.stderr
+        assert f"note: no workers on broker {env['PIPELINE_BROKER_URL']}" in found.stderr, args
+
+
+def test_sigkill_of_pipeline_up_leaves_no_child_alive(up: Up) -> None:
+    up.banner_value("broker")
+    for tier in ("critical", "standard"):
+        up.wait_ready(tier)
+    children = up.children()
+    assert len(children) >= 4  # broker, services, workers and their pools
+    os.kill(up.process.pid, signal.SIGKILL)  # no chance to stop anything itself
+    up.process.wait(10)
+    survivors = wait_for(lambda: not [p for p in children if alive(p)] or None, 60,
+                         "every child of the SIGKILLed stack to exit", 0.5)
+    assert survivors
+
+
+def test_a_second_pipeline_up_on_the_same_state_dir_refuses_naming_the_first(
+    start_up: Callable[..., Up],
+) -> None:
+    first = start_up()
+    api_url = first.banner_value("broker") and read_env_file(
+        first.state / "stack.env").get("PIPELINE_API_URL", "")
+    second = subprocess.run(
+        [sys.executable, "-m", "pipeline", "up", "--state-dir", str(first.state)],
+        env=first.env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert f"is in use by `pipeline up` (pid {first.process.pid})" in second.stderr
+    if api_url:
+        assert api_url in second.stderr
+    assert first.process.poll() is None  # the first stack is untouched

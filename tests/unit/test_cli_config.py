@@ -52,7 +52,7 @@ def test_check_of_a_file_with_bad_values_exits_2_with_one_line_per_field(
 def test_check_of_a_file_with_cross_field_problems_lists_each(tmp_path: Path) -> None:
     code, _, err = run("config", "check", str(write(tmp_path, BAD_CROSS_FIELD)))
     assert code == 2
-    assert [line.split("=")[0] for line in err.splitlines()] == [
+    assert [line.split("=")[0] for line in err.splitlines() if line.startswith("error")] == [
         "error: default_tier", "error: rules[0].tier", "error: tiers.standard.queue"
     ]
 
@@ -64,9 +64,9 @@ def test_check_of_a_missing_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_check_of_a_good_file_exits_0(tmp_path: Path) -> None:
-    code, out, err = run("config", "check", str(write(tmp_path, 'default_tier = "high"\n')))
+    code, out, err = run("config", "check", str(write(tmp_path, 'dead_letter_queue = "dlq"\n')))
     assert (code, err) == (0, "")
-    assert out.strip() == "ok: 4 tiers, 5 rules"
+    assert out.strip() == "ok: 4 tiers (critical, high, standard, bulk), 5 rules"
 
 
 def test_show_json_prints_the_four_builtin_tiers() -> None:
@@ -151,3 +151,46 @@ def test_show_masks_url_passwords_tokens_and_password_options(
         assert secret not in out
     assert "amqp://guest:***@rabbit:5672//" in out
     assert "redis://:***@state:6379/2" in out
+
+
+def test_an_unknown_key_gets_the_closest_known_one_suggested(tmp_path: Path) -> None:
+    code, _, err = run("config", "check", str(write(tmp_path, "[tiers.standard]\n"
+                                                               "max_retires = 3\n")))
+    assert code == 2
+    assert "tiers.standard.max_retires=3: unknown setting; did you mean `max_retries`?" in err
+    code, _, err = run("config", "check", str(write(tmp_path, "max_retires = 3\n")))
+    assert code == 2
+    assert "did you mean `max_retries` in a [tiers.NAME] table?" in err
+
+
+def test_a_tier_nothing_routes_to_is_a_warning_not_an_error(tmp_path: Path) -> None:
+    text = ('[tiers.critical]\n[tiers.high]\n[tiers.standard]\n[tiers.bulk]\n[tiers.standrd]\n'
+            '[[rules]]\ntype = "reward.*"\ntier = "critical"\n'
+            '[[rules]]\ntype = "game.*"\ntier = "high"\n'
+            '[[rules]]\ntype = "analytics.*"\ntier = "bulk"\n')
+    code, out, err = run("config", "check", str(write(tmp_path, text)))
+    assert code == 0, err
+    assert err.splitlines() == [
+        'warning: tiers.standrd: nothing routes to this tier: it is not default_tier and no '
+        'rule names it, so only events that say "tier": "standrd" reach it; a typo of '
+        '`standard`?']
+    assert out.startswith("ok: 5 tiers")
+    assert "1 warning(s)" in out
+
+
+def test_a_file_that_replaces_the_builtin_tiers_and_rules_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    code, out, err = run("config", "check", str(write(tmp_path, "[tiers.standard]\n")))
+    assert code == 0, err
+    assert ("warning: tiers: this file declares [tiers], which replaces the built-in tiers "
+            "and rules rather than merging: it drops the built-in tier(s) critical, high, bulk "
+            "and drops the 5 built-in rules") in err
+    assert out.startswith("ok: 1 tiers (standard), 0 rules, 1 warning(s)")
+
+
+def test_the_builtin_default_and_the_k8s_config_check_without_warnings() -> None:
+    for args in (("config", "check"), ("config", "check", "ops/k8s/pipeline.toml")):
+        code, _, err = run(*args)
+        assert code == 0
+        assert "warning" not in err, err

@@ -148,3 +148,33 @@ def test_dedupe_key_prefers_the_idempotency_key() -> None:
 def test_dedupe_key_falls_back_to_the_event_id() -> None:
     event = parse_event(valid())
     assert event.dedupe_key == str(event.id)
+
+
+def test_a_missing_field_shows_no_value() -> None:
+    with pytest.raises(EventValidationError) as info:
+        parse_event({"source": "game-server", "payload": {"big": "x" * 1000}})
+    (problem,) = info.value.problems
+    assert str(problem) == "type: Field required"
+    assert info.value.as_dicts() == [{"field": "type", "message": "Field required"}]
+
+
+def test_no_rendering_echoes_more_than_200_characters_of_a_value() -> None:
+    huge = {"type": "demo.ok", "source": "s", "payload": {"blob": "x" * 10_000}}
+    with pytest.raises(EventValidationError) as info:
+        parse_event(huge, max_payload_bytes=100)
+    (shown,) = info.value.as_dicts()
+    assert shown["field"] == "payload"
+    assert len(json.dumps(shown["value"])) < 260
+    assert "more characters" in shown["value"]
+    assert len(str(info.value)) < 300
+    with pytest.raises(EventValidationError) as info:
+        parse_event({"type": "T" * 5000, "source": "s"})
+    assert len(info.value.as_dicts()[0]["value"]) < 260
+
+
+def test_a_broken_one_line_document_names_its_column_not_a_line_inside_it() -> None:
+    with pytest.raises(EventValidationError) as info:
+        parse_event(b'{"type": "demo.ok", "source": "s"\n')
+    message = info.value.problems[0].message
+    assert message.startswith("not JSON: Expecting ',' delimiter at column 34"), message
+    assert "line" not in message

@@ -6,9 +6,8 @@ import time
 
 import pytest
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
-from prometheus_client import REGISTRY
 
-from pipeline import metrics
+from pipeline import ingestcounts, metrics
 from pipeline import rates as rates_module
 from pipeline.app import create_app
 from pipeline.config import load_settings
@@ -68,21 +67,11 @@ def test_hard_time_limit_counts_as_retried_until_retries_run_out() -> None:
     assert outcome(1, settled=False) == ("failed", None)
 
 
-def sample(tier: str, kind: str, outcome: str, reason: str = "") -> float:
-    value = REGISTRY.get_sample_value("pipeline_events_total", {
-        "tier": tier, "type": kind, "outcome": outcome, "reason": reason})
-    return value or 0.0
-
-
 def test_publish_results_are_counted_by_tier_type_outcome_and_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics, "_types_seen", set())  # earlier tests may have filled it
-    before = (sample("critical", "unit.counted", "accepted"),
-              sample("critical", "unit.counted", "duplicate"),
-              sample("", "", "rejected", "invalid"),
-              sample("bulk", "unit.counted", "rejected", "tier_full"))
-    metrics.record_publish([
+    monkeypatch.setattr(ingestcounts, "_types_seen", set())
+    counts = ingestcounts.tally([
         PublishResult(id="1", tier="critical", type="unit.counted"),
         PublishResult(id="2", tier="critical", type="unit.counted"),
         PublishResult(id="1", tier="critical", type="unit.counted", outcome="duplicate"),
@@ -90,23 +79,28 @@ def test_publish_results_are_counted_by_tier_type_outcome_and_reason(
         PublishResult(id="3", tier="bulk", type="unit.counted", outcome="rejected",
                       reason="tier_full"),
     ])
-    after = (sample("critical", "unit.counted", "accepted"),
-             sample("critical", "unit.counted", "duplicate"),
-             sample("", "", "rejected", "invalid"),
-             sample("bulk", "unit.counted", "rejected", "tier_full"))
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1]
+    assert counts == {("critical", "unit.counted", "accepted", ""): 2,
+                      ("critical", "unit.counted", "duplicate", ""): 1,
+                      ("", "", "rejected", "invalid"): 1,
+                      ("bulk", "unit.counted", "rejected", "tier_full"): 1}
 
 
 def test_event_types_past_the_label_limit_are_counted_as_other(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics, "_types_seen", {"seen.before"})
-    monkeypatch.setattr(metrics, "TYPE_LABELS_MAX", 1)
-    before = sample("standard", metrics.OTHER_TYPE, "accepted")
-    metrics.record_publish([PublishResult(id="1", tier="standard", type="brand.new"),
-                            PublishResult(id="2", tier="standard", type="seen.before")])
-    assert sample("standard", metrics.OTHER_TYPE, "accepted") == before + 1
-    assert sample("standard", "brand.new", "accepted") == 0
+    monkeypatch.setattr(ingestcounts, "_types_seen", {"seen.before"})
+    monkeypatch.setattr(ingestcounts, "TYPE_LABELS_MAX", 1)
+    counts = ingestcounts.tally([PublishResult(id="1", tier="standard", type="brand.new"),
+                                 PublishResult(id="2", tier="standard", type="seen.before")])
+    assert counts == {("standard", ingestcounts.OTHER_TYPE, "accepted", ""): 1,
+                      ("standard", "seen.before", "accepted", ""): 1}
+
+
+def test_counters_read_back_from_the_hash_fields_they_were_written_to() -> None:
+    raw = {b"bulk|demo.ok|accepted|": b"7", b"||rejected|invalid": b"2", b"junk": b"1"}
+    assert dict(ingestcounts.read(raw)) == {("bulk", "demo.ok", "accepted", ""): 7,
+                                            ("", "", "rejected", "invalid"): 2}
+
 
 
 def test_sliding_rate_weighs_the_previous_minute_by_what_is_left_of_this_one() -> None:

@@ -8,6 +8,7 @@
 ``GET /metrics``        Prometheus metrics (any valid token)
 ``GET /docs``, ``/redoc``  the API's pages, every asset served from the package (no auth)
 ``/dlq...``             DLQ operations (:mod:`pipeline.dlqapi`)
+``/console...``         the DLQ console: HTML pages, login with a token (:mod:`pipeline.console`)
 =====================  ====================================================
 
 Bearer-token auth (:mod:`pipeline.tokens`) on every route that reads or writes
@@ -32,7 +33,6 @@ own pages fetch them from a CDN and stay blank on a machine without internet.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -45,13 +45,14 @@ from fastapi_offline import FastAPIOffline
 
 from pipeline import exporter
 from pipeline.admission import TIER_FULL
+from pipeline.console import add_console_routes
 from pipeline.dlqapi import add_dlq_routes
 from pipeline.enqueue import IN_FLIGHT
 from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem
 from pipeline.events import EVENT_ENVELOPE_MAX_BYTES, Event, over_payload_cap
 from pipeline.ingest import FORBIDDEN_SOURCE, PublishResult
 from pipeline.runtime import Runtime
-from pipeline.tokens import DEFAULT_TOKEN_NAME, Credential, token_problem
+from pipeline.tokens import DEFAULT_TOKEN_NAME, Credential, find_credential, token_problem
 
 __all__ = ["create_api"]
 
@@ -86,12 +87,8 @@ def require(scope: str | None) -> Callable[..., Credential]:
     valid token). No or a wrong token -> 401; a token without the scope -> 403."""
 
     def caller(request: Request, creds: BearerCreds) -> Credential:
-        offered = creds.credentials.encode() if creds is not None else b""
-        found: Credential | None = None
-        known: list[Credential] = request.app.state.credentials
-        for cred in known:  # compare against every token: no early exit
-            if secrets.compare_digest(offered, cred.secret.encode()) and offered:
-                found = cred
+        offered = creds.credentials if creds is not None else ""
+        found = find_credential(request.app.state.credentials, offered)
         if found is None:
             raise _Problem(401, {"error": "missing or wrong bearer token"},
                            {"WWW-Authenticate": "Bearer"})
@@ -234,6 +231,7 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
         return Response(body, media_type=exporter.CONTENT_TYPE)
 
     add_dlq_routes(api, runtime, require)
+    add_console_routes(api, runtime)
     return api
 
 

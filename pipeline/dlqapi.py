@@ -56,6 +56,11 @@ class Selection(BaseModel):
     since: datetime | None = None
     until: datetime | None = None
 
+    @property
+    def unselective(self) -> bool:
+        """Selects every record without saying ``all``: refused by replay and purge."""
+        return self.to_filter().selects_all and not self.all
+
     def to_filter(self) -> RecordFilter:
         return RecordFilter(ids=frozenset(self.ids), tier=self.tier, type=self.type,
                             reason=None if self.reason is None else self.reason.value,
@@ -81,7 +86,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _unselective(sel: Selection) -> JSONResponse | None:
-    if sel.to_filter().selects_all and not sel.all:
+    if sel.unselective:
         return JSONResponse({"error": "name ids, a filter, a fingerprint or all=true"}, 422)
     return None
 

@@ -60,6 +60,8 @@ def banner(endpoints: Endpoints, workers: list[str], log_dir: Path, env_file: Pa
     if "PIPELINE_API_URL" in values:
         lines.append(f"  API:      {values['PIPELINE_API_URL']}  (docs: "
                      f"{values['PIPELINE_API_URL']}/docs)")
+        lines.append(f"  console:  {values['PIPELINE_API_URL']}/console  (DLQ in the browser; "
+                     "log in with PIPELINE_API_TOKEN)")
     if "PIPELINE_FLOWER_URL" in values:
         lines.append(f"  Flower:   {values['PIPELINE_FLOWER_URL']}")
     if "PIPELINE_EXPORTER_URL" in values:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from pipeline.settings import Settings
 
 __all__ = ["ALL_SCOPES", "DEFAULT_TOKEN_NAME", "MIN_TOKEN_CHARS", "TOKEN_HINT", "ApiToken",
-           "Credential", "Scope", "credentials", "token_notes", "token_problem"]
+           "Credential", "Scope", "credentials", "find_credential", "token_notes",
+           "token_problem"]
 
 Scope = Literal["ingest", "dlq:read", "dlq:write"]
 ALL_SCOPES: tuple[Scope, ...] = ("ingest", "dlq:read", "dlq:write")
@@ -124,6 +126,17 @@ class Credential:
 
     def may_publish(self, source: str) -> bool:
         return not self.sources or any(fnmatch.fnmatchcase(source, p) for p in self.sources)
+
+
+def find_credential(known: Sequence[Credential], offered: str) -> Credential | None:
+    """The credential whose secret ``offered`` is, or None; every secret is compared in
+    constant time, with no early exit (the bearer header and the console's login)."""
+    given = offered.encode()
+    found: Credential | None = None
+    for cred in known:
+        if secrets.compare_digest(given, cred.secret.encode()) and given:
+            found = cred
+    return found
 
 
 def credentials(settings: Settings, environ: Mapping[str, str] | None = None,

@@ -116,6 +116,7 @@ class FingerprintStat:
     count: int = 0
     first_seen: datetime | None = None
     last_seen: datetime | None = None
+    per_hour: dict[datetime, int] = field(default_factory=dict)  # last failures by UTC hour
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -143,6 +144,8 @@ def group_by_fingerprint(records: Iterable[DeadLetterRecord]) -> list[Fingerprin
             stat.first_seen = r.first_failed_at
         if stat.last_seen is None or r.last_failed_at > stat.last_seen:
             stat.last_seen = r.last_failed_at
+        hour = r.last_failed_at.replace(minute=0, second=0, microsecond=0)
+        stat.per_hour[hour] = stat.per_hour.get(hour, 0) + 1
     return sorted(groups.values(), key=lambda s: (-s.count, s.fingerprint))
 
 

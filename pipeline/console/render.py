@@ -79,7 +79,8 @@ def sparkline(per_hour: Mapping[datetime, int], now: datetime | None = None) -> 
     label = f"{sum(counts)} in the last {SPARK_HOURS} h, at most {max(counts)} an hour"
     return Markup(f'<svg class="spark" role="img" width="{SPARK_BAR_PX * SPARK_HOURS}" '
                   f'height="{SPARK_HEIGHT_PX}" aria-label="{label}"><title>{label}</title>'
-                  f'{"".join(bars)}</svg>')
+                  f'<line x1="0" y1="{SPARK_HEIGHT_PX - 0.5}" x2="{SPARK_BAR_PX * SPARK_HOURS}" '
+                  f'y2="{SPARK_HEIGHT_PX - 0.5}"/>{"".join(bars)}</svg>')
 
 
 def parse_form(body: bytes) -> dict[str, str]:

@@ -142,7 +142,7 @@ def test_pipeline_up_serves_the_printed_urls_and_a_private_stack_env(up: Up) -> 
     assert console == f"{api_url}/console"
     status, login_page = get(f"{console}/login")
     assert status == 200
-    assert 'name="token"' in login_page
+    assert b'name="token"' in login_page
     env_file = up.state / "stack.env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     values = read_env_file(env_file)

@@ -9,7 +9,8 @@ import sys
 # scenario name -> module with main(argv)
 SCENARIOS = {"ingest": "bench.ingest", "dlq": "bench.dlq", "batch": "bench.batch",
              "isolation": "bench.isolation", "overhead": "bench.overhead",
-             "seed": "bench.seed", "report": "bench.report"}
+             "seed": "bench.seed", "report": "bench.report",
+             "console": "bench.console"}
 
 
 def main() -> int:

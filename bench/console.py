@@ -1,0 +1,85 @@
+"""The DLQ console's pages over a large DLQ: how long each answers with N records.
+
+Fills an own broker's DLQ as ``bench dlq`` does (five causes), logs in to the
+console in process (FastAPI's TestClient: no network, no browser rendering) and
+times each page and a replay dry run, beside decoding every record (the floor a
+page that reads the whole DLQ cannot go under).
+
+    python -m bench console [--records 100000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from bench.common import median, own_broker, write_results
+from bench.dlq import fill
+from pipeline.api import create_api
+from pipeline.app import create_app
+from pipeline.config import load_settings
+from pipeline.runtime import runtime_for
+from pipeline.triage import record_fingerprint
+
+TOKEN = "bench-console-token-0123456789"  # the in-process API's only token
+CSRF_FIELD = re.compile(r'name="csrf" value="([^"]*)"')
+
+
+def _csrf(html: str) -> str:
+    match = CSRF_FIELD.search(html)
+    assert match is not None
+    return match.group(1)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench console")
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    with own_broker() as server:
+        fill(server.url, args.records)
+        rt = runtime_for(create_app(load_settings(broker_url=server.url),
+                                    main="bench-console"))
+        first = next(iter(rt.dlq.iter_records()))
+        fp = record_fingerprint(first)
+        with TestClient(create_api(rt, tokens={"bench": TOKEN}),
+                        follow_redirects=False) as client:
+            login = client.get("/console/login")
+            assert client.post("/console/login", data={
+                "token": TOKEN, "csrf": _csrf(login.text)}).status_code == 303
+            csrf = _csrf(client.get("/console/records?type=none").text)
+
+            def get(path: str) -> Callable[[], Any]:
+                return lambda: client.get(path)
+
+            pages: dict[str, Callable[[], Any]] = {
+                "decode_all (floor)": rt.dlq.records,
+                "GET /console (groups)": get("/console"),
+                "GET /console/records?fingerprint": get(f"/console/records?fingerprint={fp}"),
+                "GET /console/records?handler": get("/console/records?handler=game.update"),
+                "GET /console/records/{id}": get(f"/console/records/{first.id}"),
+                "POST /console/replay (dry run)": lambda: client.post("/console/replay", data={
+                    "fingerprint": fp, "step": "dry-run", "csrf": csrf}),
+            }
+            t: dict[str, list[float]] = {k: [] for k in pages}
+            for rep in range(args.repeats):
+                for name, call in pages.items():
+                    started = time.perf_counter()
+                    answer = call()
+                    t[name].append(time.perf_counter() - started)
+                    status = getattr(answer, "status_code", 200)
+                    assert status == 200, (name, status)
+                print(f"repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in t.items()))
+    med = {k: median(v) for k, v in t.items()}
+    print(f"\nmedians over {args.repeats} repeats, {args.records:,} DLQ records:")
+    for k, v in med.items():
+        print(f"  {k:<36} {v:6.2f}s")
+    path = write_results("console", {"records": args.records, "repeats": args.repeats,
+                                     "seconds_median": med, "seconds": t})
+    print(f"results: {path}")
+    return 0

@@ -19,7 +19,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.breaker import BreakerConfig
 from pipeline.configfile import TomlLayers
+from pipeline.errors import clip
 from pipeline.events import DEFAULT_MAX_PAYLOAD_BYTES
+from pipeline.redact import path_problem
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken, token_problem
 
@@ -102,6 +104,11 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
+    #: payload fields every view masks (DLQ list/show over CLI and HTTP, the task
+    #: arguments Flower shows): dotted paths from the event, each segment a glob,
+    #: `**` any depth, e.g. `["payload.card.number", "payload.*.token",
+    #: "payload.**.password"]`. The DLQ and the queues keep the full event for replay.
+    redact_paths: list[str] = Field(default_factory=list)
     #: the tiers by name, each a `[tiers.NAME]` table. A file that declares any replaces
     #: the built-in tiers and rules.
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
@@ -117,6 +124,15 @@ class Settings(BaseSettings):
         problem = None if value is None else token_problem(value.get_secret_value())
         if problem is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("redact_paths")
+    @classmethod
+    def _redact_paths(cls, value: list[str]) -> list[str]:
+        problems = [f"{clip(p, 80)!r}: {why}" for p in value
+                    if (why := path_problem(p)) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @classmethod

@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     #: "payload.**.password"]`. The DLQ and the queues keep the full event for replay.
     redact_paths: list[str] = Field(default_factory=list)
     #: signed webhook sources by name, each a `[webhooks.NAME]` table
-    #: ([below](#webhooksname)): deliveries to `POST /webhooks/NAME` are verified
+    #: ([below](#webhooks)): deliveries to `POST /webhooks/NAME` are verified
     #: with its scheme and secret, then published with `source` = NAME.
     webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
     #: the tiers by name, each a `[tiers.NAME]` table. A file that declares any replaces

@@ -9,7 +9,13 @@
 ``GET /docs``, ``/redoc``  the API's pages, every asset served from the package (no auth)
 ``/dlq...``             DLQ operations (:mod:`pipeline.dlqapi`)
 ``/console...``         the DLQ console: HTML pages, login with a token (:mod:`pipeline.console`)
+``POST /webhooks/{name}``  a signed delivery of ``[webhooks.NAME]`` -> as ``/events``
 =====================  ====================================================
+
+Webhooks carry no bearer token: the signature is the credential
+(:mod:`pipeline.webhooks`). Unknown name 404, body over the per-event cap 413,
+any failed check (signature, secret, stale timestamp, missing header) 401 saying
+only that; a verified delivery is published as ``POST /events`` publishes.
 
 Bearer-token auth (:mod:`pipeline.tokens`) on every route that reads or writes
 events or the DLQ: a request without a valid token is 401, whatever the
@@ -33,6 +39,7 @@ own pages fetch them from a CDN and stay blank on a machine without internet.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -43,12 +50,12 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 
-from pipeline import exporter
+from pipeline import exporter, webhooks
 from pipeline.admission import TIER_FULL
 from pipeline.console import add_console_routes
 from pipeline.dlqapi import add_dlq_routes
 from pipeline.enqueue import IN_FLIGHT
-from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem
+from pipeline.errors import BrokerUnavailable, ConfigError, FieldProblem, clip
 from pipeline.events import EVENT_ENVELOPE_MAX_BYTES, Event, over_payload_cap
 from pipeline.ingest import FORBIDDEN_SOURCE, PublishResult
 from pipeline.runtime import Runtime
@@ -119,11 +126,16 @@ def _checked(credentials: Sequence[Credential] | None, token: str | None,
 
 
 def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = None,
-               token: str | None = None, tokens: Mapping[str, str] | None = None) -> FastAPI:
+               token: str | None = None, tokens: Mapping[str, str] | None = None,
+               environ: Mapping[str, str] | None = None) -> FastAPI:
     """The ASGI app. ``credentials`` (:func:`pipeline.tokens.credentials`), or for
     short ``token`` (named "default") and named ``tokens``, each with every scope.
-    None at all: every route that needs a token answers 401."""
+    None at all: every route that needs a token answers 401. Webhook secrets are
+    read from ``environ`` (default ``os.environ``); a missing one is a ConfigError."""
     settings = runtime.settings
+    hook_keys, hook_problems = webhooks.webhook_keys(settings, environ)
+    if hook_problems:
+        raise ConfigError(hook_problems)
     api = FastAPIOffline(title="pipeline ingest", version="1",
                          description="Events in; tiers, retries and a DLQ behind.",
                          # no spec sent to the online validator (a badge it would fetch)
@@ -138,10 +150,10 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
     event_cap = min(settings.api_max_body_bytes,
                     settings.max_payload_bytes + EVENT_ENVELOPE_MAX_BYTES)
 
-    async def body_of(request: Request, allowed: tuple[str, ...],
+    async def body_of(request: Request, allowed: tuple[str, ...] | None,
                       limit: int, what: str) -> tuple[bytes, str]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in allowed:
+        if allowed is not None and kind not in allowed:
             raise _Problem(415, {"error": f"content-type {kind or '(none)'!r} not accepted; "
                                           f"use {' or '.join(allowed)}"})
         declared = request.headers.get("content-length", "")
@@ -156,8 +168,8 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
             chunks.append(chunk)
         return b"".join(chunks), kind
 
-    async def publish(items: list[Any], by: Credential) -> list[PublishResult]:
-        allowed = by.may_publish if by.sources else None
+    async def publish(items: list[Any], by: Credential | None) -> list[PublishResult]:
+        allowed = by.may_publish if by is not None and by.sources else None
         try:
             return await run_in_threadpool(
                 lambda: runtime.publisher.publish_many(items, may_publish=allowed))
@@ -209,6 +221,32 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
                 "rejected": sum(r.outcome == "rejected" for r in results)}
         status = 207 if body["rejected"] else 202
         return JSONResponse(body, status)
+
+    webhook_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object"}}}}}
+
+    @api.post("/webhooks/{name}", status_code=202, openapi_extra=webhook_body,
+              responses={200: {"description": "duplicate delivery"}, 401: {}, 404: {},
+                         413: {}, 422: {}, 409: {"description": "in flight"}, 429: {},
+                         503: {}})
+    async def post_webhook(request: Request, name: str) -> Response:
+        """A delivery of ``[webhooks.NAME]``; its signature is the credential."""
+        cfg = settings.webhooks.get(name)
+        if cfg is None:
+            raise _Problem(404, {"error": f"no webhook named {clip(name, 80)!r}"})
+        raw, _ = await body_of(request, None, event_cap,
+                               "per-event cap (max_payload_bytes and the envelope)")
+        if not webhooks.verify(cfg, hook_keys[name], request.headers, raw, time.time()):
+            raise _Problem(401, {"error": "webhook signature verification failed"})
+        try:
+            item = webhooks.event_from(cfg, name, request.headers, raw, orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            raise _Problem(422, {"errors": [{"field": "<document>", "value": None,
+                                             "message": f"not JSON: {exc}"}]}) from None
+        except webhooks.MappingProblem as exc:
+            raise _Problem(422, {"errors": [exc.problem]}) from None
+        (result,) = await publish([item], None)
+        return _single_response(result)
 
     @api.get("/healthz")
     async def healthz() -> dict[str, str]:

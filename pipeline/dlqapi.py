@@ -9,8 +9,9 @@
 ``POST /dlq/purge``       delete by ids / filters / all (``"yes": true``)
 =======================  ===============================================
 
-Reading needs the ``dlq:read`` scope, replay and purge ``dlq:write``; audit entries
-name the token of every replay and purge.
+Records are shown with ``redact_paths`` masked (:mod:`pipeline.redact`); replay
+sends the stored, whole event. Reading needs the ``dlq:read`` scope, replay and
+purge ``dlq:write``; audit entries name the token of every replay and purge.
 
 Route signatures use local ``Annotated`` aliases, which FastAPI must resolve at
 definition time: so no ``from __future__ import annotations`` here.
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import clip
+from pipeline.redact import redact_record
 from pipeline.replay import Replayer
 from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
@@ -120,7 +122,8 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
     async def dlq_list(by: caller, flt: filters,
                        limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = 100) -> Any:
         records = await run_in_threadpool(matching, flt, limit)
-        return [r.model_dump(mode="json") for r in records]
+        paths = runtime.settings.redact_paths
+        return [redact_record(r.model_dump(mode="json"), paths) for r in records]
 
     @api.get("/dlq/stats", tags=["dlq"])
     async def dlq_stats(by: caller, flt: filters) -> Any:
@@ -139,7 +142,9 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
         found = await run_in_threadpool(find_by_id, runtime.dlq.iter_records(), record_id)
         if len(found) == 1:
             record = found[0]
-            return {**record.model_dump(mode="json"), "fingerprint": record_fingerprint(record)}
+            return {**redact_record(record.model_dump(mode="json"),
+                                  runtime.settings.redact_paths),
+                    "fingerprint": record_fingerprint(record)}
         if not found:
             return JSONResponse({"error": f"no DLQ record {clip(record_id, 80)!r}"}, 404)
         return JSONResponse({"error": f"{len(found)} records match; use a longer prefix",

@@ -41,6 +41,7 @@ from pipeline.fielddoc import describe_type, field_comments, field_default, form
 from pipeline.settings import ENV_PREFIX, Settings
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken
+from pipeline.webhooks import WebhookConfig
 
 __all__ = ["DEFAULT_PATH", "REGENERATE", "field_docs", "main", "render", "render_blocks"]
 
@@ -145,6 +146,13 @@ def api_token_table() -> str:
     return _model_table(ApiToken, _nested_env("API_TOKENS", "NAME"), _field_default)
 
 
+def webhook_table() -> str:
+    def default(name: str, info: FieldInfo) -> str:
+        return "required" if info.is_required() else _field_default(name, info)
+
+    return _model_table(WebhookConfig, _nested_env("WEBHOOKS", "NAME"), default)
+
+
 def rule_table() -> str:
     def env(name: str) -> str:
         return f"— (the whole list: `{ENV_PREFIX}RULES`, JSON)"
@@ -187,6 +195,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "tier": tier_table,
     "breaker": breaker_table,
     "api-token": api_token_table,
+    "webhook": webhook_table,
     "rule": rule_table,
     "builtin-tiers": builtin_tiers_table,
     "builtin-rules": builtin_rules_list,

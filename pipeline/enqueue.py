@@ -254,7 +254,8 @@ class Enqueuer:
         try:
             for spec in specs:
                 task.apply_async(args=tuple(spec.args), kwargs=spec.kwargs, retry=True,
-                                 retry_policy=policy, **spec.apply_async_options())
+                                 retry_policy=policy,
+                                 **spec.apply_async_options(self.rt.settings.redact_paths))
         except (OperationalError, ConnectionError, OSError) as exc:
             raise unavailable(self.rt.settings.effective_broker_url, exc) from exc
 

@@ -89,7 +89,8 @@ class Publisher:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         settings = runtime.settings
-        self._renderer = RedisMessageRenderer(runtime.app) if settings.broker_is_redis else None
+        self._renderer = (RedisMessageRenderer(runtime.app, redact_paths=settings.redact_paths)
+                          if settings.broker_is_redis else None)
         self._enqueuer = Enqueuer(runtime, self._renderer)
         self.depths = DepthCache(self.queue_depth, settings.admission_cache_s)
         self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier

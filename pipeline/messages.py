@@ -16,10 +16,13 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from pipeline.redact import redact_args
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -29,6 +32,7 @@ __all__ = [
     "REDIS_PRIORITY_SEP",
     "RedisMessageRenderer",
     "TaskSpec",
+    "args_repr",
     "redis_list_key",
     "shadow_name",
 ]
@@ -65,7 +69,9 @@ class TaskSpec:
         (Celery's ``shadow``; the worker still runs ``pipeline.handle``)."""
         return shadow_name(self.args) if self.task == TASK_NAME else self.task
 
-    def apply_async_options(self) -> dict[str, Any]:
+    def apply_async_options(self, redact_paths: Sequence[str] = ()) -> dict[str, Any]:
+        """Options for Celery's ``apply_async`` / ``send_task``; ``argsrepr`` (what
+        Flower shows) has ``redact_paths`` masked."""
         headers = {ENQUEUED_AT_HEADER: self.enqueued_at or time.time(), **self.headers}
         return {
             "queue": self.queue,
@@ -76,6 +82,7 @@ class TaskSpec:
             "time_limit": self.time_limit_s,
             "soft_time_limit": self.soft_time_limit_s,
             "headers": headers,
+            "argsrepr": args_repr(self.args, redact_paths),
         }
 
 
@@ -85,6 +92,12 @@ def shadow_name(args: list[Any]) -> str:
     event = args[0] if args and isinstance(args[0], dict) else {}
     kind = event.get("type")
     return f"{TASK_NAME}[{kind}]" if isinstance(kind, str) and kind else TASK_NAME
+
+
+def args_repr(args: Sequence[Any], redact_paths: Sequence[str] = ()) -> str:
+    """The ``argsrepr`` header Flower shows: the arguments as JSON, masked and clipped."""
+    shown = orjson.dumps(redact_args(args, redact_paths) if redact_paths else list(args))
+    return shown[:_REPR_MAX_CHARS].decode(errors="replace")
 
 
 def redis_list_key(queue: str, priority: int | None) -> str:
@@ -97,7 +110,8 @@ def redis_list_key(queue: str, priority: int | None) -> str:
 class RedisMessageRenderer:
     """Renders :class:`TaskSpec` s as kombu Redis transport payloads."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, *, redact_paths: Sequence[str] = ()) -> None:
+        self._redact_paths = tuple(redact_paths)
         template = app.amqp.as_task_v2("template", TASK_NAME, args=(), kwargs={})
         self._headers = dict(template.headers)
         self._headers["origin"] = f"gen{os.getpid()}@{socket.gethostname()}"
@@ -130,7 +144,9 @@ class RedisMessageRenderer:
             self._fixed_headers, b',"id":', task_id, b',"root_id":', task_id,
             b',"shadow":', orjson.dumps(spec.shadow),
             b',"timelimit":', orjson.dumps([spec.time_limit_s, spec.soft_time_limit_s]),
-            b',"argsrepr":', orjson.dumps(args_json[:_REPR_MAX_CHARS].decode(errors="replace")),
+            b',"argsrepr":', orjson.dumps(
+                args_repr(spec.args, self._redact_paths) if self._redact_paths
+                else args_json[:_REPR_MAX_CHARS].decode(errors="replace")),
             b',"kwargsrepr":', orjson.dumps(kwargs_json.decode()),
             b',"' + ENQUEUED_AT_HEADER.encode() + b'":',
             repr(spec.enqueued_at or time.time()).encode(),
@@ -151,8 +167,7 @@ class RedisMessageRenderer:
         headers["id"] = headers["root_id"] = spec.task_id
         headers["shadow"] = spec.shadow
         headers["timelimit"] = [spec.time_limit_s, spec.soft_time_limit_s]
-        args_json = orjson.dumps(spec.args)
-        headers["argsrepr"] = args_json[:_REPR_MAX_CHARS].decode(errors="replace")
+        headers["argsrepr"] = args_repr(spec.args, self._redact_paths)
         headers["kwargsrepr"] = orjson.dumps(spec.kwargs).decode()
         headers[ENQUEUED_AT_HEADER] = spec.enqueued_at or time.time()
         priority = min(max(int(spec.priority or 0), 0), 9)

@@ -95,8 +95,8 @@ class Runtime:
         self._check_fork()
         if self._schedule is None:
             self._schedule = RetrySchedule(
-                self.app, self.state, atomic_move=self.settings.broker_is_redis
-            )
+                self.app, self.state, atomic_move=self.settings.broker_is_redis,
+                redact_paths=self.settings.redact_paths)
         return self._schedule
 
     @property

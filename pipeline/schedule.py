@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -65,11 +66,14 @@ return due
 class RetrySchedule:
     """Durable schedule of retries, one sorted set per tier queue."""
 
-    def __init__(self, app: Celery, client: redis.Redis, *, atomic_move: bool) -> None:
+    def __init__(self, app: Celery, client: redis.Redis, *, atomic_move: bool,
+                 redact_paths: Sequence[str] = ()) -> None:
         self._app = app
+        self._redact_paths = tuple(redact_paths)
         self._client = client
         self._atomic = atomic_move
-        self._renderer = RedisMessageRenderer(app) if atomic_move else None
+        self._renderer = (RedisMessageRenderer(app, redact_paths=redact_paths)
+                          if atomic_move else None)
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
 
@@ -101,7 +105,7 @@ class RetrySchedule:
         for raw in self._lease(keys=[key], args=[now, limit, LEASE_S]):
             spec = TaskSpec(**json.loads(raw))
             self._app.send_task(TASK_NAME, args=spec.args, kwargs=spec.kwargs,
-                                **spec.apply_async_options())
+                                **spec.apply_async_options(self._redact_paths))
             self._client.zrem(key, raw)
             moved += 1
         return moved

@@ -12,6 +12,7 @@ above each field is its meaning in the generated configuration reference
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -19,9 +20,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipeline.breaker import BreakerConfig
 from pipeline.configfile import TomlLayers
+from pipeline.errors import clip
 from pipeline.events import DEFAULT_MAX_PAYLOAD_BYTES
+from pipeline.redact import path_problem
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken, token_problem
+from pipeline.webhooks import WEBHOOK_NAME_PATTERN, WebhookConfig
 
 __all__ = ["DEFAULT_BROKER_URL", "ENV_PREFIX", "SECRET_FIELDS", "Settings"]
 
@@ -102,6 +106,15 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
+    #: payload fields every view masks (DLQ list/show over CLI and HTTP, the task
+    #: arguments Flower shows): dotted paths from the event, each segment a glob,
+    #: `**` any depth, e.g. `["payload.card.number", "payload.*.token",
+    #: "payload.**.password"]`. The DLQ and the queues keep the full event for replay.
+    redact_paths: list[str] = Field(default_factory=list)
+    #: signed webhook sources by name, each a `[webhooks.NAME]` table
+    #: ([below](#webhooks)): deliveries to `POST /webhooks/NAME` are verified
+    #: with its scheme and secret, then published with `source` = NAME.
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
     #: the tiers by name, each a `[tiers.NAME]` table. A file that declares any replaces
     #: the built-in tiers and rules.
     tiers: dict[str, TierConfig] = Field(default_factory=dict)
@@ -117,6 +130,24 @@ class Settings(BaseSettings):
         problem = None if value is None else token_problem(value.get_secret_value())
         if problem is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("redact_paths")
+    @classmethod
+    def _redact_paths(cls, value: list[str]) -> list[str]:
+        problems = [f"{clip(p, 80)!r}: {why}" for p in value
+                    if (why := path_problem(p)) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_names(cls, value: dict[str, WebhookConfig]) -> dict[str, WebhookConfig]:
+        bad = [clip(n, 80) for n in value if not re.match(WEBHOOK_NAME_PATTERN, n)]
+        if bad:
+            raise ValueError(f"webhook names {bad} must be letters, digits, '_', '.', '-' "
+                             "(a URL path segment and an event source)")
         return value
 
     @classmethod

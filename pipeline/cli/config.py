@@ -17,6 +17,7 @@ from pipeline.configfile import read_default_toml, read_toml
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.redisurl import MASK, mask_urls, redact
 from pipeline.tokens import credentials, token_notes
+from pipeline.webhooks import webhook_keys
 
 
 def _drop_none(value: Any) -> Any:
@@ -57,6 +58,7 @@ def config_check(file: Path | None) -> None:
         settings = load_settings(file)
         problems = check_settings(settings, import_handlers=True)
         problems += credentials(settings)[1]  # token_env secrets, as `pipeline serve` reads them
+        problems += webhook_keys(settings)[1]  # webhook secrets, the same way
         notes = token_notes(settings)
         path = file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
         warnings = config_warnings(settings, read_toml(path) if path else None,

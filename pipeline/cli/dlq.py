@@ -1,4 +1,7 @@
-"""``pipeline dlq list|stats|show|replay|purge|audit``: the dead-letter queue."""
+"""``pipeline dlq list|stats|show|replay|purge|audit``: the dead-letter queue.
+
+``list --json`` and ``show`` print events with ``redact_paths`` masked
+(:mod:`pipeline.redact`); ``replay`` sends the stored, whole event."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pipeline.cli.base import (
     runtime,
 )
 from pipeline.errors import BrokerUnavailable, clip
+from pipeline.redact import redact_record
 from pipeline.retry import Reason
 from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
 
@@ -84,7 +88,9 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
             if limit is not None and len(records) >= limit:
                 break
     if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        masked = rt.settings.redact_paths
+        click.echo(json.dumps([redact_record(r.model_dump(mode="json"), masked)
+                               for r in records], indent=2))
         return
     click.echo(f"{'last failed (UTC)':<19}  {'id':<8}  {'tier':<9} {'reason':<17} "
                f"{'type':<20} {'handler':<20} error")
@@ -121,9 +127,10 @@ def dlq_stats(as_json: bool, **kw: Any) -> None:
 def dlq_show(record_id: str) -> None:
     """The full record (by record id or event id, or a prefix of either), traceback
     included; a prefix that names several records lists them."""
-    found = find_by_id(runtime().dlq.iter_records(), record_id)
+    rt = runtime()
+    found = find_by_id(rt.dlq.iter_records(), record_id)
     if len(found) == 1:
-        data = found[0].model_dump(mode="json")
+        data = redact_record(found[0].model_dump(mode="json"), rt.settings.redact_paths)
         data["fingerprint"] = record_fingerprint(found[0])
         trace = data.pop("traceback")
         click.echo(json.dumps(data, indent=2))

@@ -48,12 +48,14 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
 
     from pipeline.api import create_api
     from pipeline.tokens import DEFAULT_TOKEN_NAME, TOKEN_HINT, Credential, credentials
+    from pipeline.webhooks import webhook_keys
 
     if insecure_local and host not in LOOPBACK_HOSTS:
         click.echo(f"error: --insecure-local binds loopback only, not {host!r}", err=True)
         sys.exit(EXIT_CONFIG)
     rt = runtime()
     creds, problems = credentials(rt.settings)
+    problems += webhook_keys(rt.settings)[1]
     if problems:
         fail_config(ConfigError(problems))
     if not creds:

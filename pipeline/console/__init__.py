@@ -45,6 +45,7 @@ from pipeline.console.session import (
 )
 from pipeline.deadletter import DeadLetterRecord
 from pipeline.dlqapi import ReplayRequest, Selection
+from pipeline.redact import redact
 from pipeline.replay import Replayer
 from pipeline.retry import Reason
 from pipeline.tokens import find_credential
@@ -199,7 +200,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if len(found) != 1:
             return page("message.html", 404, session=session, title="No such record",
                         message=f"{len(found)} records match {record_id[:80]!r}.")
-        return page("record.html", session=session, r=found[0],
+        shown = found[0].model_copy(
+            update={"event": redact(found[0].event, runtime.settings.redact_paths)})
+        return page("record.html", session=session, r=shown,
                     fingerprint=record_fingerprint(found[0]))
 
     @api.post("/console/replay", include_in_schema=False)

@@ -14,6 +14,7 @@ from pipeline.breaker import BreakerConfig
 from pipeline.config import Settings, load_settings
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken
+from pipeline.webhooks import WebhookConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -32,7 +33,8 @@ def test_configuration_reference_is_up_to_date() -> None:
         )
 
 
-@pytest.mark.parametrize("model", [Settings, TierConfig, BreakerConfig, Rule, ApiToken])
+@pytest.mark.parametrize("model", [Settings, TierConfig, BreakerConfig, Rule, ApiToken,
+                                   WebhookConfig])
 def test_every_setting_has_a_meaning_and_a_row(model: type[BaseModel]) -> None:
     docs = docgen.field_docs(model)
     text = DOC.read_text()

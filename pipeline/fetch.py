@@ -115,12 +115,40 @@ class QoS(kredis.QoS):
     def ack(self, delivery_tag: str) -> None:
         """Acknowledged in the channel's next fetch (same round trip), not by a command
         of its own: the try's settle already made a redelivery harmless."""
+        if self.channel.closed:  # a task that outlived its connection: see reject()
+            virtual.QoS.ack(self, delivery_tag)
+            return
         if self.channel._consumer:
             with self.channel._acks_lock:
                 self.channel._acks.append(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
             return
         super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """On a channel closed under a running task (the broker connection was lost;
+        tasks run on), kombu would rebuild a pool from connection info that is gone
+        and raise ``AttributeError``, which takes the worker down. The message is
+        already back on its queue (restored at close) or in the dead consumer's
+        in-flight hash, restored when its lease expires: only forget it here."""
+        if self.channel.closed:
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """kombu's restore at close, which must never take the worker down: after a
+        broker crash the channel's pool and its connection info may be gone
+        (``AttributeError`` deep in kombu, which Celery's ``ignore_errors`` does not
+        catch: "Unrecoverable error"). What is not restored here stays in this
+        consumer's in-flight hash and the reaper puts it back after ``lost_after_s``."""
+        try:
+            super().restore_unacked(client)
+        except Exception as exc:
+            log.warning("in-flight messages not restored at close (%r); they come back "
+                        "when this consumer's lease expires", exc)
+            if self._delivered is not None:
+                self._delivered.clear()
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)

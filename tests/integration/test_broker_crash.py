@@ -65,10 +65,27 @@ def test_broker_sigkill_under_load_loses_and_duplicates_nothing_accepted(
         def runs(event_id: str) -> int:
             return int(fault_handlers.effects().llen(fault_handlers.runs_key(event_id)))
 
-        wait_for(lambda: all(runs(i) >= 1 for i in accepted), 120,
-                 f"all {len(accepted)} accepted events handled", 0.5)
+        try:
+            wait_for(lambda: all(runs(i) >= 1 for i in accepted), 120,
+                     f"all {len(accepted)} accepted events handled", 0.5)
+        except AssertionError:
+            missing = [i for i in accepted if runs(i) == 0]
+            raise AssertionError(f"{len(missing)} of {len(accepted)} never ran; broker: "
+                                 f"{_where(stack)}") from None
         time.sleep(5)
         assert [i for i in accepted if runs(i) != 1] == []
         assert stack.rt.dlq.records() == []
     finally:
         stack.stop()
+
+
+def _where(stack: Stack) -> dict[str, int]:
+    """Where work sits on the broker, for a failure message."""
+    state = stack.state
+    found = {key.decode(): int(state.llen(key)) for key in state.keys("*critical*")
+             + state.keys("*standard*") if state.type(key) == b"list"}
+    found["unacked"] = int(state.hlen("unacked"))
+    found["retries"] = sum(int(state.zcard(k)) for k in state.keys("pipeline:retry:*"))
+    found["inflight"] = sum(int(state.hlen(k)) for k in state.keys("pipeline:inflight:*"))
+    found["consumers"] = int(state.zcard("pipeline:consumers"))
+    return found

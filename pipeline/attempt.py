@@ -41,7 +41,7 @@ from pipeline.deadletter import DeadLetterRecord, record_id
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
 from pipeline.handlers import HandlerContext, registry, running
-from pipeline.ledger import Outcome, try_key
+from pipeline.ledger import Begin, NextTry, Outcome, try_key
 from pipeline.logs import attempt_fields
 from pipeline.messages import TaskSpec
 from pipeline.retry import Reason, compute_deferral, decide
@@ -80,6 +80,8 @@ class Attempt:
         self.token = uuid.uuid4().hex  # names this delivery in the running mark
         self.only_if_running = False  # settle only a try that began (hard time limit)
         self.settled_now = False  # the last settle wrote this try's outcome
+        self.next: Attempt | None = None  # a batch's next event: begun by this one's settle
+        self.begun: Begin | None = None  # this try's begin, done by the previous settle
         self.verdict: Verdict | None = None  # how it settled if not as a success (task state)
 
     @property
@@ -88,8 +90,9 @@ class Attempt:
 
     def run(self) -> str:
         tier = self.rt.settings.tier(self.tier)
-        begin = self.rt.ledger.begin(self.task_id, self.key, self.token, attempt=self.attempt,
-                                     tier_name=self.tier, tier=tier, charged=self.budget_charged)
+        begin = self.begun or self.rt.ledger.begin(
+            self.task_id, self.key, self.token, attempt=self.attempt, tier_name=self.tier,
+            tier=tier, charged=self.budget_charged)
         if begin.verdict in ("done", "settled"):
             log.info("event %s handler %s %s; not running it again", self.event.get("id"),
                      self.handler, "already succeeded" if begin.verdict == "done"
@@ -167,10 +170,15 @@ class Attempt:
     def settle(self, outcome: Outcome) -> bool:
         """Write ``outcome`` for this try (retried: the step is idempotent); False when
         the try had settled already. Raises when the state store stays unreachable."""
+        following = self.next if self.next is not None and not self.only_if_running else None
         for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
             try:
-                self.settled_now = self.rt.ledger.settle(
-                    self.task_id, self.key, outcome, only_if_running=self.only_if_running)
+                if following is None:
+                    self.settled_now = self.rt.ledger.settle(
+                        self.task_id, self.key, outcome, only_if_running=self.only_if_running)
+                else:  # a batch: the next event's begin rides in the same round trip
+                    self.settled_now, following.begun = self.rt.ledger.settle_then_begin(
+                        self.task_id, self.key, outcome, following.next_try())
                 return self.settled_now
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 if pause_s is None:
@@ -179,6 +187,11 @@ class Attempt:
                             self.task_id, self.key, pause_s, extra={"task_id": self.task_id})
                 time.sleep(pause_s)
         raise AssertionError("unreachable")
+
+    def next_try(self) -> NextTry:
+        """What the previous event's settle needs to begin this try."""
+        return NextTry((self.task_id, self.key, self.token), self.attempt, self.tier,
+                       self.rt.settings.tier(self.tier), self.budget_charged)
 
     def next_spec(self, *, attempt: int, deferrals: int, priority: int | None,
                   first_failed_at: str | None) -> TaskSpec:

@@ -20,6 +20,7 @@ the duplicates.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -102,8 +103,11 @@ def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
     from pipeline.ingest import task_id_for
 
     handler = str(kwargs.get("handler", ""))
-    return [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
-            for e in events]
+    attempts = [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
+                for e in events]
+    for attempt, following in itertools.pairwise(attempts):
+        attempt.next = following  # its settle begins the next event: one round trip
+    return attempts
 
 
 _BUCKETS: dict[tuple[int, str], TokenBucket | None] = {}  # (pid, tier) -> its rate limit

@@ -36,14 +36,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
-__all__ = ["Begin", "Ledger", "Outcome", "try_key"]
+__all__ = ["Begin", "Ledger", "NextTry", "Outcome", "try_key"]
 
 RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
 SETTLED_TTL_S = 24 * 3600  # a settled try's mark outlives any redelivery of its message
@@ -122,6 +122,20 @@ return 1
 """
 
 
+# A batch's settle of one event and begin of the next, in one round trip.
+# KEYS: the settle's 4, then the begin's 4. ARGV: the settle's 6, then the begin's 10.
+_SETTLE_THEN_BEGIN_LUA = (
+    "local function settle(KEYS, ARGV)\n" + _SETTLE_LUA + "\nend\n"
+    "local function begin(KEYS, ARGV)\n" + _BEGIN_LUA + "\nend\n"
+    "local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[4]},"
+    " {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})\n"
+    "local begun = begin({KEYS[5], KEYS[6], KEYS[7], KEYS[8]},"
+    " {ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14],"
+    " ARGV[15], ARGV[16]})\n"
+    "return {settled, begun}\n"
+)
+
+
 def try_key(attempt: int, deferrals: int = 0, lineage: str = "") -> str:
     """``[<lineage>/]<attempt>.<deferrals>``: one try of a task (lineage: a DLQ replay)."""
     return f"{lineage}/{attempt}.{deferrals}" if lineage else f"{attempt}.{deferrals}"
@@ -157,37 +171,73 @@ class Ledger:
         self._window_s = window_s
         self._begin = client.register_script(_BEGIN_LUA)
         self._settle = client.register_script(_SETTLE_LUA)
+        self._settle_then_begin = client.register_script(_SETTLE_THEN_BEGIN_LUA)
         self._host = socket.gethostname()
 
     def _done_key(self, task_id: str) -> str:
         return Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
 
+    def _begin_call(self, task_id: str, key: str, token: str, *, attempt: int,
+                    tier_name: str, tier: TierConfig, charged: bool) -> tuple[list[str], list[Any]]:
+        budget_on = tier.retry_budget_ratio > 0 and not (charged and attempt > 1)
+        return ([self._done_key(task_id), Keys.settled(task_id, key),
+                 Keys.running(task_id, key), Keys.retry_budget(tier_name)],
+                [time.time(), attempt, int(budget_on), tier.retry_budget_ratio,
+                 tier.retry_budget_min, tier.retry_budget_window_s, BUDGET_BUCKETS,
+                 RUNNING_TTL_S, token, f"{self._host} {os.getpid()}"])
+
     def begin(self, task_id: str, key: str, token: str, *, attempt: int, tier_name: str,
               tier: TierConfig, charged: bool = False) -> Begin:
         """The verdict for one delivery of try ``key``; ``token`` names the delivery."""
-        budget_on = tier.retry_budget_ratio > 0 and not (charged and attempt > 1)
-        reply = self._begin(
-            keys=[self._done_key(task_id), Keys.settled(task_id, key),
-                  Keys.running(task_id, key), Keys.retry_budget(tier_name)],
-            args=[time.time(), attempt, int(budget_on), tier.retry_budget_ratio,
-                  tier.retry_budget_min, tier.retry_budget_window_s, BUDGET_BUCKETS,
-                  RUNNING_TTL_S, token, f"{self._host} {os.getpid()}"])
-        parts = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in reply]
-        age_s = float(parts[2]) if len(parts) > 2 else 0.0
-        return Begin(parts[0], parts[1] if len(parts) > 1 else "", age_s)  # type: ignore[arg-type]
+        keys, args = self._begin_call(task_id, key, token, attempt=attempt,
+                                      tier_name=tier_name, tier=tier, charged=charged)
+        return _verdict(self._begin(keys=keys, args=args))
+
+    def _settle_call(self, task_id: str, key: str, outcome: Outcome,
+                     only_if_running: bool) -> tuple[list[str], list[Any]]:
+        return ([Keys.settled(task_id, key), Keys.running(task_id, key),
+                 self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
+                [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
+                 outcome.value, outcome.score])
 
     def settle(self, task_id: str, key: str, outcome: Outcome, *,
                only_if_running: bool = False) -> bool:
         """Write ``outcome`` and mark the try settled; False if it had settled already
         (or, ``only_if_running``, had not begun)."""
-        return bool(self._settle(
-            keys=[Keys.settled(task_id, key), Keys.running(task_id, key),
-                  self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
-            args=[outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
-                  outcome.value, outcome.score]))
+        keys, args = self._settle_call(task_id, key, outcome, only_if_running)
+        return bool(self._settle(keys=keys, args=args))
+
+    def settle_then_begin(self, task_id: str, key: str, outcome: Outcome,
+                          next_try: NextTry) -> tuple[bool, Begin]:
+        """:meth:`settle` this try and :meth:`begin` the next event of a batch in one
+        round trip (both steps keep their own idempotency)."""
+        skeys, sargs = self._settle_call(task_id, key, outcome, False)
+        bkeys, bargs = self._begin_call(*next_try.ids, attempt=next_try.attempt,
+                                        tier_name=next_try.tier_name, tier=next_try.tier,
+                                        charged=next_try.charged)
+        settled, begun = self._settle_then_begin(keys=skeys + bkeys, args=sargs + bargs)
+        return bool(settled), _verdict(begun)
 
     def is_done(self, task_id: str) -> bool:
         return self._window_s > 0 and bool(self._client.exists(Keys.done(task_id)))
 
     def budget_exhausted_total(self, tier_name: str) -> int:
         return int(self._client.get(Keys.retry_budget(tier_name) + "exhausted") or 0)
+
+
+@dataclass(frozen=True)
+class NextTry:
+    """What :meth:`Ledger.begin` needs of the next event's try, for
+    :meth:`Ledger.settle_then_begin`."""
+
+    ids: tuple[str, str, str]  # task id, try key, delivery token
+    attempt: int
+    tier_name: str
+    tier: TierConfig
+    charged: bool
+
+
+def _verdict(reply: list[Any]) -> Begin:
+    parts = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in reply]
+    age_s = float(parts[2]) if len(parts) > 2 else 0.0
+    return Begin(parts[0], parts[1] if len(parts) > 1 else "", age_s)  # type: ignore[arg-type]

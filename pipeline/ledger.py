@@ -218,9 +218,6 @@ class Ledger:
         settled, begun = self._settle_then_begin(keys=skeys + bkeys, args=sargs + bargs)
         return bool(settled), _verdict(begun)
 
-    def is_done(self, task_id: str) -> bool:
-        return self._window_s > 0 and bool(self._client.exists(Keys.done(task_id)))
-
     def budget_exhausted_total(self, tier_name: str) -> int:
         return int(self._client.get(Keys.retry_budget(tier_name) + "exhausted") or 0)
 

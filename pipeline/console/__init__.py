@@ -89,7 +89,13 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
                         message=f"Token {session.name!r} lacks the {scope!r} scope.")
         return session
 
-    async def form_for(request: Request, session: Session) -> dict[str, str] | Response:
+    async def posted(request: Request,
+                     scope: str) -> tuple[Session, dict[str, str]] | Response:
+        """The session (holding ``scope``) and the form of a state-changing POST whose
+        CSRF token matches; else the page that refuses it."""
+        session = session_for(request, scope)
+        if isinstance(session, Response):
+            return session
         try:
             form = parse_form(await request.body())
         except ValueError as exc:
@@ -98,7 +104,7 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if not csrf_ok(session.csrf, form.get("csrf")):
             return page("message.html", 403, session=session, title="Refused",
                         message="Missing or wrong CSRF token: reload the page and try again.")
-        return form
+        return session, form
 
     def selection(session: Session, fields: dict[str, str], model: type[Selection],
                   **extra: Any) -> Selection | Response:
@@ -155,12 +161,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
 
     @api.post("/console/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        session = session_for(request, "dlq:read")
-        if isinstance(session, Response):
-            return session
-        form = await form_for(request, session)
-        if isinstance(form, Response):
-            return form
+        got = await posted(request, "dlq:read")
+        if isinstance(got, Response):
+            return got
         response = RedirectResponse(LOGIN_PATH, 303)
         response.delete_cookie(SESSION_COOKIE, path="/console")
         return response
@@ -207,12 +210,10 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
 
     @api.post("/console/replay", include_in_schema=False)
     async def replay(request: Request) -> Response:
-        session = session_for(request, "dlq:write")
-        if isinstance(session, Response):
-            return session
-        form = await form_for(request, session)
-        if isinstance(form, Response):
-            return form
+        got = await posted(request, "dlq:write")
+        if isinstance(got, Response):
+            return got
+        session, form = got
         fields = _filters(form)
         options = {k: form[k] for k in ("to_tier", "rate") if form.get(k, "").strip()}
         confirmed = form.get("step") == "confirm"
@@ -235,12 +236,10 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
 
     @api.post("/console/purge", include_in_schema=False)
     async def purge(request: Request) -> Response:
-        session = session_for(request, "dlq:write")
-        if isinstance(session, Response):
-            return session
-        form = await form_for(request, session)
-        if isinstance(form, Response):
-            return form
+        got = await posted(request, "dlq:write")
+        if isinstance(got, Response):
+            return got
+        session, form = got
         fields = _filters(form)
         sel = selection(session, fields, Selection)
         if isinstance(sel, Response):

@@ -86,10 +86,17 @@ def flower(stack: Stack) -> Iterator[Server]:
     env = {**stack.env(), "PIPELINE_FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"}
     server = start_server(stack, "flower", ["flower"], env, "/healthcheck")
     try:
-        # Flower listens to task events from its start: see one task through first
-        probe = stack.publish("demo.ok")
-        wait_for(lambda: state_of(server, probe.task_ids[0]) == "SUCCESS", FLOWER_TIMEOUT_S,
-                 "Flower to see a first task")
+        # Flower hears task events only once its receiver has subscribed, which can be
+        # after /healthcheck answers: send a probe a second until Flower sees one through
+        probes: list[str] = []
+
+        def seen() -> bool:
+            if len(probes) < 1 + int(time.monotonic() - started):
+                probes.extend(stack.publish("demo.ok").task_ids)
+            return any(state_of(server, task_id) == "SUCCESS" for task_id in probes[-3:])
+
+        started = time.monotonic()
+        wait_for(seen, FLOWER_TIMEOUT_S, "Flower to see a first task", 0.2)
         yield server
     finally:
         stop_server(server)

@@ -165,6 +165,24 @@ def rss_kb(pid: int) -> dict[str, int]:
     return sizes
 
 
+def cpu_s(pid: int, *, with_children: bool = True) -> float:
+    """CPU seconds (user + system) of ``pid`` from /proc, with its reaped children's and,
+    when ``with_children``, its live children's (a worker's pool processes)."""
+    tick_hz = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for i, p in enumerate([pid, *(child_pids(pid) if with_children else [])]):
+        try:
+            # fields after the parenthesised command: utime stime cutime cstime at 11..14
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks = int(fields[11]) + int(fields[12])
+        if i == 0:
+            ticks += int(fields[13]) + int(fields[14])
+        total += ticks / tick_hz
+    return total
+
+
 def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) by linear interpolation; NaN for no values."""
     if not values:

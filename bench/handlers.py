@@ -5,6 +5,8 @@ accounts for either side.
 
 * ``bench.critical``: records when its handler started (``HSET``
   :data:`STARTED_KEY` event id -> epoch seconds); the sender knows when it sent.
+* ``bench.mark``: the same, and counts its starts (``HINCRBY`` :data:`STARTS_KEY`),
+  for the latency scenario, which checks that every event started exactly once.
 * ``bench.bulk``: keeps one worker slot busy for ``payload.ms`` and counts
   itself (``INCR`` :data:`BULK_DONE_KEY`).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from bench.keys import BULK_DONE_KEY, STARTED_KEY
+from bench.keys import BULK_DONE_KEY, STARTED_KEY, STARTS_KEY
 from pipeline.events import Event
 from pipeline.handlers import current, handler
 
@@ -27,3 +29,11 @@ def critical(event: Event) -> None:
 def bulk(event: Event) -> None:
     time.sleep(float(event.payload.get("ms", 5)) / 1000)
     current().state.incr(BULK_DONE_KEY)
+
+
+@handler("bench.mark", name="bench.mark")
+def mark(event: Event) -> None:
+    pipe = current().state.pipeline(transaction=False)
+    pipe.hsetnx(STARTED_KEY, str(event.id), repr(time.time()))
+    pipe.hincrby(STARTS_KEY, str(event.id), 1)
+    pipe.execute()

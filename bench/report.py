@@ -13,7 +13,8 @@ from bench.charts import render
 from bench.common import commit, results_dir, versions
 from bench.seed_account import describe_runs
 
-ORDER = ["seed", "isolation", "overhead", "ingest", "batch", "dlq"]  # others follow, by name
+# scenarios in REPORT.md's order; others follow, by name
+ORDER = ["seed", "isolation", "overhead", "latency", "ingest", "batch", "dlq"]
 
 
 def _server_version() -> str:
@@ -77,14 +78,24 @@ def _figures(name: str, data: dict[str, Any]) -> list[str]:
                 *_spaced(data["sides"])]
     if name == "overhead":
         rss = data["rss"]
-        rows = [[side, _fmt(v), _fmt(v / data["events_per_s_median"]["stock_noop"])]
+        cpu = data.get("cpu_s_per_10k_events_median", {})
+        rows = [[side, _fmt(v), _fmt(v / data["events_per_s_median"]["stock_noop"]),
+                 _fmt(cpu[side]) if side in cpu else "-"]
                 for side, v in data["events_per_s_median"].items()]
         return [f"{data['events']:,} no-op events per drain, median of {data['repeats']}, "
                 f"one worker -c {data['concurrency']} {data['pool']}, prefetch "
-                f"{data['prefetch']}.", "", *_table(rows, ["side", "events/s", "vs bare"]), "",
+                f"{data['prefetch']}.", "",
+                *_table(rows, ["side", "events/s", "vs bare", "CPU s / 10k events"]), "",
                 f"Worker RSS (main + children) over {rss['events']:,} events "
                 f"({rss['events_per_s']:,.0f}/s): {rss['kb_at_10pct'] / 1024:,.1f} MiB at 10%, "
                 f"{rss['kb_at_end'] / 1024:,.1f} MiB at the end: {rss['growth_pct']:+.1f}%."]
+    if name == "latency":
+        rows = [[side, _fmt(m["p50"]), _fmt(m["p99"])] for side, m in data["ms_median"].items()]
+        return [f"{data['rate']:g} events/s for {data['duration_s']:g} s round-robin over "
+                f"{', '.join(data['tiers'])}; one worker per tier with the shipped tiers' "
+                "concurrency and prefetch, task events on both sides; latency = just before "
+                f"the send call -> handler start, median of {data['repeats']}.", "",
+                *_table(rows, ["side", "p50 ms", "p99 ms"])]
     if name == "seed":
         return _seed(data)
     for key in ("events_per_s_median", "seconds_median"):

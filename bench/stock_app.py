@@ -1,7 +1,7 @@
 """A bare Celery app: the stock side of the batch, overhead and isolation benchmarks.
 
-``stock.noop`` does nothing; ``stock.critical`` and ``stock.bulk`` are the plain
-Celery twins of :mod:`bench.handlers` (same Redis keys, same work).
+``stock.noop`` does nothing; ``stock.critical``, ``stock.mark`` and ``stock.bulk`` are
+the plain Celery twins of :mod:`bench.handlers` (same Redis keys, same work).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 from celery import Celery
 
-from bench.keys import BULK_DONE_KEY, STARTED_KEY
+from bench.keys import BULK_DONE_KEY, STARTED_KEY, STARTS_KEY
 from bench.stock_client import LazyRedis
 
 app = Celery("stock", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0"))
@@ -29,6 +29,14 @@ def noop(event: dict[str, object]) -> None:
 @app.task(name="stock.critical")
 def critical(event: dict[str, object]) -> None:
     _redis().hset(STARTED_KEY, str(event["id"]), repr(time.time()))
+
+
+@app.task(name="stock.mark")
+def mark(event: dict[str, object]) -> None:
+    pipe = _redis().pipeline(transaction=False)
+    pipe.hsetnx(STARTED_KEY, str(event["id"]), repr(time.time()))
+    pipe.hincrby(STARTS_KEY, str(event["id"]), 1)
+    pipe.execute()
 
 
 @app.task(name="stock.bulk")

@@ -41,11 +41,12 @@ from pipeline.deadletter import DeadLetterRecord, record_id
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
 from pipeline.handlers import HandlerContext, registry, running
-from pipeline.ledger import Begin, NextTry, Outcome, try_key
+from pipeline.ledger import Begin, Outcome, Try, try_key
 from pipeline.logs import attempt_fields
 from pipeline.messages import TaskSpec
 from pipeline.retry import Reason, compute_deferral, decide
 from pipeline.runtime import Runtime
+from pipeline.settlestream import Call, SettleStream
 from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled, Verdict
 
 __all__ = ["Attempt"]
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 MAX_PRIORITY = 9  # the lowest of the ten priority sub-queues the app configures on Redis
 SETTLE_RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # pauses between settle tries
 RECHECK_MARGIN_S = 5.0  # beyond a try's hard time limit before its silence means it was lost
+LIVE_CLAIMS: set[str] = set()  # tokens of the batch tries this process has claimed and runs
 
 
 class Attempt:
@@ -80,8 +82,10 @@ class Attempt:
         self.token = uuid.uuid4().hex  # names this delivery in the running mark
         self.only_if_running = False  # settle only a try that began (hard time limit)
         self.settled_now = False  # the last settle wrote this try's outcome
-        self.next: Attempt | None = None  # a batch's next event: begun by this one's settle
-        self.begun: Begin | None = None  # this try's begin, done by the previous settle
+        self.stream: SettleStream | None = None  # a batch's: starts and done settles
+        self.started = False  # a batch's try: its start was written
+        self.following: Attempt | None = None  # a batch's next try, started by this settle
+        self.begun: Begin | None = None  # this try's begin, done for the whole batch
         self.verdict: Verdict | None = None  # how it settled if not as a success (task state)
 
     @property
@@ -90,9 +94,9 @@ class Attempt:
 
     def run(self) -> str:
         tier = self.rt.settings.tier(self.tier)
-        begin = self.begun or self.rt.ledger.begin(
-            self.task_id, self.key, self.token, attempt=self.attempt, tier_name=self.tier,
-            tier=tier, charged=self.budget_charged)
+        begin = self.begun or self.rt.ledger.begin(self.as_try())
+        if begin.verdict == "lost" and begin.pending and self.previous_gone(begin):
+            begin = self.rt.ledger.take_over(self.as_try(), begin.previous)
         if begin.verdict in ("done", "settled"):
             log.info("event %s handler %s %s; not running it again", self.event.get("id"),
                      self.handler, "already succeeded" if begin.verdict == "done"
@@ -100,11 +104,8 @@ class Attempt:
                      extra=attempt_fields(self, outcome=f"already_{begin.verdict}"))
             return f"already_{begin.verdict}"
         if begin.verdict == "lost":
-            host, pid = begin.previous_process
-            gone = host == socket.gethostname() and pid != os.getpid() and not _alive(pid)
-            bound_s = self.longest_run_s()
-            if not gone and begin.age_s < bound_s:  # that delivery may still be running
-                return self.recheck(bound_s - begin.age_s)
+            if not self.previous_gone(begin):  # that delivery may still be running
+                return self.recheck(self.longest_run_s() - begin.age_s)
             return self.was_lost(begin.previous)
         if begin.verdict == "over_budget":
             window_s = tier.retry_budget_window_s
@@ -143,6 +144,8 @@ class Attempt:
                         deferrals=self.deferrals)
                     return self.defer(delay_s, f"breaker_open:{downstream}")
                 allowed.append((downstream, status.token))
+            if self.stream is not None and not self.started:  # a batch's claim starts
+                self.stream.send([self.start_call()])
             try:
                 with running(ctx):
                     entry(event)
@@ -161,6 +164,15 @@ class Attempt:
             for downstream, token in allowed:
                 breakers.release(downstream, token)
 
+    def previous_gone(self, begin: Begin) -> bool:
+        """Whether the delivery that left ``begin``'s mark can no longer be running:
+        its process is gone (this host) or it is older than a try can run."""
+        host, pid = begin.previous_process
+        if host == socket.gethostname() and pid == os.getpid() and begin.pending:
+            return begin.previous.split()[0][1:] not in LIVE_CLAIMS  # its batch has ended
+        gone = host == socket.gethostname() and pid != os.getpid() and not _alive(pid)
+        return gone or begin.age_s >= self.longest_run_s()
+
     def breaker_token(self, downstream: str) -> str:
         """This try's probe lease on ``downstream``: the main process can settle it
         after a hard time limit killed the child that held it."""
@@ -170,15 +182,33 @@ class Attempt:
     def settle(self, outcome: Outcome) -> bool:
         """Write ``outcome`` for this try (retried: the step is idempotent); False when
         the try had settled already. Raises when the state store stays unreachable."""
-        following = self.next if self.next is not None and not self.only_if_running else None
+        if self.stream is not None and outcome.kind == "done" and not self.only_if_running:
+            ledger = self.rt.ledger
+            calls = [Call(ledger.settle_script, *ledger.settle_call(self.task_id, self.key,
+                                                                    outcome),
+                          what=f"settle {self.task_id} {self.key}",
+                          redo=lambda: self.settle_now(outcome))]
+            after = self.following
+            if after is not None and after.begun is not None and after.begun.verdict == "run":
+                calls.append(after.start_call())  # the next try starts in the same write
+            self.stream.send(calls)
+            self.settled_now = True  # confirmed (or written again) when the batch ends
+            return True
+        return self.settle_now(outcome)
+
+    def start_call(self) -> Call:
+        """A batch's pending try starts (the mark a lost delivery is judged by)."""
+        self.started = True
+        keys, args = self.rt.ledger.start_call(self.as_try())
+        return Call(self.rt.ledger.start_script, keys, args,
+                    what=f"start {self.task_id} {self.key}")
+
+    def settle_now(self, outcome: Outcome) -> bool:
+        """:meth:`settle`, waiting for the reply."""
         for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
             try:
-                if following is None:
-                    self.settled_now = self.rt.ledger.settle(
-                        self.task_id, self.key, outcome, only_if_running=self.only_if_running)
-                else:  # a batch: the next event's begin rides in the same round trip
-                    self.settled_now, following.begun = self.rt.ledger.settle_then_begin(
-                        self.task_id, self.key, outcome, following.next_try())
+                self.settled_now = self.rt.ledger.settle(
+                    self.task_id, self.key, outcome, only_if_running=self.only_if_running)
                 return self.settled_now
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 if pause_s is None:
@@ -188,9 +218,9 @@ class Attempt:
                 time.sleep(pause_s)
         raise AssertionError("unreachable")
 
-    def next_try(self) -> NextTry:
-        """What the previous event's settle needs to begin this try."""
-        return NextTry((self.task_id, self.key, self.token), self.attempt, self.tier,
+    def as_try(self) -> Try:
+        """What the ledger needs to begin this try."""
+        return Try((self.task_id, self.key, self.token), self.attempt, self.tier,
                        self.rt.settings.tier(self.tier), self.budget_charged)
 
     def next_spec(self, *, attempt: int, deferrals: int, priority: int | None,

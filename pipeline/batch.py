@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 from celery.utils.time import rate
 from kombu.utils.limits import TokenBucket
 
-from pipeline.attempt import Attempt
+from pipeline.attempt import LIVE_CLAIMS, Attempt
 from pipeline.messages import TaskSpec
 from pipeline.runtime import runtime_for
+from pipeline.settlestream import SettleStream
 from pipeline.tasks import PipelineTask, settle_or_requeue
 from pipeline.taskstate import BatchDeadLettered, raise_for
 
@@ -85,15 +86,35 @@ def batch_spec(runtime: Runtime, events: Sequence[dict[str, Any]], *, handler: s
 
 def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
     """Each event through :meth:`Attempt.run`, as if it had its own message; the
-    per-event results counted. A settle that cannot reach the state store raises:
-    the batch is redelivered and its settled events are acknowledged, not re-run."""
+    per-event results counted. Every try is begun in one round trip (claimed,
+    *pending*), and each one's start and successful settle go out on a
+    :class:`~pipeline.settlestream.SettleStream` without waiting; the replies are
+    read at the end. A settle that cannot reach the state store raises: the batch
+    is redelivered and its settled events are acknowledged, not re-run."""
     outcomes: Counter[str] = Counter()
     bucket = _rate_bucket(rt, str(kwargs.get("tier", "")))
-    for attempt in batch_attempts(rt, events, kwargs):
-        if bucket is not None:
-            while not bucket.can_consume(1):
-                time.sleep(bucket.expected_time(1))
-        outcomes[attempt.run()] += 1
+    attempts = batch_attempts(rt, events, kwargs)
+    stream = SettleStream(rt.ledger.client)
+    tokens = {a.token for a in attempts}
+    LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
+    try:
+        begins = rt.ledger.begin_many([a.as_try() for a in attempts], stream)
+        for attempt, begun in zip(attempts, begins, strict=True):
+            attempt.begun, attempt.stream = begun, stream
+        if bucket is None:  # a settle starts the next try (a rate limit may wait between)
+            for attempt, after in itertools.pairwise(attempts):
+                attempt.following = after
+        for attempt in attempts:
+            if bucket is not None:
+                while not bucket.can_consume(1):
+                    time.sleep(bucket.expected_time(1))
+            outcomes[attempt.run()] += 1
+    finally:
+        LIVE_CLAIMS.difference_update(tokens)
+        for what, reply in stream.close():
+            if what.startswith("start") and reply == 0:  # its claim was taken over
+                log.warning("batch: %s found its claim taken over (judged lost); the "
+                            "event may have run twice", what)
     return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
 
 
@@ -103,11 +124,8 @@ def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
     from pipeline.ingest import task_id_for
 
     handler = str(kwargs.get("handler", ""))
-    attempts = [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
-                for e in events]
-    for attempt, following in itertools.pairwise(attempts):
-        attempt.next = following  # its settle begins the next event: one round trip
-    return attempts
+    return [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
+            for e in events]
 
 
 _BUCKETS: dict[tuple[int, str], TokenBucket | None] = {}  # (pid, tier) -> its rate limit

@@ -23,6 +23,11 @@ naming the replay lineage, the attempt and how often that attempt was deferred
   begin re-sent with the same token (a reply lost to a connection reset and retried
   by the client) is the same delivery, not a lost one.
 
+A batch begins all its tries in one round trip (:meth:`Ledger.begin_many`) with
+*pending* marks (``~<token> ...``: claimed, not started); each is started (the start
+script) just before its handler. A pending claim left by a lost delivery is taken
+over (:meth:`Ledger.take_over`) and run without counting a lost attempt: it never ran.
+
 **Settle** (one Lua script, after) writes the try's outcome — the done mark, a
 retry or deferral into the schedule, or a DLQ record onto the DLQ list — marks the
 try settled and clears its running mark, atomically; a second settle of the same
@@ -40,10 +45,11 @@ from typing import Any, Literal
 
 import redis
 
+from pipeline.settlestream import Call, SettleStream
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
-__all__ = ["Begin", "Ledger", "NextTry", "Outcome", "try_key"]
+__all__ = ["Begin", "Ledger", "Outcome", "Try", "try_key"]
 
 RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
 SETTLED_TTL_S = 24 * 3600  # a settled try's mark outlives any redelivery of its message
@@ -53,8 +59,9 @@ Verdict = Literal["run", "done", "settled", "lost", "over_budget"]
 
 # KEYS: done mark, settled mark, running mark, budget key prefix
 # ARGV: now, attempt, budget on (1/0), ratio, min per window, window_s, buckets, ttl_s,
-#       token, "<host> <pid>". The running mark is "<token> <host> <pid> <server time>";
-#       'lost' returns it with its age in seconds by the server's clock.
+#       token, "<host> <pid>", pending (1/0). The running mark is
+#       "<token> <host> <pid> <server time>", "~<token> ..." while pending (claimed by a
+#       batch, not started); 'lost' returns it with its age in seconds by the server's clock.
 _BEGIN_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'settled'} end
@@ -62,7 +69,8 @@ local t = redis.call('TIME')
 local server_now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local cur = redis.call('GET', KEYS[3])
 if cur then
-  if string.sub(cur, 1, #ARGV[9] + 1) == ARGV[9] .. ' ' then return {'run'} end
+  if string.sub(cur, 1, #ARGV[9] + 1) == ARGV[9] .. ' '
+     or string.sub(cur, 1, #ARGV[9] + 2) == '~' .. ARGV[9] .. ' ' then return {'run'} end
   local began = tonumber(string.match(cur, '(%S+)$')) or 0
   return {'lost', cur, tostring(server_now - began)}
 end
@@ -88,21 +96,43 @@ if ARGV[3] == '1' then
   end
   redis.call('EXPIRE', bkey, math.ceil(window * 2))
 end
-redis.call('SET', KEYS[3], ARGV[9] .. ' ' .. ARGV[10] .. ' ' .. string.format('%.3f', server_now),
-           'EX', tonumber(ARGV[8]))
+local mark = ARGV[9] .. ' ' .. ARGV[10] .. ' ' .. string.format('%.3f', server_now)
+if ARGV[11] == '1' then mark = '~' .. mark end
+redis.call('SET', KEYS[3], mark, 'EX', tonumber(ARGV[8]))
 return {'run'}
+"""
+
+# A pending try whose batch was lost before it started: clear the mark left behind
+# (if still that one) and begin afresh. KEYS, ARGV: the begin's, then the expected mark.
+_TAKE_OVER_LUA = (
+    "local function begin(KEYS, ARGV)\n" + _BEGIN_LUA + "\nend\n"
+    "if redis.call('GET', KEYS[3]) == ARGV[12] then redis.call('DEL', KEYS[3]) end\n"
+    "return begin(KEYS, ARGV)\n"
+)
+
+# A batch starts a pending try: "~<token> ..." becomes "<token> ...". KEYS: running mark.
+# ARGV: token, ttl_s. Returns 0 when the mark is not this delivery's pending one.
+_START_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur or string.sub(cur, 1, #ARGV[1] + 2) ~= '~' .. ARGV[1] .. ' ' then return 0 end
+redis.call('SET', KEYS[1], string.sub(cur, 2), 'EX', tonumber(ARGV[2]))
+return 1
 """
 
 # KEYS: settled mark, running mark, done mark, target (schedule zset or DLQ list)
 # ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
-#       settled ttl_s, done ttl_s, only if running (1/0), member or message, score
+#       settled ttl_s, done ttl_s, only if running (1/0: began and not merely pending),
+#       member or message, score
 _SETTLE_LUA = """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
   return 0
 end
-if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if ARGV[4] == '1' then
+  local cur = redis.call('GET', KEYS[2])
+  if not cur or string.sub(cur, 1, 1) == '~' then return 0 end
+end
 if kind == 'recheck' then
   redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
   return 1
@@ -122,19 +152,6 @@ return 1
 """
 
 
-# A batch's settle of one event and begin of the next, in one round trip.
-# KEYS: the settle's 4, then the begin's 4. ARGV: the settle's 6, then the begin's 10.
-_SETTLE_THEN_BEGIN_LUA = (
-    "local function settle(KEYS, ARGV)\n" + _SETTLE_LUA + "\nend\n"
-    "local function begin(KEYS, ARGV)\n" + _BEGIN_LUA + "\nend\n"
-    "local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[4]},"
-    " {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})\n"
-    "local begun = begin({KEYS[5], KEYS[6], KEYS[7], KEYS[8]},"
-    " {ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14],"
-    " ARGV[15], ARGV[16]})\n"
-    "return {settled, begun}\n"
-)
-
 
 def try_key(attempt: int, deferrals: int = 0, lineage: str = "") -> str:
     """``[<lineage>/]<attempt>.<deferrals>``: one try of a task (lineage: a DLQ replay)."""
@@ -146,6 +163,11 @@ class Begin:
     verdict: Verdict
     previous: str = ""  # lost: the running mark "<token> <host> <pid> <epoch s>" left behind
     age_s: float = 0.0  # lost: how long ago that delivery began
+
+    @property
+    def pending(self) -> bool:
+        """Lost while only claimed by a batch ("~..."): that delivery never started it."""
+        return self.previous.startswith("~")
 
     @property
     def previous_process(self) -> tuple[str, int]:
@@ -169,32 +191,63 @@ class Ledger:
     def __init__(self, client: redis.Redis, window_s: int) -> None:
         self._client = client
         self._window_s = window_s
-        self._begin = client.register_script(_BEGIN_LUA)
-        self._settle = client.register_script(_SETTLE_LUA)
-        self._settle_then_begin = client.register_script(_SETTLE_THEN_BEGIN_LUA)
+        self.begin_script = client.register_script(_BEGIN_LUA)
+        self._take_over = client.register_script(_TAKE_OVER_LUA)
+        self.start_script = client.register_script(_START_LUA)
+        self.settle_script = client.register_script(_SETTLE_LUA)
         self._host = socket.gethostname()
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
 
     def _done_key(self, task_id: str) -> str:
         return Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
 
-    def _begin_call(self, task_id: str, key: str, token: str, *, attempt: int,
-                    tier_name: str, tier: TierConfig, charged: bool) -> tuple[list[str], list[Any]]:
-        budget_on = tier.retry_budget_ratio > 0 and not (charged and attempt > 1)
+    def begin_call(self, t: Try, *, pending: bool = False) -> tuple[list[str], list[Any]]:
+        """Keys and args of the begin script (:meth:`begin`)."""
+        task_id, key, token = t.ids
+        budget_on = t.tier.retry_budget_ratio > 0 and not (t.charged and t.attempt > 1)
         return ([self._done_key(task_id), Keys.settled(task_id, key),
-                 Keys.running(task_id, key), Keys.retry_budget(tier_name)],
-                [time.time(), attempt, int(budget_on), tier.retry_budget_ratio,
-                 tier.retry_budget_min, tier.retry_budget_window_s, BUDGET_BUCKETS,
-                 RUNNING_TTL_S, token, f"{self._host} {os.getpid()}"])
+                 Keys.running(task_id, key), Keys.retry_budget(t.tier_name)],
+                [time.time(), t.attempt, int(budget_on), t.tier.retry_budget_ratio,
+                 t.tier.retry_budget_min, t.tier.retry_budget_window_s, BUDGET_BUCKETS,
+                 RUNNING_TTL_S, token, f"{self._host} {os.getpid()}", int(pending)])
 
-    def begin(self, task_id: str, key: str, token: str, *, attempt: int, tier_name: str,
-              tier: TierConfig, charged: bool = False) -> Begin:
-        """The verdict for one delivery of try ``key``; ``token`` names the delivery."""
-        keys, args = self._begin_call(task_id, key, token, attempt=attempt,
-                                      tier_name=tier_name, tier=tier, charged=charged)
-        return _verdict(self._begin(keys=keys, args=args))
+    def begin(self, t: Try) -> Begin:
+        """The verdict for one delivery of a try (``t.ids``' token names the delivery)."""
+        keys, args = self.begin_call(t)
+        return _verdict(self.begin_script(keys=keys, args=args))
 
-    def _settle_call(self, task_id: str, key: str, outcome: Outcome,
-                     only_if_running: bool) -> tuple[list[str], list[Any]]:
+    def begin_many(self, tries: list[Try], stream: SettleStream | None = None) -> list[Begin]:
+        """The verdicts of a batch's tries in one round trip (on ``stream`` when given);
+        those to run are marked *pending* (claimed, not started: :meth:`start_call`)."""
+        if stream is not None:
+            replies = stream.begin_many([
+                Call(self.begin_script, *self.begin_call(t, pending=True), what="begin")
+                for t in tries])
+            if replies is not None:
+                return [_verdict(reply) for reply in replies]
+        pipe = self._client.pipeline(transaction=False)
+        for t in tries:
+            keys, args = self.begin_call(t, pending=True)
+            self.begin_script(keys=keys, args=args, client=pipe)
+        return [_verdict(reply) for reply in pipe.execute()]
+
+    def take_over(self, t: Try, expected: str) -> Begin:
+        """Begin a try that a lost batch had claimed but never started (its pending
+        mark ``expected``): not a lost attempt, it never ran."""
+        keys, args = self.begin_call(t)
+        return _verdict(self._take_over(keys=keys, args=[*args, expected]))
+
+    def start_call(self, t: Try) -> tuple[list[str], list[Any]]:
+        """Keys and args of the start script for a pending try of a batch."""
+        task_id, key, token = t.ids
+        return [Keys.running(task_id, key)], [token, RUNNING_TTL_S]
+
+    def settle_call(self, task_id: str, key: str, outcome: Outcome,
+                    only_if_running: bool = False) -> tuple[list[str], list[Any]]:
+        """Keys and args of the settle script (:meth:`settle`)."""
         return ([Keys.settled(task_id, key), Keys.running(task_id, key),
                  self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
                 [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
@@ -203,29 +256,17 @@ class Ledger:
     def settle(self, task_id: str, key: str, outcome: Outcome, *,
                only_if_running: bool = False) -> bool:
         """Write ``outcome`` and mark the try settled; False if it had settled already
-        (or, ``only_if_running``, had not begun)."""
-        keys, args = self._settle_call(task_id, key, outcome, only_if_running)
-        return bool(self._settle(keys=keys, args=args))
-
-    def settle_then_begin(self, task_id: str, key: str, outcome: Outcome,
-                          next_try: NextTry) -> tuple[bool, Begin]:
-        """:meth:`settle` this try and :meth:`begin` the next event of a batch in one
-        round trip (both steps keep their own idempotency)."""
-        skeys, sargs = self._settle_call(task_id, key, outcome, False)
-        bkeys, bargs = self._begin_call(*next_try.ids, attempt=next_try.attempt,
-                                        tier_name=next_try.tier_name, tier=next_try.tier,
-                                        charged=next_try.charged)
-        settled, begun = self._settle_then_begin(keys=skeys + bkeys, args=sargs + bargs)
-        return bool(settled), _verdict(begun)
+        (or, ``only_if_running``, had not started)."""
+        keys, args = self.settle_call(task_id, key, outcome, only_if_running)
+        return bool(self.settle_script(keys=keys, args=args))
 
     def budget_exhausted_total(self, tier_name: str) -> int:
         return int(self._client.get(Keys.retry_budget(tier_name) + "exhausted") or 0)
 
 
 @dataclass(frozen=True)
-class NextTry:
-    """What :meth:`Ledger.begin` needs of the next event's try, for
-    :meth:`Ledger.settle_then_begin`."""
+class Try:
+    """What :meth:`Ledger.begin` needs of a try."""
 
     ids: tuple[str, str, str]  # task id, try key, delivery token
     attempt: int

@@ -7,7 +7,8 @@ import uuid
 import pytest
 import redis
 
-from pipeline.ledger import Ledger, Outcome, try_key
+from pipeline.ledger import Ledger, Outcome, Try, try_key
+from pipeline.settlestream import Call, SettleStream
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
@@ -20,7 +21,7 @@ def ledger(redis_url: str) -> Ledger:
 
 
 def _begin(ledger: Ledger, task: str, token: str, key: str = "1.0") -> str:
-    return ledger.begin(task, key, token, attempt=1, tier_name="t", tier=TIER).verdict
+    return ledger.begin(Try((task, key, token), 1, "t", TIER, False)).verdict
 
 
 def test_a_begin_resent_by_the_same_delivery_runs_and_another_delivery_finds_it_lost(
@@ -29,7 +30,7 @@ def test_a_begin_resent_by_the_same_delivery_runs_and_another_delivery_finds_it_
     task = str(uuid.uuid4())
     assert _begin(ledger, task, "a") == "run"
     assert _begin(ledger, task, "a") == "run"  # the client retried after a lost reply
-    lost = ledger.begin(task, "1.0", "b", attempt=1, tier_name="t", tier=TIER)
+    lost = ledger.begin(Try((task, "1.0", "b"), 1, "t", TIER, False))
     assert lost.verdict == "lost"
     assert lost.previous.startswith("a ")
     assert lost.previous_process[1] > 0
@@ -74,3 +75,53 @@ def test_recheck_schedules_the_try_again_and_leaves_it_unsettled(
     assert ledger.settle(task, "1.0", Outcome("recheck", zset, b"again", 9.0)) is True
     assert redis.Redis.from_url(redis_url).zscore(zset, b"again") == 9.0
     assert _begin(ledger, task, "b") == "lost"  # still running elsewhere, not settled
+
+
+def test_a_batch_claims_tries_pending_and_a_lost_claim_is_taken_over_without_a_lost_attempt(
+    ledger: Ledger,
+) -> None:
+    tasks = [str(uuid.uuid4()) for _ in range(3)]
+    tries = [Try((t, "1.0", f"tok{i}"), 1, "t", TIER, False) for i, t in enumerate(tasks)]
+    assert [b.verdict for b in ledger.begin_many(tries)] == ["run", "run", "run"]
+    keys, args = ledger.start_call(tries[0])
+    assert ledger.start_script(keys=keys, args=args) == 1  # the first one started
+    # a hard time limit settles only what started: the pending claims are left alone
+    assert ledger.settle(tasks[1], "1.0", Outcome("none"), only_if_running=True) is False
+    other = [Try((t, "1.0", f"other{i}"), 1, "t", TIER, False) for i, t in enumerate(tasks)]
+    started, pending = ledger.begin(other[0]), ledger.begin(other[1])
+    assert started.verdict == pending.verdict == "lost"
+    assert not started.pending
+    assert pending.pending
+    assert pending.previous.startswith("~tok1 ")
+    assert ledger.take_over(other[1], pending.previous).verdict == "run"
+    keys, args = ledger.start_call(tries[1])
+    assert ledger.start_script(keys=keys, args=args) == 0  # no longer the batch's claim
+    # a take-over whose expected mark changed meanwhile finds the try lost again
+    assert ledger.take_over(other[2], "~someone else").verdict == "lost"
+
+
+def test_a_streamed_settle_that_redis_refused_is_written_again_at_close(
+    ledger: Ledger,
+) -> None:
+    """Scripts flushed (a restarted Redis) between two settles of a batch: the
+    NOSCRIPT reply is found at close and that settle written again."""
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    stream = SettleStream(ledger.client)
+    redone: list[str] = []
+
+    def call(task: str) -> Call:
+        def redo() -> None:
+            redone.append(task)
+            ledger.settle(task, "1.0", Outcome("done"))
+        return Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
+                    what=task, redo=redo)
+
+    stream.send([call(first)])  # loads the script on the stream's connection
+    ledger.client.script_flush()
+    stream.send([call(second)])
+    assert stream.close() == [(first, 1)]
+    assert redone == [second]
+    for task in (first, second):
+        assert ledger.client.exists(Keys.done(task)) == 1
+        assert ledger.begin(Try((task, "1.0", "again"), 1, "t", TIER, False)).verdict == "done"
+

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.ledger import Ledger, Outcome, try_key
+from pipeline.ledger import Ledger, Outcome, Try, try_key
 from pipeline.tiers import TierConfig
 
 TIER = TierConfig(retry_budget_ratio=0.5, retry_budget_min=1, retry_budget_window_s=60)
@@ -25,8 +25,7 @@ def _runs(led: Ledger, tier: str, task: str, attempt: int, *, deferrals: int = 0
           charged: bool = False) -> bool:
     """Begin one try; True if it may run (admitted), settled at once as deferred."""
     key = try_key(attempt, deferrals)
-    begin = led.begin(task, key, uuid.uuid4().hex, attempt=attempt, tier_name=tier,
-                      tier=TIER, charged=charged)
+    begin = led.begin(Try((task, key, uuid.uuid4().hex), attempt, tier, TIER, charged))
     if begin.verdict == "run":
         led.settle(task, key, Outcome("none"))
     return begin.verdict == "run"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pipeline.inflight import CONSUMERS_KEY
-from pipeline.ledger import _SETTLE_LUA
+from pipeline.ledger import _BEGIN_LUA, _SETTLE_LUA, _START_LUA
 from pipeline.retry import Reason
 from tests.integration import fault_handlers
 from tests.integration.faults import ResetProxy
@@ -89,6 +89,9 @@ time_limit_s = 1.5
 """
 
 SETTLE_SHA = hashlib.sha1(_SETTLE_LUA.encode()).hexdigest().encode()  # EVALSHA of a settle
+LEDGER_SHAS = {name: hashlib.sha1(lua.encode()).hexdigest().encode()  # a batch's ledger calls
+               for name, lua in {"begin": _BEGIN_LUA, "start": _START_LUA,
+                                 "settle": _SETTLE_LUA}.items()}
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,25 @@ def test_worker_child_killed_mid_batch_leaves_no_duplicate_effect(stack: Stack) 
     assert [_runs(i) for i in ids] == [1] * 50
     assert _starts(ids[39]) == 2  # the crash, then its retry: nothing else ran twice
     assert all(_starts(i) == 1 for i in ids[:39] + ids[40:])
+    worker.stop()
+
+
+@pytest.mark.parametrize("call", ["begin", "start", "settle"])
+@pytest.mark.parametrize("reply_lost", [False, True])
+def test_a_reset_on_any_ledger_call_of_a_batch_runs_each_event_once(
+    stack: Stack, proxy: ResetProxy, call: str, reply_lost: bool,
+) -> None:
+    worker = stack.start_worker("batched")  # batches of 50, starts and settles streamed
+    time.sleep(0.5)
+    resets = proxy.resets
+    proxy.drop_on(LEDGER_SHAS[call], times=1, after_forward=reply_lost)
+    ids = _send(stack, "batched", 50)
+    assert len(ids) == 50
+    wait_for(lambda: all(_runs(i) == 1 for i in ids), 60, "all 50 events handled")
+    time.sleep(2)  # a repeated run would show by now
+    assert [_runs(i) for i in ids] == [1] * 50
+    assert [_starts(i) for i in ids] == [1] * 50
+    assert proxy.resets > resets, f"no {call} call was cut off"
     worker.stop()
 
 

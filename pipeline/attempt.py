@@ -37,6 +37,7 @@ import pydantic
 import redis
 from billiard.exceptions import WorkerLostError
 
+from pipeline.batchledger import BatchLedger
 from pipeline.deadletter import DeadLetterRecord, record_id
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.events import Event
@@ -46,7 +47,6 @@ from pipeline.logs import attempt_fields
 from pipeline.messages import TaskSpec
 from pipeline.retry import Reason, compute_deferral, decide
 from pipeline.runtime import Runtime
-from pipeline.settlestream import Call, SettleStream
 from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled, Verdict
 
 __all__ = ["Attempt"]
@@ -82,7 +82,7 @@ class Attempt:
         self.token = uuid.uuid4().hex  # names this delivery in the running mark
         self.only_if_running = False  # settle only a try that began (hard time limit)
         self.settled_now = False  # the last settle wrote this try's outcome
-        self.stream: SettleStream | None = None  # a batch's: starts and done settles
+        self.batch: BatchLedger | None = None  # a batch's: starts and done settles streamed
         self.started = False  # a batch's try: its start was written
         self.following: Attempt | None = None  # a batch's next try, started by this settle
         self.begun: Begin | None = None  # this try's begin, done for the whole batch
@@ -144,8 +144,9 @@ class Attempt:
                         deferrals=self.deferrals)
                     return self.defer(delay_s, f"breaker_open:{downstream}")
                 allowed.append((downstream, status.token))
-            if self.stream is not None and not self.started:  # a batch's claim starts
-                self.stream.send([self.start_call()])
+            if self.batch is not None and not self.started:  # a batch's claim starts
+                self.started = True
+                self.batch.start(self.as_try())
             try:
                 with running(ctx):
                     entry(event)
@@ -182,26 +183,17 @@ class Attempt:
     def settle(self, outcome: Outcome) -> bool:
         """Write ``outcome`` for this try (retried: the step is idempotent); False when
         the try had settled already. Raises when the state store stays unreachable."""
-        if self.stream is not None and outcome.kind == "done" and not self.only_if_running:
-            ledger = self.rt.ledger
-            calls = [Call(ledger.settle_script, *ledger.settle_call(self.task_id, self.key,
-                                                                    outcome),
-                          what=f"settle {self.task_id} {self.key}",
-                          redo=lambda: self.settle_now(outcome))]
+        if self.batch is not None and outcome.kind == "done" and not self.only_if_running:
             after = self.following
-            if after is not None and after.begun is not None and after.begun.verdict == "run":
-                calls.append(after.start_call())  # the next try starts in the same write
-            self.stream.send(calls)
+            if after is not None and (after.begun is None or after.begun.verdict != "run"):
+                after = None
+            if after is not None:  # the next try starts in the same call
+                after.started = True
+            self.batch.settle_done(self.as_try(), after.as_try() if after else None,
+                                   redo=lambda: self.settle_now(outcome))
             self.settled_now = True  # confirmed (or written again) when the batch ends
             return True
         return self.settle_now(outcome)
-
-    def start_call(self) -> Call:
-        """A batch's pending try starts (the mark a lost delivery is judged by)."""
-        self.started = True
-        keys, args = self.rt.ledger.start_call(self.as_try())
-        return Call(self.rt.ledger.start_script, keys, args,
-                    what=f"start {self.task_id} {self.key}")
 
     def settle_now(self, outcome: Outcome) -> bool:
         """:meth:`settle`, waiting for the reply."""

@@ -33,9 +33,9 @@ from celery.utils.time import rate
 from kombu.utils.limits import TokenBucket
 
 from pipeline.attempt import LIVE_CLAIMS, Attempt
+from pipeline.batchledger import BatchLedger
 from pipeline.messages import TaskSpec
 from pipeline.runtime import runtime_for
-from pipeline.settlestream import SettleStream
 from pipeline.tasks import PipelineTask, settle_or_requeue
 from pipeline.taskstate import BatchDeadLettered, raise_for
 
@@ -94,13 +94,13 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     outcomes: Counter[str] = Counter()
     bucket = _rate_bucket(rt, str(kwargs.get("tier", "")))
     attempts = batch_attempts(rt, events, kwargs)
-    stream = SettleStream(rt.ledger.client)
+    session = BatchLedger(rt.ledger)
     tokens = {a.token for a in attempts}
     LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
     try:
-        begins = rt.ledger.begin_many([a.as_try() for a in attempts], stream)
+        begins = session.begin_many([a.as_try() for a in attempts])
         for attempt, begun in zip(attempts, begins, strict=True):
-            attempt.begun, attempt.stream = begun, stream
+            attempt.begun, attempt.batch = begun, session
         if bucket is None:  # a settle starts the next try (a rate limit may wait between)
             for attempt, after in itertools.pairwise(attempts):
                 attempt.following = after
@@ -111,11 +111,18 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
             outcomes[attempt.run()] += 1
     finally:
         LIVE_CLAIMS.difference_update(tokens)
-        for what, reply in stream.close():
-            if what.startswith("start") and reply == 0:  # its claim was taken over
+        for what, reply in session.close():
+            if _claim_lost(what, reply):
                 log.warning("batch: %s found its claim taken over (judged lost); the "
                             "event may have run twice", what)
     return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
+
+
+def _claim_lost(what: str, reply: object) -> bool:
+    """A start (alone, or second in a done-then-start reply) that found no claim."""
+    if isinstance(reply, list) and len(reply) == 2:
+        return bool(reply[1] == 0)
+    return what.startswith("start") and reply == 0
 
 
 def batch_attempts(rt: Runtime, events: list[dict[str, Any]],

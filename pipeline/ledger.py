@@ -45,11 +45,11 @@ from typing import Any, Literal
 
 import redis
 
-from pipeline.settlestream import Call, SettleStream
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
-__all__ = ["Begin", "Ledger", "Outcome", "Try", "try_key"]
+__all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try", "try_key",
+           "verdict"]
 
 RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
 SETTLED_TTL_S = 24 * 3600  # a settled try's mark outlives any redelivery of its message
@@ -62,7 +62,7 @@ Verdict = Literal["run", "done", "settled", "lost", "over_budget"]
 #       token, "<host> <pid>", pending (1/0). The running mark is
 #       "<token> <host> <pid> <server time>", "~<token> ..." while pending (claimed by a
 #       batch, not started); 'lost' returns it with its age in seconds by the server's clock.
-_BEGIN_LUA = """
+BEGIN_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'settled'} end
 local t = redis.call('TIME')
@@ -104,15 +104,15 @@ return {'run'}
 
 # A pending try whose batch was lost before it started: clear the mark left behind
 # (if still that one) and begin afresh. KEYS, ARGV: the begin's, then the expected mark.
-_TAKE_OVER_LUA = (
-    "local function begin(KEYS, ARGV)\n" + _BEGIN_LUA + "\nend\n"
+TAKE_OVER_LUA = (
+    "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
     "if redis.call('GET', KEYS[3]) == ARGV[12] then redis.call('DEL', KEYS[3]) end\n"
     "return begin(KEYS, ARGV)\n"
 )
 
 # A batch starts a pending try: "~<token> ..." becomes "<token> ...". KEYS: running mark.
 # ARGV: token, ttl_s. Returns 0 when the mark is not this delivery's pending one.
-_START_LUA = """
+START_LUA = """
 local cur = redis.call('GET', KEYS[1])
 if not cur or string.sub(cur, 1, #ARGV[1] + 2) ~= '~' .. ARGV[1] .. ' ' then return 0 end
 redis.call('SET', KEYS[1], string.sub(cur, 2), 'EX', tonumber(ARGV[2]))
@@ -123,7 +123,7 @@ return 1
 # ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
 #       settled ttl_s, done ttl_s, only if running (1/0: began and not merely pending),
 #       member or message, score
-_SETTLE_LUA = """
+SETTLE_LUA = """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
@@ -191,10 +191,10 @@ class Ledger:
     def __init__(self, client: redis.Redis, window_s: int) -> None:
         self._client = client
         self._window_s = window_s
-        self.begin_script = client.register_script(_BEGIN_LUA)
-        self._take_over = client.register_script(_TAKE_OVER_LUA)
-        self.start_script = client.register_script(_START_LUA)
-        self.settle_script = client.register_script(_SETTLE_LUA)
+        self.begin_script = client.register_script(BEGIN_LUA)
+        self._take_over = client.register_script(TAKE_OVER_LUA)
+        self.start_script = client.register_script(START_LUA)
+        self.settle_script = client.register_script(SETTLE_LUA)
         self._host = socket.gethostname()
 
     @property
@@ -217,28 +217,25 @@ class Ledger:
     def begin(self, t: Try) -> Begin:
         """The verdict for one delivery of a try (``t.ids``' token names the delivery)."""
         keys, args = self.begin_call(t)
-        return _verdict(self.begin_script(keys=keys, args=args))
+        return verdict(self.begin_script(keys=keys, args=args))
 
-    def begin_many(self, tries: list[Try], stream: SettleStream | None = None) -> list[Begin]:
-        """The verdicts of a batch's tries in one round trip (on ``stream`` when given);
-        those to run are marked *pending* (claimed, not started: :meth:`start_call`)."""
-        if stream is not None:
-            replies = stream.begin_many([
-                Call(self.begin_script, *self.begin_call(t, pending=True), what="begin")
-                for t in tries])
-            if replies is not None:
-                return [_verdict(reply) for reply in replies]
+    def begin_many(self, tries: list[Try]) -> list[Begin]:
+        """The verdicts of a batch's tries in one round trip (pipelined); those to
+        run are marked *pending* (claimed, not started: :meth:`start_call`)."""
         pipe = self._client.pipeline(transaction=False)
         for t in tries:
             keys, args = self.begin_call(t, pending=True)
             self.begin_script(keys=keys, args=args, client=pipe)
-        return [_verdict(reply) for reply in pipe.execute()]
+        return [verdict(reply) for reply in pipe.execute()]
 
     def take_over(self, t: Try, expected: str) -> Begin:
         """Begin a try that a lost batch had claimed but never started (its pending
         mark ``expected``): not a lost attempt, it never ran."""
         keys, args = self.begin_call(t)
-        return _verdict(self._take_over(keys=keys, args=[*args, expected]))
+        return verdict(self._take_over(keys=keys, args=[*args, expected]))
+
+    def running_key(self, task_id: str, key: str) -> str:
+        return Keys.running(task_id, key)
 
     def start_call(self, t: Try) -> tuple[list[str], list[Any]]:
         """Keys and args of the start script for a pending try of a batch."""
@@ -275,7 +272,7 @@ class Try:
     charged: bool
 
 
-def _verdict(reply: list[Any]) -> Begin:
+def verdict(reply: list[Any]) -> Begin:
     parts = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in reply]
     age_s = float(parts[2]) if len(parts) > 2 else 0.0
     return Begin(parts[0], parts[1] if len(parts) > 1 else "", age_s)  # type: ignore[arg-type]

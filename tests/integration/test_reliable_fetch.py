@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from pipeline.batchledger import _BEGIN_MANY_LUA, _DONE_THEN_START_LUA
 from pipeline.inflight import CONSUMERS_KEY
-from pipeline.ledger import _BEGIN_LUA, _SETTLE_LUA, _START_LUA
+from pipeline.ledger import SETTLE_LUA, START_LUA
 from pipeline.retry import Reason
 from tests.integration import fault_handlers
 from tests.integration.faults import ResetProxy
@@ -88,10 +89,10 @@ soft_time_limit_s = 0.5
 time_limit_s = 1.5
 """
 
-SETTLE_SHA = hashlib.sha1(_SETTLE_LUA.encode()).hexdigest().encode()  # EVALSHA of a settle
+SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode()).hexdigest().encode()  # EVALSHA of a settle
 LEDGER_SHAS = {name: hashlib.sha1(lua.encode()).hexdigest().encode()  # a batch's ledger calls
-               for name, lua in {"begin": _BEGIN_LUA, "start": _START_LUA,
-                                 "settle": _SETTLE_LUA}.items()}
+               for name, lua in {"begin": _BEGIN_MANY_LUA, "start": START_LUA,
+                                 "settle": _DONE_THEN_START_LUA}.items()}
 
 
 @pytest.fixture(scope="module")

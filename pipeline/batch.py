@@ -100,11 +100,11 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
 def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
                    kwargs: dict[str, Any]) -> list[Attempt]:
     """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
-    from pipeline.ingest import task_id_for
+    from pipeline.ingest import event_task_id
 
     handler = str(kwargs.get("handler", ""))
-    attempts = [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
-                for e in events]
+    scope = rt.settings.idempotency_scope
+    attempts = [Attempt(rt, event_task_id(e, handler, scope), e, dict(kwargs)) for e in events]
     for attempt, following in itertools.pairwise(attempts):
         attempt.next = following  # its settle begins the next event: one round trip
     return attempts

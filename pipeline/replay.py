@@ -24,7 +24,7 @@ import pydantic
 from pipeline.deadletter import DeadLetterRecord
 from pipeline.events import Event
 from pipeline.handlers import registry
-from pipeline.ingest import task_id_for
+from pipeline.ingest import event_task_id
 from pipeline.messages import TaskSpec
 from pipeline.state import Keys
 from pipeline.triage import RecordFilter
@@ -142,7 +142,8 @@ class Replayer:
     def _spec(self, record: DeadLetterRecord, to_tier: str | None) -> TaskSpec:
         tier = to_tier or (record.tier if record.tier in self.rt.settings.tiers
                            else self.rt.settings.default_tier)
-        task_id = record.task_id or task_id_for(record.event_id, record.handler)
+        task_id = record.task_id or event_task_id(record.event, record.handler,
+                                                  self.rt.settings.idempotency_scope)
         # spec() starts a new lineage of tries: the settle marks of the failed run stay behind
         return self.rt.publisher.spec(record.event, handler=record.handler, tier=tier,
                                       task_id=task_id, attempt=1,

@@ -79,10 +79,11 @@ class Settings(BaseSettings):
     #: an event `id` / `idempotency_key` accepted within this window is answered
     #: `duplicate`; a handler that succeeded within it does not run again. `0` disables both.
     idempotency_window_s: Annotated[int, Field(ge=0)] = 24 * 3600
-    #: what an `idempotency_key` (else `id`) is unique within at ingest: `source` (two
-    #: producers that use the same key, an order id, never drop each other's events) or
-    #: `global` (one key space for every source, as before; an API token limited to
-    #: some sources can still claim keys only with events of those sources).
+    #: what an `idempotency_key` (else `id`) is unique within at ingest, and an event id
+    #: within for task ids and done marks: `source` (two producers that use the same key
+    #: or id never drop each other's events) or `global` (one key space for every source,
+    #: as before; an API token limited to some sources can still claim keys only with
+    #: events of those sources).
     idempotency_scope: Literal["source", "global"] = "source"
     #: how long a tier's queue depth reading is reused by admission control.
     admission_cache_s: Annotated[float, Field(ge=0, le=60)] = 0.5

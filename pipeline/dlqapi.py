@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import clip
-from pipeline.redact import redact_record
+from pipeline.redact import failure_shown, redact_record
 from pipeline.replay import Replayer
 from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
@@ -128,7 +128,9 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
     @api.get("/dlq/stats", tags=["dlq"])
     async def dlq_stats(by: caller, flt: filters) -> Any:
         records = await run_in_threadpool(matching, flt)
-        return [s.as_dict() for s in group_by_fingerprint(records)]
+        paths = runtime.settings.redact_paths
+        return [s.as_dict() for s in group_by_fingerprint(
+            records, lambda r: failure_shown(r, paths)["message"])]
 
     @api.get("/dlq/audit", tags=["dlq"])
     async def dlq_audit(by: caller,

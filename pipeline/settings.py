@@ -107,10 +107,12 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
-    #: payload fields every view masks (DLQ list/show over CLI and HTTP, the task
-    #: arguments Flower shows): dotted paths from the event, each segment a glob,
-    #: `**` any depth, e.g. `["payload.card.number", "payload.*.token",
-    #: "payload.**.password"]`. The DLQ and the queues keep the full event for replay.
+    #: payload fields every view masks (DLQ list/show/stats over CLI and HTTP, the
+    #: console, the task arguments Flower shows), and their values (4+ characters)
+    #: inside failure messages and tracebacks there, in failure log lines and Flower's
+    #: exceptions: dotted paths from the event, each segment a glob, `**` any depth,
+    #: e.g. `["payload.card.number", "payload.*.token", "payload.**.password"]`. The
+    #: DLQ and the queues keep the full event (and failure text) for replay.
     redact_paths: list[str] = Field(default_factory=list)
     #: signed webhook sources by name, each a `[webhooks.NAME]` table
     #: ([below](#webhooks)): deliveries to `POST /webhooks/NAME` are verified

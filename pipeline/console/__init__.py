@@ -48,7 +48,7 @@ from pipeline.console.session import (
 )
 from pipeline.deadletter import DeadLetterRecord
 from pipeline.dlqapi import ReplayRequest, Selection
-from pipeline.redact import redact
+from pipeline.redact import failure_shown, redact
 from pipeline.replay import Replayer
 from pipeline.retry import Reason
 from pipeline.tokens import find_credential
@@ -183,7 +183,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if isinstance(session, Response):
             return session
         stats = await run_in_threadpool(
-            lambda: group_by_fingerprint(runtime.dlq.iter_records()))
+            lambda: group_by_fingerprint(
+                runtime.dlq.iter_records(),
+                lambda r: failure_shown(r, runtime.settings.redact_paths)["message"]))
         return page("groups.html", session=session, groups=stats, sparkline=sparkline,
                     total=sum(s.count for s in stats))
 
@@ -212,8 +214,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if len(found) != 1:
             return page("message.html", 404, session=session, title="No such record",
                         message=f"{len(found)} records match {record_id[:80]!r}.")
-        shown = found[0].model_copy(
-            update={"event": redact(found[0].event, runtime.settings.redact_paths)})
+        paths = runtime.settings.redact_paths
+        shown = found[0].model_copy(update={"event": redact(found[0].event, paths),
+                                            **failure_shown(found[0], paths)})
         return page("record.html", session=session, r=shown,
                     fingerprint=record_fingerprint(found[0]))
 

@@ -154,7 +154,8 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
                                              "reason": r.reason.value, "handler": r.handler}
                                             for r in found[:CANDIDATES_SHOWN]]}, 409)
 
-    @api.post("/dlq/replay", tags=["dlq"], responses={422: {}})
+    @api.post("/dlq/replay", tags=["dlq"],
+              responses={422: {}, 409: {"description": "encrypted records, no key: kept"}})
     async def dlq_replay(by: writer, request: ReplayRequest) -> Any:
         refused = _unselective(request)
         if refused is not None:
@@ -167,7 +168,7 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
                 rate_per_s=request.rate,
                 dry_run=request.dry_run, validate=request.validate_payloads,
                 force=request.force))
-        return summary.as_dict()
+        return JSONResponse(summary.as_dict(), 409 if summary.encrypted else 200)
 
     @api.post("/dlq/purge", tags=["dlq"], responses={422: {}})
     async def dlq_purge(by: writer, request: PurgeRequest) -> Any:

@@ -200,6 +200,10 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, dry_run: bool, rate: floa
         for item in summary.would_fail[:20]:
             click.echo(f"  {item['id'][:8]} event {item['event_id']}: {item['error']}")
         click.echo(f"audit entry {summary.audit_id}")
+    if summary.encrypted:
+        click.echo(f"error: {summary.encrypted} record(s) not replayed: {data['error']}",
+                   err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 @dlq.command("purge")

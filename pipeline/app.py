@@ -11,12 +11,13 @@ when a tier worker starts or before the first publish.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pipeline import adopt, consumer, fetch, logs, metrics
+from pipeline import adopt, consumer, fetch, logs, metrics, sealing
 from pipeline.batch import register_batch_task
 from pipeline.config import Settings, check_settings, load_settings
 from pipeline.dlx import tier_queue_arguments
@@ -114,7 +115,7 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     app that set steps leaving some unread is refused).
     """
     settings = _with_app_broker(celery, settings or load_settings())
-    problems = check_settings(settings)
+    problems = check_settings(settings) + sealing.key_problems(os.environ)
     if settings.broker_is_redis:
         options = dict(celery.conf.broker_transport_options or {})
         if "priority_steps" in options and (problem := adopt.priority_problem(options)):

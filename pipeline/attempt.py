@@ -45,9 +45,10 @@ from pipeline.handlers import HandlerContext, registry, running
 from pipeline.ledger import Begin, Outcome, Try, try_key
 from pipeline.logs import attempt_fields
 from pipeline.messages import TaskSpec
+from pipeline.redact import mask_text, secrets_in
 from pipeline.retry import Reason, compute_deferral, decide
 from pipeline.runtime import Runtime
-from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled, Verdict
+from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled, Verdict, masked_cause
 
 __all__ = ["Attempt"]
 
@@ -87,6 +88,11 @@ class Attempt:
         self.following: Attempt | None = None  # a batch's next try, started by this settle
         self.begun: Begin | None = None  # this try's begin, done for the whole batch
         self.verdict: Verdict | None = None  # how it settled if not as a success (task state)
+
+    def masked(self, text: str) -> str:
+        """``text`` (failure text) with this event's ``redact_paths`` values masked: what
+        logs and Celery's task state show; the DLQ record keeps it whole."""
+        return mask_text(text, secrets_in(self.event, self.rt.settings.redact_paths))
 
     @property
     def queue(self) -> str:
@@ -330,15 +336,15 @@ class Attempt:
         if self.schedule(spec, now + decision.delay_s):
             log.warning("event %s handler %s attempt %d failed (%s: %s); retry in %.2fs",
                         self.event.get("id"), self.handler, self.attempt, type(exc).__name__,
-                        exc, decision.delay_s,
+                        self.masked(str(exc)), decision.delay_s,
                         extra=attempt_fields(self, outcome="retried",
                                              exception=_qualname(type(exc)),
                                              delay_s=round(decision.delay_s, 3)))
         self.verdict = RetryScheduled.of(
             attempt=self.attempt, max_attempts=tier.max_retries + 1,
-            exception=_qualname(type(exc)), message=str(exc), due_at=now + decision.delay_s,
-            now=now)
-        self.verdict.__cause__ = exc  # its traceback shows in the task's
+            exception=_qualname(type(exc)), message=self.masked(str(exc)),
+            due_at=now + decision.delay_s, now=now)
+        self.verdict.__cause__ = masked_cause(exc, self.masked)  # its traceback: the task's
         return self.verdict.result
 
     def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
@@ -365,13 +371,13 @@ class Attempt:
             written = self.settle(Outcome("none"))
         if written:
             log.error("event %s handler %s dead-lettered: %s (%s: %s)", self.event.get("id"),
-                      self.handler or "-", reason.value, exception, message,
+                      self.handler or "-", reason.value, exception, self.masked(message),
                       extra=attempt_fields(self, outcome="dead_lettered", reason=reason.value,
                                            exception=exception))
         self.verdict = DeadLettered.of(reason=reason.value, attempt=self.attempt,
-                                       exception=exception, message=message,
+                                       exception=exception, message=self.masked(message),
                                        record_id=record.id)
-        self.verdict.__cause__ = cause
+        self.verdict.__cause__ = masked_cause(cause, self.masked)
         return self.verdict.result
 
 

@@ -128,11 +128,11 @@ def _claim_lost(what: str, reply: object) -> bool:
 def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
                    kwargs: dict[str, Any]) -> list[Attempt]:
     """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
-    from pipeline.ingest import task_id_for
+    from pipeline.ingest import event_task_id
 
     handler = str(kwargs.get("handler", ""))
-    return [Attempt(rt, task_id_for(str(e.get("id")), handler), e, dict(kwargs))
-            for e in events]
+    scope = rt.settings.idempotency_scope
+    return [Attempt(rt, event_task_id(e, handler, scope), e, dict(kwargs)) for e in events]
 
 
 _BUCKETS: dict[tuple[int, str], TokenBucket | None] = {}  # (pid, tier) -> its rate limit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import orjson
 from kombu import Connection, Exchange, Queue
 from pydantic import BaseModel, ConfigDict
 
+from pipeline import sealing
 from pipeline.queuedepth import passive_depth
 from pipeline.retry import Reason
 from pipeline.state import Keys
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTERED_AT_HEADER = "pipeline_dead_lettered_at"  # message header: epoch seconds
 _TRIM_BATCH = 1000  # most records one retention pass evicts
+_SEALED_MARK = f'"{sealing.SEALED_KEY}":"'.encode()  # in a record's JSON only when sealed
 _RECORD_NAMESPACE = uuid.UUID("0b5f4a4e-8d0e-4b8e-9c55-3f1c2f7d9a10")  # uuid5 namespace for ids
 
 
@@ -91,6 +94,7 @@ class DeadLetterQueue:
     def __init__(self, app: Celery, settings: Settings, state: redis.Redis | None) -> None:
         self._app = app
         self._settings = settings
+        self._sealer = sealing.sealer_from(os.environ)  # None: events stored in the clear
         self._state = state
         self.queue = dead_letter_queue(settings)
         self._move = state.register_script(_MOVE_LUA) if state is not None else None
@@ -103,7 +107,7 @@ class DeadLetterQueue:
     def render(self, record: DeadLetterRecord) -> tuple[str, bytes]:
         """``(list key, message)``: the kombu Redis message :meth:`put` would push, for
         the settle step to push atomically with the try's settled mark."""
-        body = orjson.dumps(record.model_dump(mode="json"))
+        body = orjson.dumps(self._stored(record))
         name = self.queue.name
         message = {
             "body": base64.b64encode(body).decode(),
@@ -120,6 +124,21 @@ class DeadLetterQueue:
         }
         return name, orjson.dumps(message)
 
+    def _stored(self, record: DeadLetterRecord) -> dict[str, Any]:
+        """``record`` as written: its event sealed when ``PIPELINE_DLQ_KEYS`` is set."""
+        return sealing.seal_record(record.model_dump(mode="json"), self._sealer,
+                                   self._settings.redact_paths)
+
+    def _read(self, data: Any) -> DeadLetterRecord:
+        """A stored record (JSON bytes, or decoded) as read: its event opened when a key
+        of ours opens it. Bytes of a record never sealed take pydantic's JSON path."""
+        if isinstance(data, bytes):
+            if _SEALED_MARK not in data:
+                return DeadLetterRecord.model_validate_json(data)
+            data = orjson.loads(data)
+        opened = sealing.open_record(data, self._sealer) if isinstance(data, dict) else data
+        return DeadLetterRecord.model_validate(opened)
+
     def after_put(self) -> None:
         """Retention after a record was written (never turns a dead letter into a failure)."""
         if self.on_redis:
@@ -132,7 +151,7 @@ class DeadLetterQueue:
         """Publish ``record``, then apply retention; raises if the broker did not take it."""
         with self._app.producer_or_acquire() as producer:
             producer.publish(
-                record.model_dump(mode="json"),
+                self._stored(record),
                 exchange=self.queue.exchange,
                 routing_key=self.queue.routing_key,
                 serializer="json",
@@ -214,7 +233,7 @@ class DeadLetterQueue:
         )
         from pipeline.triage import fingerprint  # triage builds on this module
 
-        evicted = [_decode_kombu_redis(raw) for raw in evicted_raw]
+        evicted = [self._read(_kombu_redis_body(raw)) for raw in evicted_raw]
         for record in evicted:
             log.warning("DLQ retention evicted record %s (fingerprint %s, event %s, "
                         "handler %s, %s: %s)", record.id, fingerprint(record.handler,
@@ -235,7 +254,7 @@ class DeadLetterQueue:
             if not raw:
                 return
             for item in reversed(raw):
-                yield item, _decode_kombu_redis(item)
+                yield item, self._read(_kombu_redis_body(item))
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
@@ -266,7 +285,7 @@ class DeadLetterQueue:
 
         if dlx.is_task_message(message.headers):
             return dlx.record_from_task_message(message.decode(), message.headers, self._settings)
-        return DeadLetterRecord.model_validate(message.decode())
+        return self._read(message.decode())
 
     def declare(self) -> None:
         """Declare the DLQ, its exchange and binding (the tier queues' dead-letter route)."""
@@ -277,12 +296,12 @@ class DeadLetterQueue:
         return self._app.connection_for_read()
 
 
-def _decode_kombu_redis(raw: bytes) -> DeadLetterRecord:
+def _kombu_redis_body(raw: bytes) -> bytes:
     envelope = orjson.loads(raw)
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
-    return DeadLetterRecord.model_validate_json(body)
+    return body if isinstance(body, bytes) else body.encode()
 
 
 # ARGV: (raw entry, list key, message) * n. Remove from the tail end (oldest first).

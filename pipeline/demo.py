@@ -123,6 +123,13 @@ def fixed_key(handler_name: str) -> str:
     return f"{Keys.prefix}demo:fixed:{handler_name}"
 
 
+@handler("demo.echo", name="demo.echo")
+def echo(event: Event) -> None:
+    """Always fails, quoting its payload in the error, as careless handlers do: what
+    ``redact_paths`` masks in failure text (logs, Flower, DLQ views)."""
+    raise DemoTransientError(f"demo.echo refused payload {event.payload}")
+
+
 @handler("demo.invalid", name="demo.invalid")
 def invalid(event: Event) -> None:
     raise PermanentError("demo.invalid can never succeed")

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import clip
-from pipeline.redact import redact_record
+from pipeline.redact import failure_shown, redact_record
 from pipeline.replay import Replayer
 from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
@@ -128,7 +128,9 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
     @api.get("/dlq/stats", tags=["dlq"])
     async def dlq_stats(by: caller, flt: filters) -> Any:
         records = await run_in_threadpool(matching, flt)
-        return [s.as_dict() for s in group_by_fingerprint(records)]
+        paths = runtime.settings.redact_paths
+        return [s.as_dict() for s in group_by_fingerprint(
+            records, lambda r: failure_shown(r, paths)["message"])]
 
     @api.get("/dlq/audit", tags=["dlq"])
     async def dlq_audit(by: caller,
@@ -152,7 +154,8 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
                                              "reason": r.reason.value, "handler": r.handler}
                                             for r in found[:CANDIDATES_SHOWN]]}, 409)
 
-    @api.post("/dlq/replay", tags=["dlq"], responses={422: {}})
+    @api.post("/dlq/replay", tags=["dlq"],
+              responses={422: {}, 409: {"description": "encrypted records, no key: kept"}})
     async def dlq_replay(by: writer, request: ReplayRequest) -> Any:
         refused = _unselective(request)
         if refused is not None:
@@ -165,7 +168,7 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
                 rate_per_s=request.rate,
                 dry_run=request.dry_run, validate=request.validate_payloads,
                 force=request.force))
-        return summary.as_dict()
+        return JSONResponse(summary.as_dict(), 409 if summary.encrypted else 200)
 
     @api.post("/dlq/purge", tags=["dlq"], responses={422: {}})
     async def dlq_purge(by: writer, request: PurgeRequest) -> Any:

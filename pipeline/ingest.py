@@ -38,7 +38,8 @@ from pipeline.tiers import classify
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
 
-__all__ = ["FORBIDDEN_SOURCE", "PublishResult", "Publisher", "publish_listeners", "task_id_for"]
+__all__ = ["FORBIDDEN_SOURCE", "PublishResult", "Publisher", "event_task_id", "publish_listeners",
+           "task_id_for"]
 
 _TASK_NAMESPACE = uuid.UUID("6a1f0b7e-3c4d-4f5a-8b9c-0d1e2f3a4b5c")  # uuid5 namespace for task ids
 _NAMESPACE_BYTES = _TASK_NAMESPACE.bytes
@@ -70,17 +71,28 @@ class PublishResult:
         return data
 
 
-def task_id_for(event_id: uuid.UUID | str, handler: str) -> str:
-    """Deterministic task id for (event, handler): a re-publish reuses it.
+def task_id_for(event_id: uuid.UUID | str, handler: str, source: str | None = None) -> str:
+    """Deterministic task id for (event, handler), within ``source``: a re-publish
+    reuses it, and the same event id from two sources is two tasks (two done marks).
 
-    ``uuid.uuid5(_TASK_NAMESPACE, f"{event_id}/{handler}")``, formatted without
-    building UUID objects (it runs once per published task).
+    ``uuid.uuid5(_TASK_NAMESPACE, f"{source}|{event_id}/{handler}")`` (without
+    ``source``, as under ``idempotency_scope = "global"``: ``f"{event_id}/{handler}"``),
+    formatted without building UUID objects (it runs once per published task).
     """
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{event_id}/{handler}".encode()).digest())
+    name = f"{event_id}/{handler}" if source is None else f"{source}|{event_id}/{handler}"
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest[:16].hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def event_task_id(event: Mapping[str, Any], handler: str, scope: str) -> str:
+    """The task id of ``event`` (a message's event dict) for ``handler``: namespaced by
+    its source unless ``scope`` (``idempotency_scope``) is ``global``. Every place that
+    derives one (publish, a batch's events on the worker, replay) calls this."""
+    source = str(event.get("source", "")) if scope == "source" else None
+    return task_id_for(str(event.get("id")), handler, source)
 
 
 class Publisher:
@@ -259,7 +271,9 @@ class Publisher:
         names = handlers or [FAN_OUT_HANDLER]
         message = event.to_message()
         event_id = message["id"]
-        specs = [self.spec(message, handler=name, tier=tier, task_id=task_id_for(event_id, name),
+        scope = self.rt.settings.idempotency_scope
+        specs = [self.spec(message, handler=name, tier=tier,
+                           task_id=event_task_id(message, name, scope),
                            attempt=1, priority=event.priority) for name in names]
         return Planned(event, event_id, tier, handlers, specs)
 

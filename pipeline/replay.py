@@ -24,8 +24,9 @@ import pydantic
 from pipeline.deadletter import DeadLetterRecord
 from pipeline.events import Event
 from pipeline.handlers import registry
-from pipeline.ingest import task_id_for
+from pipeline.ingest import event_task_id
 from pipeline.messages import TaskSpec
+from pipeline.sealing import ENV_VAR, is_sealed
 from pipeline.state import Keys
 from pipeline.triage import RecordFilter
 
@@ -37,6 +38,8 @@ __all__ = ["ReplaySummary", "Replayer", "would_fail_again"]
 AUDIT_KEEP_ENTRIES = 10_000  # newest audit entries kept
 _BATCH_MAX = 200  # records per Lua round trip when the rate allows it
 Progress = Callable[[int], None]
+SEALED_REFUSAL = (f"event encrypted and {ENV_VAR} holds no key that opens it: set it (the "
+                  "key that sealed the record, or the keys while rotating) to replay")
 
 
 @dataclass
@@ -48,17 +51,21 @@ class ReplaySummary:
     dry_run: bool = False
     to_tier: str | None = None
     audit_id: str = ""
+    encrypted: int = 0  # records refused: no key of ours opens their event
 
     def as_dict(self) -> dict[str, Any]:
-        return {"matched": self.matched, "replayed": self.replayed,
+        refused = {"encrypted": self.encrypted, "error": SEALED_REFUSAL} if self.encrypted else {}
+        return {**refused, "matched": self.matched, "replayed": self.replayed,
                 "already_gone": self.already_gone, "would_fail": len(self.would_fail),
                 "would_fail_records": self.would_fail[:100], "dry_run": self.dry_run,
                 "to_tier": self.to_tier, "audit_id": self.audit_id}
 
 
 def would_fail_again(record: DeadLetterRecord) -> str | None:
-    """Why replaying ``record`` now would fail at once (no handler, payload rejected by
-    the handler's current model), or None if it may succeed."""
+    """Why replaying ``record`` now would fail at once (its event still encrypted, no
+    handler, payload rejected by the handler's current model), or None if it may."""
+    if is_sealed(record.event):
+        return SEALED_REFUSAL
     try:
         event = Event.model_validate(record.event)
     except pydantic.ValidationError as exc:
@@ -100,11 +107,13 @@ class Replayer:
             if not flt.matches(record):
                 continue
             summary.matched += 1
-            reason = would_fail_again(record) if validate else None
+            sealed = is_sealed(record.event)  # never replayed, whatever force says
+            reason = would_fail_again(record) if validate or sealed else None
+            summary.encrypted += sealed
             if reason is not None:
                 summary.would_fail.append({"id": record.id, "event_id": record.event_id,
                                            "error": reason})
-                if not force:
+                if sealed or not force:
                     continue
             chosen.append((raw, record))
         if not dry_run:
@@ -142,7 +151,8 @@ class Replayer:
     def _spec(self, record: DeadLetterRecord, to_tier: str | None) -> TaskSpec:
         tier = to_tier or (record.tier if record.tier in self.rt.settings.tiers
                            else self.rt.settings.default_tier)
-        task_id = record.task_id or task_id_for(record.event_id, record.handler)
+        task_id = record.task_id or event_task_id(record.event, record.handler,
+                                                  self.rt.settings.idempotency_scope)
         # spec() starts a new lineage of tries: the settle marks of the failed run stay behind
         return self.rt.publisher.spec(record.event, handler=record.handler, tier=tier,
                                       task_id=task_id, attempt=1,

@@ -79,10 +79,11 @@ class Settings(BaseSettings):
     #: an event `id` / `idempotency_key` accepted within this window is answered
     #: `duplicate`; a handler that succeeded within it does not run again. `0` disables both.
     idempotency_window_s: Annotated[int, Field(ge=0)] = 24 * 3600
-    #: what an `idempotency_key` (else `id`) is unique within at ingest: `source` (two
-    #: producers that use the same key, an order id, never drop each other's events) or
-    #: `global` (one key space for every source, as before; an API token limited to
-    #: some sources can still claim keys only with events of those sources).
+    #: what an `idempotency_key` (else `id`) is unique within at ingest, and an event id
+    #: within for task ids and done marks: `source` (two producers that use the same key
+    #: or id never drop each other's events) or `global` (one key space for every source,
+    #: as before; an API token limited to some sources can still claim keys only with
+    #: events of those sources).
     idempotency_scope: Literal["source", "global"] = "source"
     #: how long a tier's queue depth reading is reused by admission control.
     admission_cache_s: Annotated[float, Field(ge=0, le=60)] = 0.5
@@ -106,10 +107,12 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
     #: most events in one `POST /events/batch` (413 above).
     api_max_batch: Annotated[int, Field(gt=0, le=100_000)] = 5000
-    #: payload fields every view masks (DLQ list/show over CLI and HTTP, the task
-    #: arguments Flower shows): dotted paths from the event, each segment a glob,
-    #: `**` any depth, e.g. `["payload.card.number", "payload.*.token",
-    #: "payload.**.password"]`. The DLQ and the queues keep the full event for replay.
+    #: payload fields every view masks (DLQ list/show/stats over CLI and HTTP, the
+    #: console, the task arguments Flower shows), and their values (4+ characters)
+    #: inside failure messages and tracebacks there, in failure log lines and Flower's
+    #: exceptions: dotted paths from the event, each segment a glob, `**` any depth,
+    #: e.g. `["payload.card.number", "payload.*.token", "payload.**.password"]`. The
+    #: DLQ and the queues keep the full event (and failure text) for replay.
     redact_paths: list[str] = Field(default_factory=list)
     #: signed webhook sources by name, each a `[webhooks.NAME]` table
     #: ([below](#webhooks)): deliveries to `POST /webhooks/NAME` are verified

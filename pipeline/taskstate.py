@@ -40,6 +40,8 @@ main process) and carries ``result``, the outcome string the metrics label
 
 from __future__ import annotations
 
+import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
@@ -47,8 +49,8 @@ from celery.exceptions import Retry
 
 from pipeline.errors import PipelineError
 
-__all__ = ["BatchDeadLettered", "DeadLettered", "Deferred", "RetryScheduled", "Verdict",
-           "raise_for", "settled_result"]
+__all__ = ["BatchDeadLettered", "DeadLettered", "Deferred", "MaskedFailure", "RetryScheduled",
+           "Verdict", "masked_cause", "raise_for", "settled_result"]
 
 
 def _at(timestamp: float) -> str:
@@ -102,6 +104,24 @@ class DeadLettered(Verdict):
 class BatchDeadLettered(Verdict):
     """Some events of a batch message are in the dead-letter queue (state FAILURE);
     ``result`` holds the per-event counts of :func:`pipeline.batch.run_batch`."""
+
+
+class MaskedFailure(PipelineError):
+    """Stands in for a handler's exception whose text quoted payload values that
+    ``redact_paths`` masks: its message is that exception's traceback, masked. Celery
+    formats the traceback it sends to Flower (and logs) from the verdict's cause, so
+    this is what those show; the DLQ record keeps the original."""
+
+
+def masked_cause(exc: BaseException | None,
+                 mask: Callable[[str], str]) -> BaseException | None:
+    """``exc`` itself when ``mask`` changes nothing in its formatted traceback (its
+    chain included), else a :class:`MaskedFailure` holding that traceback masked."""
+    if exc is None:
+        return None
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    shown = mask(text)
+    return exc if shown == text else MaskedFailure(f"masked traceback:\n{shown.rstrip()}")
 
 
 def raise_for(verdict: Verdict) -> NoReturn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -128,15 +128,19 @@ class FingerprintStat:
         }
 
 
-def group_by_fingerprint(records: Iterable[DeadLetterRecord]) -> list[FingerprintStat]:
-    """Stats per fingerprint, the largest group first."""
+def group_by_fingerprint(records: Iterable[DeadLetterRecord],
+                         shown: Callable[[DeadLetterRecord], str] | None = None,
+                         ) -> list[FingerprintStat]:
+    """Stats per fingerprint, the largest group first. A group's message is its first
+    record's, as ``shown`` gives it (a view's masking; the fingerprint is unchanged)."""
     groups: dict[str, FingerprintStat] = {}
     for r in records:
         fp = record_fingerprint(r)
         stat = groups.get(fp)
         if stat is None:
             stat = groups[fp] = FingerprintStat(fp, r.handler, r.exception,
-                                                normalise_message(r.message))
+                                                normalise_message(
+                                                    r.message if shown is None else shown(r)))
         stat.count += 1
         stat.tiers.add(r.tier)
         stat.reasons.add(r.reason.value)

@@ -16,6 +16,7 @@ from pipeline.configcheck import config_warnings
 from pipeline.configfile import read_default_toml, read_toml
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.redisurl import MASK, mask_urls, redact
+from pipeline.sealing import key_problems
 from pipeline.tokens import credentials, token_notes
 from pipeline.webhooks import webhook_keys
 
@@ -59,6 +60,7 @@ def config_check(file: Path | None) -> None:
         problems = check_settings(settings, import_handlers=True)
         problems += credentials(settings)[1]  # token_env secrets, as `pipeline serve` reads them
         problems += webhook_keys(settings)[1]  # webhook secrets, the same way
+        problems += key_problems(os.environ)  # PIPELINE_DLQ_KEYS, as every process reads it
         notes = token_notes(settings)
         path = file or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
         warnings = config_warnings(settings, read_toml(path) if path else None,

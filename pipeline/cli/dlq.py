@@ -25,7 +25,7 @@ from pipeline.cli.base import (
     runtime,
 )
 from pipeline.errors import BrokerUnavailable, clip
-from pipeline.redact import redact_record
+from pipeline.redact import redact_record, redact_text
 from pipeline.retry import Reason
 from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
 
@@ -95,9 +95,10 @@ def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
     click.echo(f"{'last failed (UTC)':<19}  {'id':<8}  {'tier':<9} {'reason':<17} "
                f"{'type':<20} {'handler':<20} error")
     for r in records:
+        message = redact_text(r.message, r.event, rt.settings.redact_paths)
         click.echo(f"{r.last_failed_at:%Y-%m-%d %H:%M:%S}  {r.id[:8]}  {r.tier:<9} "
                    f"{r.reason.value:<17} {r.event.get('type', '?')!s:<20} "
-                   f"{r.handler or '-':<20} {r.exception.rsplit('.', 1)[-1]}: {r.message[:60]}")
+                   f"{r.handler or '-':<20} {r.exception.rsplit('.', 1)[-1]}: {message[:60]}")
     click.echo(f"{len(records)} record(s)", err=True)
 
 
@@ -109,7 +110,9 @@ def dlq_stats(as_json: bool, **kw: Any) -> None:
     flt = make_filter(**kw)
     rt = runtime()
     note_if_no_workers(rt)
-    stats = group_by_fingerprint(r for r in rt.dlq.iter_records() if flt.matches(r))
+    paths = rt.settings.redact_paths
+    stats = group_by_fingerprint((r for r in rt.dlq.iter_records() if flt.matches(r)),
+                                 lambda r: redact_text(r.message, r.event, paths))
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in stats], indent=2))
         return
@@ -197,6 +200,10 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, dry_run: bool, rate: floa
         for item in summary.would_fail[:20]:
             click.echo(f"  {item['id'][:8]} event {item['event_id']}: {item['error']}")
         click.echo(f"audit entry {summary.audit_id}")
+    if summary.encrypted:
+        click.echo(f"error: {summary.encrypted} record(s) not replayed: {data['error']}",
+                   err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 @dlq.command("purge")

@@ -15,6 +15,9 @@ does, behind a login with an API token.
 ``POST /console/logout``        the cookie cleared
 =============================  ================================================
 
+A page asked for without a session redirects to the login page; a form posted
+without one (replay, purge, logout) is 401, without the scope or CSRF token 403.
+
 Seeing needs a token with ``dlq:read``, acting ``dlq:write``; replays (dry runs too)
 and purges go through :class:`pipeline.replay.Replayer`, the code path of ``POST
 /dlq/replay`` and ``/dlq/purge``, so each writes the same audit entry, naming the
@@ -45,7 +48,7 @@ from pipeline.console.session import (
 )
 from pipeline.deadletter import DeadLetterRecord
 from pipeline.dlqapi import ReplayRequest, Selection
-from pipeline.redact import redact
+from pipeline.redact import failure_shown, redact
 from pipeline.replay import Replayer
 from pipeline.retry import Reason
 from pipeline.tokens import find_credential
@@ -92,8 +95,14 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
     async def posted(request: Request,
                      scope: str) -> tuple[Session, dict[str, str]] | Response:
         """The session (holding ``scope``) and the form of a state-changing POST whose
-        CSRF token matches; else the page that refuses it."""
+        CSRF token matches; else the page that refuses it: 401 without a session (not
+        a redirect: a state-changing route never answers anything but 401/403 to a
+        caller without the right credentials), 403 without the scope or the token."""
         session = session_for(request, scope)
+        if isinstance(session, RedirectResponse):
+            return page("message.html", 401, session=None, title="Log in first",
+                        message="No session, or it has ended: log in again at "
+                                f"{LOGIN_PATH}.")
         if isinstance(session, Response):
             return session
         try:
@@ -174,7 +183,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if isinstance(session, Response):
             return session
         stats = await run_in_threadpool(
-            lambda: group_by_fingerprint(runtime.dlq.iter_records()))
+            lambda: group_by_fingerprint(
+                runtime.dlq.iter_records(),
+                lambda r: failure_shown(r, runtime.settings.redact_paths)["message"]))
         return page("groups.html", session=session, groups=stats, sparkline=sparkline,
                     total=sum(s.count for s in stats))
 
@@ -203,8 +214,9 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         if len(found) != 1:
             return page("message.html", 404, session=session, title="No such record",
                         message=f"{len(found)} records match {record_id[:80]!r}.")
-        shown = found[0].model_copy(
-            update={"event": redact(found[0].event, runtime.settings.redact_paths)})
+        paths = runtime.settings.redact_paths
+        shown = found[0].model_copy(update={"event": redact(found[0].event, paths),
+                                            **failure_shown(found[0], paths)})
         return page("record.html", session=session, r=shown,
                     fingerprint=record_fingerprint(found[0]))
 

@@ -13,6 +13,7 @@ from pipeline.api import create_api
 from pipeline.errors import ConfigError
 from pipeline.runtime import Runtime
 from pipeline.tokens import Credential
+from tests.integration.route_scopes import ROUTES, app_routes, state_changing
 from tests.integration.test_api import make_runtime
 
 OPEN_ROUTES = {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect",
@@ -157,6 +158,23 @@ def test_a_source_limited_token_cannot_claim_another_sources_key(client: TestCli
         "type": "demo.ok", "source": "billing", "idempotency_key": key})
     assert real.status_code == 202
     assert real.json()["outcome"] == "accepted"
+
+
+def test_every_route_of_the_app_is_in_the_scope_table(client: TestClient) -> None:
+    served = app_routes(client.app)
+    assert served == set(ROUTES), (
+        f"new: {sorted(served - set(ROUTES))}, gone: {sorted(set(ROUTES) - served)}; say "
+        "what each needs in tests/integration/route_scopes.py (the fuzz tests then check it)")
+
+
+def test_no_state_changing_route_is_open(client: TestClient) -> None:
+    for (method, path), need in ROUTES.items():
+        if state_changing(method):
+            assert need.kind != "open", (method, path)
+    for method, path in ROUTES:
+        if method == "*":  # a mount of static files: nothing but GET and HEAD
+            assert client.post(f"{path}/swagger-ui.css").status_code == 405
+            assert client.get(f"{path}/swagger-ui.css").status_code == 200
 
 
 def test_openapi_documents_the_bearer_scheme(client: TestClient) -> None:

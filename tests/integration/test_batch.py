@@ -108,3 +108,15 @@ def stack_len(url: str, key: str) -> int:
     finally:
         client.delete(key)
         client.close()
+
+
+def test_the_same_id_from_two_sources_in_one_batch_is_two_tasks(stack: Stack) -> None:
+    event_id = str(uuid.uuid4())
+    shop, games = stack.rt.publisher.publish_many([
+        {"id": event_id, "type": "demo.ok", "source": "shop", "tier": "batched",
+         "payload": {"poison": True}},
+        {"id": event_id, "type": "demo.ok", "source": "games", "tier": "batched"}])
+    assert (shop.outcome, games.outcome) == ("accepted", "accepted")
+    record = stack.wait_dlq(event_id, 60)
+    assert record.task_id == shop.task_ids[0] != games.task_ids[0]  # worker and publisher agree
+    assert stack.wait_effect(event_id) == 1  # the other source's event ran, once

@@ -41,6 +41,8 @@ FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-states-pw"
 AUTH = (FLOWER_USER, FLOWER_PASSWORD)
 FLOWER_TIMEOUT_S = 30.0  # Flower shows a task's final state within this
 MOVER_POLL_S = "60"  # the held worker's retry mover: first look a minute after start
+REDACT_PATHS = ["payload.card", "payload.user_id"]
+CARD = "4111111111111111"  # a payload value failure text quotes; Flower must not show it
 
 TIERS = """
 [tiers.held]
@@ -69,7 +71,9 @@ time_limit_s = 5
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("flower")
-    s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=TIERS), tmp)
+    config = write_config(tmp / "pipeline.toml", extra=TIERS)
+    config.write_text(f"redact_paths = {json.dumps(REDACT_PATHS)}\n" + config.read_text())
+    s = Stack(redis_url, config, tmp)
     try:
         started = [s.start_worker("standard", wait=False), s.start_worker("batched", wait=False),
                    s.start_worker("held", wait=False,
@@ -133,7 +137,35 @@ def sent(stack: Stack, flower: Server) -> dict[str, PublishResult]:
         "deferred": stack.publish("demo.retry_after", payload={"delay_s": 600}),
         "retried_then_ok": stack.publish("demo.retry_after",
                                          payload={"delay_s": 0.2, "fail_times": 1}),
+        "leaky_invalid": stack.publish("demo.typed", payload={"user_id": f"card-{CARD}"}),
+        "leaky_retry": stack.publish("demo.echo", tier="held", payload={"card": CARD}),
     }
+
+
+def test_failure_text_flower_shows_masks_redact_paths(
+    stack: Stack, flower: Server, sent: dict[str, PublishResult],
+) -> None:
+    dead = listed(flower, "FAILURE", sent["leaky_invalid"].task_ids[0])
+    retrying = listed(flower, "RETRY", sent["leaky_retry"].task_ids[0])
+    for task in (dead, retrying):
+        assert CARD not in json.dumps(task), task
+        assert "[redacted]" in task["exception"]
+        assert "[redacted]" in task["traceback"]
+    assert "input_value='[redacted]'" in dead["exception"]  # pydantic's own error, masked
+    assert "demo.echo refused payload {'card': '[redacted]'}" in retrying["traceback"]
+    record = stack.wait_dlq(str(sent["leaky_invalid"].id))
+    assert CARD in record.message  # the DLQ record keeps what was raised; views mask
+
+
+def test_failure_log_lines_mask_redact_paths(
+    stack: Stack, flower: Server, sent: dict[str, PublishResult],
+) -> None:
+    listed(flower, "RETRY", sent["leaky_retry"].task_ids[0])
+    listed(flower, "FAILURE", sent["leaky_invalid"].task_ids[0])
+    logs = "".join(w.log() for w in stack.workers)
+    assert "handler demo.echo attempt 1 failed" in logs
+    assert f"event {sent['leaky_invalid'].id} handler demo.typed dead-lettered" in logs
+    assert CARD not in logs
 
 
 def test_a_dead_lettered_task_is_failure_with_its_exception_message_and_reason(

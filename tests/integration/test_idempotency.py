@@ -70,6 +70,18 @@ def test_same_idempotency_key_from_another_source_is_another_event(stack: Stack)
     stack.wait_effect(games.id)
 
 
+def test_same_event_id_from_two_sources_is_handled_once_for_each(stack: Stack) -> None:
+    event_id = str(uuid.uuid4())
+    shop = stack.publish("demo.ok", source="shop", id=event_id)
+    games = stack.publish("demo.ok", source="games", id=event_id)
+    again = stack.publish("demo.ok", source="games", id=event_id)
+    assert (shop.outcome, games.outcome, again.outcome) == ("accepted", "accepted", "duplicate")
+    assert set(shop.task_ids).isdisjoint(games.task_ids)  # two tasks, two done marks
+    wait_for(lambda: stack.effects(event_id) >= 2, 20, "both sources' events handled")
+    time.sleep(0.5)
+    assert stack.effects(event_id) == 2
+
+
 def test_global_idempotency_scope_shares_keys_across_sources(stack: Stack) -> None:
     settings = load_settings(stack.config_path, broker_url=stack.url,
                              idempotency_scope="global")

@@ -66,11 +66,11 @@ def _assert_seen_only_if_queued(stack: Stack, events: list[dict[str, Any]],
                                 results: list[Any] | None = None) -> set[str]:
     """Every event marked ``seen`` has its task on the tier queue; returns queued ids."""
     queued = set(queued_task_ids(stack.rt.settings.queue_for("bulk")))
-    from pipeline.ingest import task_id_for
+    from pipeline.ingest import event_task_id
 
     for event in events:
         if _seen(stack, event) == b"1":
-            assert task_id_for(event["id"], "demo.ok") in queued, event
+            assert event_task_id(event, "demo.ok", "source") in queued, event
     return queued
 
 

@@ -91,6 +91,26 @@ def test_check_with_a_non_json_list_env_value_exits_2(monkeypatch: pytest.Monkey
     assert "PIPELINE_HANDLER_MODULES" in err
 
 
+def test_check_names_a_dlq_key_that_is_not_a_fernet_key_without_its_value(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_DLQ_KEYS", "a-secret-but-no-fernet-key")
+    code, out, err = run("config", "check")
+    assert code == 2
+    assert "PIPELINE_DLQ_KEYS[0]" in err
+    assert "a-secret-but-no-fernet-key" not in out + err
+
+
+def test_every_process_refuses_to_start_with_a_bad_dlq_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.app import create_app
+    from pipeline.config import load_settings
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setenv("PIPELINE_DLQ_KEYS", "short")
+    with pytest.raises(ConfigError, match=r"PIPELINE_DLQ_KEYS\[0\]"):
+        create_app(load_settings(), main="bad-dlq-key")
+
+
 BAD_HANDLERS_MODULE = '''
 from pipeline import handler
 

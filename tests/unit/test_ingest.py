@@ -11,7 +11,7 @@ from celery import Celery
 from pipeline.config import load_settings
 from pipeline.embedded import free_port
 from pipeline.errors import BrokerUnavailable, EventValidationError
-from pipeline.ingest import PublishResult, task_id_for
+from pipeline.ingest import PublishResult, event_task_id, task_id_for
 from pipeline.redisurl import redact
 
 PASSWORD = "s3cret-pw"
@@ -87,3 +87,15 @@ def test_redact_hides_only_the_password(url: str, shown: str) -> None:
 def test_task_id_is_deterministic_per_event_and_handler() -> None:
     assert task_id_for("e1", "h") == task_id_for("e1", "h")
     assert len({task_id_for("e1", "h"), task_id_for("e1", "g"), task_id_for("e2", "h")}) == 3
+
+
+def test_the_same_event_id_from_two_sources_is_two_tasks() -> None:
+    shop, games = {"id": "e1", "source": "shop"}, {"id": "e1", "source": "games"}
+    assert event_task_id(shop, "h", "source") != event_task_id(games, "h", "source")
+    assert event_task_id(shop, "h", "source") == task_id_for("e1", "h", "shop")
+
+
+def test_global_scope_keeps_one_task_per_event_id_across_sources() -> None:
+    shop, games = {"id": "e1", "source": "shop"}, {"id": "e1", "source": "games"}
+    assert event_task_id(shop, "h", "global") == event_task_id(games, "h", "global")
+    assert event_task_id(shop, "h", "global") == task_id_for("e1", "h")

@@ -12,7 +12,15 @@ from pipeline.app import create_app
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 from pipeline.messages import RedisMessageRenderer, TaskSpec, args_repr
-from pipeline.redact import MASK, path_problem, redact, redact_args, redact_record
+from pipeline.redact import (
+    MASK,
+    path_problem,
+    redact,
+    redact_args,
+    redact_record,
+    redact_text,
+    secrets_in,
+)
 
 EVENT = {"id": "e1", "type": "order.paid", "source": "shop",
          "payload": {"card": {"number": "4111111111111111", "exp": "12/30"},
@@ -105,3 +113,31 @@ def test_flowers_argsrepr_is_masked_on_both_publish_paths_while_the_body_is_whol
     assert "4111111111111111" not in options["argsrepr"]
     # without paths, as before: the arguments' JSON
     assert spec().apply_async_options()["argsrepr"] == orjson.dumps([EVENT]).decode()
+
+
+def test_failure_text_masks_the_values_at_the_paths_wherever_they_appear() -> None:
+    text = ("ValueError: card 4111111111111111 declined for {'email': 'a@b.c'} "
+            "input_value='hunter2'")
+    shown = redact_text(text, EVENT, ["payload.card.number", "payload.**.password"])
+    assert shown == f"ValueError: card {MASK} declined for {{'email': 'a@b.c'}} " \
+                    f"input_value='{MASK}'"
+
+
+def test_a_matched_object_masks_each_of_its_values_in_text() -> None:
+    assert redact_text("exp 12/30, no 4111111111111111", EVENT, ["payload.card"]) == \
+        f"exp {MASK}, no {MASK}"
+
+
+def test_values_shorter_than_a_few_characters_are_not_masked_in_text() -> None:
+    event = {"payload": {"pin": "12", "code": 1234}}
+    assert secrets_in(event, ["payload.pin", "payload.code"]) == ["1234"]
+    assert redact_text("pin 12, code 1234", event, ["payload.*"]) == f"pin 12, code {MASK}"
+
+
+def test_a_record_view_masks_its_message_and_traceback_too() -> None:
+    data = {"event": EVENT, "message": "bad card 4111111111111111",
+            "traceback": "Traceback ...\nValueError: bad card 4111111111111111\n"}
+    shown = redact_record(data, ["payload.card.number"])
+    assert shown["message"] == f"bad card {MASK}"
+    assert "4111" not in shown["traceback"]
+    assert data["message"] == "bad card 4111111111111111"  # the stored record is untouched

@@ -27,8 +27,10 @@ from pipeline.taskstate import (
     BatchDeadLettered,
     DeadLettered,
     Deferred,
+    MaskedFailure,
     RetryScheduled,
     Verdict,
+    masked_cause,
     raise_for,
     settled_result,
 )
@@ -177,3 +179,25 @@ def test_a_batch_fails_only_when_one_of_its_events_was_dead_lettered() -> None:
     settled = settled_result(verdict)
     assert isinstance(settled, str)
     assert batch_outcomes(settled)[0] == ("succeeded", 7)  # the metrics count every event
+
+
+def _raised(exc: Exception) -> Exception:
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+def test_a_cause_quoting_a_masked_value_is_replaced_by_its_masked_traceback() -> None:
+    cause = _raised(ValueError("bad card 4111111111111111"))
+    shown = masked_cause(cause, lambda text: text.replace("4111111111111111", "[redacted]"))
+    assert isinstance(shown, MaskedFailure)
+    assert "ValueError: bad card [redacted]" in str(shown)
+    assert "4111" not in str(shown)
+    assert "Traceback (most recent call last)" in str(shown)
+
+
+def test_a_cause_with_nothing_to_mask_is_kept_as_raised() -> None:
+    cause = _raised(ValueError("downstream is down"))
+    assert masked_cause(cause, lambda text: text.replace("4111111111111111", "x")) is cause
+    assert masked_cause(None, str) is None

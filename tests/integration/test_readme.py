@@ -8,7 +8,7 @@ checked, or listed in :data:`RUN_ELSEWHERE` with what runs it instead; a block o
 command that is neither fails :func:`test_every_readme_block_and_command_is_accounted_for`.
 
 Substitutions, each because the machine is shared: the tiers run one pool process
-each (``PIPELINE_TIERS__<T>__CONCURRENCY=1``), and the HTTP block's port 8000 is a
+each (``PIPELINE_TIERS__<T>__CONCURRENCY=1``), and `pipeline serve --port 8000` gets a
 free port. The install half of the first block is this suite's own environment
 (an editable install of this checkout, checked below); `bash .ci/run` does it from
 scratch.
@@ -55,11 +55,13 @@ BLOCKS = {
     "@handler(": "test_readme_quick_tour_publishes_to_the_critical_tier",
     "publish_many(events)": "test_readme_publish_many_reports_one_result_per_event",
     "pipeline send events.ndjson": "test_readme_pipeline_send_prints_the_counts_and_the_bad_line",
-    "pipeline serve --port 8000 &": "test_readme_http_block_accepts_dedupes_and_batches",
+    "$PIPELINE_API_URL/events/batch": "test_readme_http_block_accepts_dedupes_and_batches",
 }
 RUN_HERE = {  # inline commands -> the test that runs them here
     "pipeline up": "readme_stack",
-    "pipeline serve": "test_readme_http_block_accepts_dedupes_and_batches",
+    "pipeline serve": "readme_stack",  # `pipeline up` runs it
+    "pipeline serve --port 8000":
+        "test_readme_pipeline_serve_on_its_own_dedupes_and_refuses_a_batch_over_the_cap",
     "pipeline status": "test_readme_inline_commands_find_the_stack_from_its_directory",
     "pipeline dlq list": "test_readme_inline_commands_find_the_stack_from_its_directory",
     "pipeline dlq stats": "test_readme_inline_commands_find_the_stack_from_its_directory",
@@ -203,27 +205,29 @@ def test_readme_inline_commands_find_the_stack_from_its_directory(
     assert "replayed" in done.stdout + done.stderr
 
 
-def test_readme_http_block_accepts_dedupes_and_batches(readme_stack: ReadmeStack) -> None:
-    text = block("pipeline serve --port 8000 &")
-    port = free_port()
-    first_claim, *_ = claims(text)
-    expected = json.loads(first_claim)
-    single, batch = [part for part in re.split(r"^#.*\n", text, flags=re.M) if part.strip()]
-    setup, first_curl = single.split("curl ", 1)
-    script = "\n".join([
-        "set -e",
-        "curl() { command curl -w '\\n%{http_code}\\n' \"$@\"; echo '---'; }",
-        setup.replace("&\n", "& SERVE=$!\ntrap 'kill $SERVE' EXIT\n"
-                      "until command curl -sf localhost:8000/healthz >/dev/null; "
-                      "do sleep 0.2; done\n"),
-        "curl " + first_curl, "curl " + first_curl,  # the README's "the same id again"
-        batch,
-    ]).replace("8000", str(port))
-    write_ndjson(readme_stack.workdir / "batch.ndjson", 1000, bad_line=17)
-    done = readme_stack.run(["bash", "-c", script])
+CURL_WITH_STATUS = "curl() { command curl -w '\\n%{http_code}\\n' \"$@\"; echo '---'; }"
+
+
+def replies_of(done: subprocess.CompletedProcess[str]) -> list[tuple[str, str]]:
+    """(body, HTTP status) of each curl a script ran through :data:`CURL_WITH_STATUS`."""
     assert done.returncode == 0, done.stderr
-    replies = [part.strip().rsplit("\n", 1) for part in done.stdout.split("---\n")[:3]]
-    (body1, code1), (body2, code2), (body3, code3) = replies
+    parts = [part.strip().rsplit("\n", 1) for part in done.stdout.split("---\n")[:-1]]
+    return [(body, code) for body, code in parts]
+
+
+def test_readme_http_block_accepts_dedupes_and_batches(readme_stack: ReadmeStack) -> None:
+    text = block("$PIPELINE_API_URL/events/batch")
+    expected = json.loads(claims(text)[0])
+    source_env, *_ = text.splitlines()
+    single, batch = [part for part in re.split(r"^#.*\n", text, flags=re.M) if part.strip()]
+    first_curl = "curl " + single.split("curl ", 1)[1]
+    write_ndjson(readme_stack.workdir / "batch.ndjson", 1000, bad_line=17)
+    script = "\n".join(["set -e", CURL_WITH_STATUS, single,
+                        first_curl,  # the README's "the same id again"
+                        batch])
+    (body1, code1), (body2, code2), (body3, code3) = replies_of(
+        readme_stack.run(["bash", "-c", script]))
+    assert source_env.startswith("set -a; . .pipeline-state/stack.env; set +a")
     assert (code1, json.loads(body1)) == ("202", expected)
     assert (code2, json.loads(body2)) == ("200", {**expected, "outcome": "duplicate"})
     batch_reply = json.loads(body3)
@@ -238,6 +242,30 @@ def test_readme_http_block_accepts_dedupes_and_batches(readme_stack: ReadmeStack
     wait_for(handled, 60, "the README's reward event handled by the demo", 1.0)
     dead = readme_stack.json_of("pipeline dlq list")
     assert expected["id"] not in {r["event"]["id"] for r in dead}
+
+
+def test_readme_pipeline_serve_on_its_own_dedupes_and_refuses_a_batch_over_the_cap(
+    readme_stack: ReadmeStack,
+) -> None:
+    """`pipeline serve --port 8000` (a free port here) beside the stack, with a token of
+    its own: the README's event is a duplicate there too (same broker), and a batch
+    over api_max_batch gets 413."""
+    text = block("$PIPELINE_API_URL/events/batch")
+    single, batch = [part for part in re.split(r"^#.*\n", text, flags=re.M) if part.strip()]
+    port = free_port()
+    serve = next(c for c in RUN_HERE if c.startswith("pipeline serve --port"))
+    script = "\n".join([
+        "set -e", CURL_WITH_STATUS,
+        "export PIPELINE_API_TOKEN=readme-test-token-0123456789",
+        f"{serve.replace('8000', str(port))} & SERVE=$!",
+        "trap 'kill $SERVE' EXIT",
+        f"export PIPELINE_API_URL=http://127.0.0.1:{port}",
+        "until command curl -sf $PIPELINE_API_URL/healthz >/dev/null; do sleep 0.2; done",
+        "curl " + single.split("curl ", 1)[1], batch])
+    write_ndjson(readme_stack.workdir / "batch.ndjson", 5001, bad_line=17)
+    (body1, code1), (_, code2) = replies_of(readme_stack.run(["bash", "-c", script]))
+    assert (code1, json.loads(body1)["outcome"]) == ("200", "duplicate")
+    assert code2 == "413"
 
 
 def write_ndjson(path: Path, lines: int, *, bad_line: int) -> None:

@@ -34,6 +34,7 @@ import pytest
 from celery import Celery
 
 import pipeline
+from pipeline.demotraffic import DEMO_DB, DOOMED_MAX
 from pipeline.embedded import free_port
 from tests.integration.support import alive, descendants, wait_for
 from tests.integration.test_stack import read_env_file
@@ -177,6 +178,10 @@ def test_readme_up_demo_serves_the_banners_urls_without_a_token_where_it_says(
 ) -> None:
     api = readme_stack.stack_env["PIPELINE_API_URL"]
     assert f"API:      {api}" in readme_stack.output()
+    prose = " ".join(README.split())
+    assert f"plus {DOOMED_MAX} events that fail for good" in prose
+    assert f"its own database of the embedded broker (db {DEMO_DB})" in prose
+    assert readme_stack.stack_env["PIPELINE_BROKER_URL"].endswith(f"/{DEMO_DB}")
     for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"):
         done = readme_stack.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                  f"{api}{path}"])

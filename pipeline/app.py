@@ -1,7 +1,9 @@
 """The Celery app: one queue per tier plus the DLQ, JSON only, late acks.
 
 ``celery -A pipeline.app worker -Q critical`` uses ``app``, built from the
-settings in the environment at its first use (not on import). A team with its own
+settings in the environment at its first use (not on import); with no broker
+configured, it joins the stack ``pipeline up`` runs from the state directory
+(``$PIPELINE_STATE_DIR``, else ``.pipeline-state`` here), as the CLI does. A team with its own
 Celery app calls :func:`attach` instead: the pipeline's task, queues and worker
 step are added, their tasks, queues and settings are left as they were. Neither
 imports the handler modules: :meth:`pipeline.runtime.Runtime.load_handlers` does,
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -25,6 +29,7 @@ from pipeline.errors import ConfigError, FieldProblem
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.redisurl import redact
 from pipeline.runtime import bind
+from pipeline.stackfind import DEFAULT_STATE_DIR, STACK_PID_KEY, adopt_stack
 from pipeline.statewatch import StateWatchStep
 from pipeline.tasks import register_task
 from pipeline.worker import PipelineWorkerStep
@@ -214,5 +219,23 @@ def __getattr__(name: str) -> Celery:
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _default is None:
+        _join_local_stack()
         _default = create_app()
     return _default
+
+
+def _join_local_stack() -> None:
+    """With no broker configured, use the stack ``pipeline up`` runs from the state
+    directory, saying so on stderr: a plain ``celery -A pipeline.app worker`` next to
+    it would otherwise read ``redis://127.0.0.1:6379/0``, another Redis."""
+    try:
+        configured = load_settings().broker_url is not None
+    except ConfigError:
+        return  # create_app reports it
+    state_dir = Path(os.environ.get("PIPELINE_STATE_DIR") or DEFAULT_STATE_DIR)
+    adopted = adopt_stack(state_dir, configured)
+    if adopted is not None:
+        path, values = adopted
+        print(f"pipeline: using the stack `pipeline up` (pid {values.get(STACK_PID_KEY, '?')}) "
+              f"runs from {path}: broker {redact(values.get('PIPELINE_BROKER_URL', '?'))}",
+              file=sys.stderr)

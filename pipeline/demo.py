@@ -5,6 +5,11 @@ worker must never run ``demo.crash``. Every successful handling counts its
 side effect in the Redis hash ``pipeline:demo:effects`` (event id -> times
 run), so :func:`report` can account for any run: processed events and
 duplicate effects.
+
+The README's example classes, one per tier by the default rules:
+``reward.granted`` (critical; credits a demo wallet), ``game.*`` (high; calls
+the demo downstream, which fails ``payload.fail_rate`` of its calls),
+``interaction.*`` (standard) and ``analytics.*`` (bulk).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pipeline.runtime import runtime_for
 from pipeline.state import Keys
 
 __all__ = ["DEMO_DOWNSTREAM", "DemoTransientError", "calls_key", "down_key", "fixed_key",
-           "report"]
+           "report", "wallets_key"]
 
 
 class DemoTransientError(RuntimeError):
@@ -50,6 +55,18 @@ class RetryAfterPayload(BaseModel):
 class TypedPayload(BaseModel):
     user_id: int
     amount: int = Field(ge=0)
+
+
+class Granted(BaseModel):
+    """A reward grant, as in the README."""
+
+    user_id: int
+    amount: int = Field(ge=0)
+
+
+class GameUpdate(BaseModel):
+    user_id: int | None = None
+    fail_rate: float = Field(default=0.0, ge=0.0, le=1.0)  # of the calls to demo-api
 
 
 def _record(event: Event, suffix: str = "") -> None:
@@ -89,13 +106,48 @@ DEMO_DOWNSTREAM = "demo-api"  # the downstream demo.flaky calls (a circuit break
 def flaky(event: Event, payload: FlakyPayload) -> None:
     """Calls "demo-api": fails with probability ``fail_rate``, and always while
     ``pipeline demo down demo-api`` holds it down. Every call is counted."""
+    _call_downstream(payload.fail_rate)
+    _record(event)
+
+
+def _call_downstream(fail_rate: float) -> None:
+    """One call to the demo downstream: counted; fails while it is held down, and
+    with probability ``fail_rate``."""
     state: redis.Redis = current().state
     state.incr(calls_key(DEMO_DOWNSTREAM))
     if state.exists(down_key(DEMO_DOWNSTREAM)):
         raise DemoTransientError(f"{DEMO_DOWNSTREAM} is down (connection refused)")
-    if random.random() < payload.fail_rate:
-        raise DemoTransientError(f"demo.flaky failed (fail_rate={payload.fail_rate})")
+    if random.random() < fail_rate:
+        raise DemoTransientError(f"{DEMO_DOWNSTREAM} failed (fail_rate={fail_rate})")
+
+
+@handler("reward.granted", name="demo.reward", model=Granted)
+def credit_wallet(event: Event, payload: Granted) -> None:
+    """Credits the user's demo wallet (the README's example)."""
+    current().state.hincrby(wallets_key(), str(payload.user_id), payload.amount)
     _record(event)
+
+
+@handler("game.*", name="demo.game", model=GameUpdate, downstreams=[DEMO_DOWNSTREAM])
+def update_game(event: Event, payload: GameUpdate) -> None:
+    """Pushes a game update to "demo-api" (through its circuit breaker)."""
+    _call_downstream(payload.fail_rate)
+    _record(event)
+
+
+@handler("interaction.*", name="demo.interaction")
+def track_interaction(event: Event) -> None:
+    _record(event)
+
+
+@handler("analytics.*", name="demo.analytics")
+def ingest_analytics(event: Event) -> None:
+    _record(event)
+
+
+def wallets_key() -> str:
+    """Hash: demo user id -> balance credited by ``reward.granted`` events."""
+    return f"{Keys.prefix}demo:wallets"
 
 
 def down_key(downstream: str) -> str:

@@ -13,11 +13,15 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.demotraffic import DEMO_DB, DOOMED_MAX
 from pipeline.redisurl import redact
 
 __all__ = ["Endpoints", "banner", "write_env_file"]
 
 STACK_ENV_MODE = 0o600  # stack.env holds the API token and Flower password
+DEMO_ON = (f"sending reward grants, game updates, interactions and analytics (all four "
+           f"tiers) and {DOOMED_MAX} events that fail for good; in db {DEMO_DB} of the "
+           f"embedded broker, apart from stacks without --demo")
 
 
 @dataclass
@@ -83,7 +87,7 @@ def banner(endpoints: Endpoints, workers: list[str], log_dir: Path, env_file: Pa
                      "handler_modules, it is dead-lettered as no_handler)")
     lines += [
         "    pipeline dlq list",
-        f"  demo:     {'sending a mix of demo events' if with_demo else 'off (use --demo)'}",
+        f"  demo:     {DEMO_ON if with_demo else 'off (use --demo)'}",
         "  stop:     Ctrl-C",
     ]
     return "\n".join(lines)

@@ -12,6 +12,11 @@ Children die with it whatever kills it (a parent-death signal), and the state
 directory is locked while it runs: a second ``pipeline up`` on it refuses, naming
 the running one (:mod:`pipeline.lifeline`).
 
+``--demo`` loads the demo handlers and sends the demo mix
+(:mod:`pipeline.demotraffic`) on its own database of the embedded broker
+(:data:`DEMO_DB`), so its leftovers (pending retries, dead letters) never reach a
+later stack started without ``--demo``. With a configured broker it uses that one.
+
 A child that dies is reported and restarted (with backoff; what it left behind
 in its process group is killed first). Ctrl-C or SIGTERM stops the API first,
 then everything else with SIGTERM (Celery's warm shutdown for workers), then
@@ -22,13 +27,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import signal
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -36,6 +39,7 @@ from types import FrameType
 import click
 
 from pipeline.config import check_settings, load_settings
+from pipeline.demotraffic import DEMO_DB, DemoSender
 from pipeline.embedded import EmbeddedServer, free_port, start_server
 from pipeline.endpoints import Endpoints, banner, write_env_file
 from pipeline.errors import ConfigError, FieldProblem
@@ -48,7 +52,6 @@ from pipeline.tokens import credentials
 __all__ = ["run_stack"]
 
 POLL_S = 0.5  # supervision loop period
-DEMO_RATE_PER_S = 20  # events per second the --demo sender publishes
 HTTP_READY_TIMEOUT_S = 20.0  # how long the banner waits for the HTTP services to listen
 LOCAL_HOST = "127.0.0.1"  # everything `pipeline up` serves binds loopback only
 API_PORT = 8000  # conventional ports, used when free (else a free one)
@@ -111,9 +114,10 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
             # workers' warm shutdown has returned their prefetched messages to it.
             server = start_server(state_dir / "broker", new_session=True,
                                   preexec_fn=die_with_parent)
-            env["PIPELINE_BROKER_URL"] = server.url
-            os.environ["PIPELINE_BROKER_URL"] = server.url
-        endpoints = Endpoints(server.url if server else settings.effective_broker_url)
+            env["PIPELINE_BROKER_URL"] = _broker_url(server, with_demo)
+            os.environ["PIPELINE_BROKER_URL"] = env["PIPELINE_BROKER_URL"]
+        endpoints = Endpoints(env["PIPELINE_BROKER_URL"] if server
+                              else settings.effective_broker_url)
         python = sys.executable
         services = _services(python, env, endpoints)
         children = [*services, *(Child(f"worker-{tier}", [python, "-m", "pipeline", "worker",
@@ -128,11 +132,11 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
         workers = [c.name for c in children if c.name.startswith("worker-")]
         say(banner(endpoints, workers, log_dir, env_file, embedded=server is not None,
                    with_demo=with_demo, demo_loaded="pipeline.demo" in settings.handler_modules))
-        sender = _DemoSender() if with_demo else None
+        sender = DemoSender() if with_demo else None
         while not stopping:
             supervise(children, env, log_dir)
             if sender is not None:
-                sender.tick()
+                sender.tick(POLL_S)
             time.sleep(POLL_S)
     finally:
         say("stopping: the API first, then warm shutdown of workers ...")
@@ -142,6 +146,13 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
         env_file.unlink(missing_ok=True)
         say("stopped")
     return 0
+
+
+def _broker_url(server: EmbeddedServer, with_demo: bool) -> str:
+    """The embedded broker's db 0, or :data:`DEMO_DB` for a demo stack: the demo's
+    pending retries and dead letters stay there, and a later stack without --demo
+    (db 0) never sees them (a later --demo stack picks them up)."""
+    return server.url.rsplit("/", 1)[0] + f"/{DEMO_DB}" if with_demo else server.url
 
 
 def _running_stack(env_file: Path) -> str:
@@ -253,26 +264,3 @@ def _listening(port: int | None) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((LOCAL_HOST, port)) == 0
-
-
-class _DemoSender:
-    """Publishes a steady mix of demo events: mostly fine, some flaky, a few doomed."""
-
-    MIX = (("demo.ok", 60), ("demo.slow", 15), ("demo.flaky", 15), ("demo.fail", 4),
-           ("demo.invalid", 3), ("demo.typed", 3))
-
-    def __init__(self) -> None:
-        from pipeline.app import app
-        from pipeline.runtime import runtime_for
-
-        self.publisher = runtime_for(app).publisher
-        self.types = [t for t, _ in self.MIX]
-        self.weights = [w for _, w in self.MIX]
-
-    def tick(self) -> None:
-        for _ in range(int(DEMO_RATE_PER_S * POLL_S)):
-            kind = random.choices(self.types, self.weights)[0]
-            payload: dict[str, object] = {"ms": random.randint(10, 300), "fail_rate": 0.3,
-                                          "user_id": random.randint(1, 10_000), "amount": 5}
-            self.publisher.publish({"id": str(uuid.uuid4()), "type": kind, "source": "demo",
-                                    "payload": payload})

@@ -5,9 +5,11 @@ The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
 finds the tier(s) behind the consumed queues, moves their due retries, and
 applies the tier's rate limit when the worker serves a single tier, and a worker
 that consumes nothing but one tier's queue gets that tier's prefetch and time
-limits (:func:`apply_tier`), unless its command line gave others. On Redis it
-refuses to start a worker of a tier queue whose priority steps leave some of the
-sub-lists the pipeline writes to unread (their work would wait forever).
+limits (:func:`apply_tier`), unless its command line gave others (an option
+given explicitly wins, even when it equals the app's value), and its startup
+banner says which. On Redis it refuses to start a worker of a tier queue whose
+priority steps leave some of the sub-lists the pipeline writes to unread (their
+work would wait forever).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import click
 from celery import bootsteps
+from celery.signals import celeryd_init
+from click.core import ParameterSource
 
 from pipeline import adopt
 from pipeline.batch import BATCH_TASK_NAME
@@ -24,11 +29,41 @@ from pipeline.messages import TASK_NAME
 from pipeline.runtime import runtime_for
 from pipeline.schedule import RetryMover
 
-__all__ = ["PipelineWorkerStep", "apply_tier", "refuse_unread_priorities", "worker_argv"]
+__all__ = ["PipelineWorkerStep", "apply_tier", "given_options", "refuse_unread_priorities",
+           "worker_argv"]
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2  # a worker refused for its configuration exits with the CLI's config code
+TIER_OPTIONS = ("prefetch_multiplier", "time_limit", "soft_time_limit")  # a tier's, unless given
+GIVEN_ATTR = "pipeline_given_options"  # worker attribute: the TIER_OPTIONS given explicitly
+BANNER_LABEL = ".> pipeline:    "  # the line the step adds to the worker's [config] banner
+
+
+@celeryd_init.connect
+def _record_given_options(sender: Any = None, instance: Any = None,
+                          options: dict[str, Any] | None = None, **_: Any) -> None:
+    """Before the worker resolves its options against the app's conf: which of the
+    tier's options its command line (or caller) gave."""
+    if instance is not None:
+        setattr(instance, GIVEN_ATTR, given_options(options or {},
+                                                    click.get_current_context(silent=True)))
+
+
+def given_options(options: dict[str, Any], ctx: click.Context | None) -> set[str]:
+    """The :data:`TIER_OPTIONS` given explicitly. ``celery worker``'s click command
+    fills an absent ``--prefetch-multiplier`` with the app's value, so the value
+    cannot tell: the click context's parameter source does. Without a click
+    context (a worker built in code), an option passed at all counts as given."""
+    given = set()
+    for name in TIER_OPTIONS:
+        if ctx is not None and name in ctx.params:
+            if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
+                                                      ParameterSource.DEFAULT_MAP, None):
+                given.add(name)
+        elif options.get(name) is not None:
+            given.add(name)
+    return given
 
 
 class PipelineWorkerStep(bootsteps.StartStopStep):
@@ -55,7 +90,9 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
             if rate:
                 worker.app.tasks["pipeline.handle"].rate_limit = rate
             if len(set(consumed)) == 1:  # a tier's own worker, however it was started
-                log.info("pipeline: %s", apply_tier(worker, settings, self.tiers[0]))
+                said = apply_tier(worker, settings, self.tiers[0])
+                log.info("pipeline: %s", said)
+                _add_to_banner(worker, said)
 
     def start(self, worker: Any) -> None:
         if not self.tiers:
@@ -80,19 +117,19 @@ class PipelineWorkerStep(bootsteps.StartStopStep):
 
 def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
     """Give a worker consuming only ``tier``'s queue the tier's prefetch and time
-    limits (as ``pipeline worker --tier`` passes them), unless its command line set
-    others; before the pool and the consumer are built. Says what it did."""
+    limits (as ``pipeline worker --tier`` passes them), unless its command line gave
+    them (:func:`given_options`); before the pool and the consumer are built. Says
+    what it did."""
     cfg = settings.tier(tier)
-    conf = worker.app.conf
+    given: set[str] = getattr(worker, GIVEN_ATTR, set())
     said = []
-    if worker.prefetch_multiplier == conf.worker_prefetch_multiplier:  # not given on the CLI
+    if "prefetch_multiplier" not in given:
         worker.prefetch_multiplier = cfg.prefetch_multiplier
         said.append(f"prefetch multiplier {cfg.prefetch_multiplier}")
     else:
         said.append(f"prefetch multiplier {worker.prefetch_multiplier} (command line; the "
                     f"tier's is {cfg.prefetch_multiplier})")
-    if worker.time_limit == conf.task_time_limit and worker.soft_time_limit == \
-            conf.task_soft_time_limit:
+    if not given & {"time_limit", "soft_time_limit"}:
         worker.time_limit, worker.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
     for name in (TASK_NAME, BATCH_TASK_NAME):  # pipeline messages carry them too
         task = worker.app.tasks[name]
@@ -100,6 +137,25 @@ def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
     said.append(f"time limits {cfg.soft_time_limit_s:g} s soft, {cfg.time_limit_s:g} s hard")
     said.append(f"rate limit {cfg.rate_limit or 'none'}")
     return f"tier {tier!r} worker: {', '.join(said)} (the tier's settings)"
+
+
+def _add_to_banner(worker: Any, said: str) -> None:
+    """Show ``said`` in the ``[config]`` section of the banner ``celery worker``
+    prints at start (a worker built in code prints none)."""
+    startup_info = getattr(worker, "startup_info", None)
+    if startup_info is None:
+        return
+
+    def with_tier(artlines: bool = True) -> str:
+        lines = startup_info(artlines=artlines).splitlines()
+        at = next((i for i, line in enumerate(lines) if ".> task events:" in line), None)
+        if at is None:
+            return "\n".join([*lines, BANNER_LABEL + said]) + "\n"
+        indent = " " * lines[at].index(".>")
+        return "\n".join([*lines[:at + 1], indent + BANNER_LABEL + said,
+                          *lines[at + 1:]]) + "\n"
+
+    worker.startup_info = with_tier
 
 
 def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None:

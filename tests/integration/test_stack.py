@@ -3,6 +3,7 @@ a crashed worker comes back, and SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -47,17 +48,23 @@ def cmdline(pid: int) -> str:
 class Up:
     """A `pipeline up` subprocess with its output in a file."""
 
-    def __init__(self, tmp: Path, *extra: str, config: str = SMALL_TOML) -> None:
-        path = tmp / "small.toml"
-        path.write_text(config)
+    def __init__(self, tmp: Path, *extra: str, config: str | None = SMALL_TOML,
+                 env: dict[str, str] | None = None, out: str = "up.out") -> None:
+        """``config`` None: the built-in configuration; ``env`` adds variables."""
+        args = []
+        if config is not None:
+            path = tmp / "small.toml"
+            path.write_text(config)
+            args = ["--config", str(path)]
         self.state = tmp / "state"
-        self.out = tmp / "up.out"
+        self.out = tmp / out
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+        self.env.update(env or {})
         with self.out.open("wb") as handle:
             # Its own process group, as a shell gives a foreground job: a test can send
             # the group a terminal's Ctrl-C.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline", "up", "--config", str(path),
+                [sys.executable, "-m", "pipeline", "up", *args,
                  "--state-dir", str(self.state), *extra],
                 env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: set[int] = set()
@@ -90,14 +97,14 @@ class Up:
             self.process.wait(90)
 
 
-@pytest.fixture
-def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
-    """Starts `pipeline up [extra...]`; at teardown stops it with SIGTERM and fails if
-    any process it ever had survives."""
+@contextlib.contextmanager
+def stacks_started(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    """A starter of `pipeline up [extra...]`; on exit stops every stack it started with
+    SIGTERM and fails if any process one ever had survives."""
     started: list[Up] = []
 
-    def start(*extra: str) -> Up:
-        started.append(Up(tmp_path, *extra))
+    def start(*extra: str, **options: Any) -> Up:
+        started.append(Up(tmp_path, *extra, out=f"up-{len(started)}.out", **options))
         return started[-1]
 
     try:
@@ -110,6 +117,12 @@ def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
         for pid in leftovers:  # ours, by pid; reported below
             os.kill(pid, signal.SIGKILL)
         assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def start_up(tmp_path: Path) -> Iterator[Callable[..., Up]]:
+    with stacks_started(tmp_path) as start:
+        yield start
 
 
 @pytest.fixture
@@ -211,26 +224,6 @@ def test_ctrl_c_stops_the_workers_before_the_broker(up: Up) -> None:
     assert "Received SIGTERM" in server_log, server_log[-1000:]
     assert "Received SIGINT" not in server_log
     assert broker.startswith("redis://127.0.0.1:")
-
-
-def test_pipeline_up_demo_fills_the_dlq_with_the_failing_demo_handlers(
-    start_up: Callable[..., Up],
-) -> None:
-    demo = start_up("--demo")
-    demo.banner_value("broker")
-    env = {**demo.env, **read_env_file(demo.state / "stack.env")}
-
-    def dead_letters() -> list[dict[str, Any]]:
-        listed = subprocess.run([sys.executable, "-m", "pipeline", "dlq", "list", "--json"],
-                                capture_output=True, text=True, env=env, timeout=60)
-        assert listed.returncode == 0, listed.stderr
-        return [r for r in json.loads(listed.stdout) if r["event"]["source"] == "demo"]
-
-    records = wait_for(dead_letters, STARTUP_TIMEOUT_S, "demo events in the DLQ", 1.0)
-    assert {r["handler"] for r in records} <= {"demo.fail", "demo.invalid", "demo.flaky",
-                                                "demo.typed"}
-    demo.stop()
-    assert demo.process.returncode == 0, demo.output()[-2000:]
 
 
 def test_commands_find_the_stack_pipeline_up_runs_from_the_current_directory(

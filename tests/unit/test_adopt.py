@@ -18,7 +18,7 @@ from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 from pipeline.redisurl import same_broker
 from pipeline.runtime import runtime_for
-from pipeline.worker import apply_tier, refuse_unread_priorities
+from pipeline.worker import GIVEN_ATTR, apply_tier, refuse_unread_priorities
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM_BROKER = "redis://:s3cret@team-redis:6379/3"
@@ -149,11 +149,12 @@ def test_importing_pipeline_and_attaching_import_no_handler_module(tmp_path: Pat
 
 
 def fake_worker(app: Celery, **given: object) -> SimpleNamespace:
-    """What a worker's ``setup_defaults`` leaves: the command line, else the app's conf."""
+    """What a worker's ``setup_defaults`` leaves: the command line, else the app's conf;
+    and which options were given (recorded at ``celeryd_init``)."""
     attrs = {"prefetch_multiplier": app.conf.worker_prefetch_multiplier,
              "time_limit": app.conf.task_time_limit,
              "soft_time_limit": app.conf.task_soft_time_limit, **given}
-    return SimpleNamespace(app=app, **attrs)
+    return SimpleNamespace(app=app, **attrs, **{GIVEN_ATTR: set(given)})
 
 
 def test_a_plain_worker_of_one_tier_queue_gets_the_tiers_prefetch_and_limits() -> None:

@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError, FieldProblem
 from pipeline.heartbeat import HeartbeatStep
 from pipeline.redisurl import redact
 from pipeline.runtime import bind
-from pipeline.stackfind import DEFAULT_STATE_DIR, STACK_PID_KEY, adopt_stack
+from pipeline.stackfind import DEFAULT_STATE_DIR, STACK_PID_KEY, StaleStack, adopt_stack
 from pipeline.statewatch import StateWatchStep
 from pipeline.tasks import register_task
 from pipeline.worker import PipelineWorkerStep
@@ -233,7 +233,11 @@ def _join_local_stack() -> None:
     except ConfigError:
         return  # create_app reports it
     state_dir = Path(os.environ.get("PIPELINE_STATE_DIR") or DEFAULT_STATE_DIR)
-    adopted = adopt_stack(state_dir, configured)
+    try:
+        adopted = adopt_stack(state_dir, configured)
+    except StaleStack as exc:  # the default broker is used, but not silently
+        print(f"pipeline: warning: {exc}", file=sys.stderr)
+        return
     if adopted is not None:
         path, values = adopted
         print(f"pipeline: using the stack `pipeline up` (pid {values.get(STACK_PID_KEY, '?')}) "

@@ -38,7 +38,10 @@ def runtime() -> Any:
         configured = load_settings().broker_url is not None
     except ConfigError as exc:
         fail_config(exc)
-    adopted = adopt_stack(_state_dir[0], configured)
+    try:
+        adopted = adopt_stack(_state_dir[0], configured)
+    except ConfigError as exc:  # a stale stack.env: refuse rather than read another Redis
+        fail_config(exc)
     if adopted is not None:
         path, values = adopted
         click.echo(f"using the stack `pipeline up` (pid {values.get(STACK_PID_KEY, '?')}) runs "

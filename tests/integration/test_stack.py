@@ -252,6 +252,24 @@ def test_commands_find_the_stack_pipeline_up_runs_from_the_current_directory(
         assert "no workers" not in found.stderr
 
 
+def test_a_command_next_to_a_dead_stack_refuses_instead_of_reading_another_redis(
+    tmp_path: Path,
+) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the `pipeline up` killed with SIGKILL
+    state = tmp_path / ".pipeline-state"
+    state.mkdir()
+    (state / "stack.env").write_text(f"PIPELINE_UP_PID={dead.pid}\n"
+                                     "PIPELINE_BROKER_URL=redis://127.0.0.1:1/0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    found = subprocess.run([sys.executable, "-m", "pipeline", "status"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 2, found.stderr
+    assert f"`pipeline up` (pid {dead.pid}) that wrote" in found.stderr
+    assert "is gone" in found.stderr
+    assert "PIPELINE_BROKER_URL" in found.stderr
+
+
 def test_a_command_that_finds_no_workers_says_which_broker_it_read(
     redis_url: str, tmp_path: Path,
 ) -> None:

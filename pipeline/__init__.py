@@ -7,8 +7,8 @@ dead-letter queue with everything needed to replay them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings, load_settings
 from pipeline.errors import (
@@ -26,11 +26,14 @@ from pipeline.events import Event, parse_event
 from pipeline.handlers import HandlerContext, current, handler
 from pipeline.ingest import PublishResult
 
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pipeline.ingest import Publisher
+
 __all__ = [
-    # errors
     "BrokerUnavailable",
     "ConfigError",
-    # events
     "Event",
     "EventValidationError",
     "FieldProblem",
@@ -40,28 +43,49 @@ __all__ = [
     "PipelineError",
     "PublishResult",
     "RetryAfter",
-    # configuration
     "Settings",
     "ValidationError",
-    # handlers
+    "attach",
+    "create_app",
     "current",
     "handler",
     "load_settings",
     "parse_event",
-    # publishing
     "publish",
+    "publish_many",
 ]
 
 __version__ = "0.1.0"
 
 
-def publish(event: Event | Mapping[str, Any] | str | bytes) -> PublishResult:
-    """Validate, classify and enqueue one event with the default app (``pipeline.app``).
+def publish(event: Event | Mapping[str, Any] | str | bytes, *,
+            app: Celery | None = None) -> PublishResult:
+    """Validate, classify and enqueue one event with ``app`` (an app the pipeline is
+    attached to; default: the pipeline's own, ``pipeline.app``).
 
     Raises :class:`EventValidationError` (nothing enqueued) or
     :class:`BrokerUnavailable` (not accepted).
     """
-    from pipeline.app import app
+    return _publisher(app).publish(event)
+
+
+def publish_many(events: Iterable[Event | Mapping[str, Any] | str | bytes], *,
+                 app: Celery | None = None) -> list[PublishResult]:
+    """Validate, classify and enqueue many events in batched round trips: one
+    :class:`PublishResult` per event, in order (invalid ones ``rejected`` with their
+    errors, the rest enqueued). Raises :class:`BrokerUnavailable` when the broker
+    fails (its ``results`` hold the chunks accepted before)."""
+    return _publisher(app).publish_many(events)
+
+
+def _publisher(app: Celery | None) -> Publisher:
     from pipeline.runtime import runtime_for
 
-    return runtime_for(app).publisher.publish(event)
+    if app is None:
+        from pipeline.app import app as default
+
+        app = default
+    return runtime_for(app).publisher
+
+
+from pipeline.app import attach, create_app  # noqa: E402  (pipeline.app imports the above)

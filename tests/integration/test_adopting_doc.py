@@ -122,7 +122,7 @@ class Team:
     def publish(self, events: list[dict[str, object]]) -> None:
         """Run the doc's "Publish" block with these ``events``."""
         script = (f"import json\nevents = json.loads({json.dumps(json.dumps(events))})\n"
-                  + doc_block("from pipeline.runtime import runtime_for"))
+                  + doc_block("from pipeline import publish, publish_many"))
         done = self.python(script)
         assert done.returncode == 0, done.stderr
 

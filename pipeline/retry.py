@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 
-from pipeline.errors import PermanentError, RetryAfter
+from pipeline.errors import PermanentError, RetryAfter, UsageError
 from pipeline.tiers import TierConfig
 
 __all__ = ["Decision", "Reason", "compute_backoff", "compute_deferral", "decide",
@@ -57,7 +57,7 @@ def compute_backoff(
     crowd of failures spreads out instead of retrying in lock-step.
     """
     if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
+        raise UsageError(f"attempt must be >= 1, got {attempt}")
     exponent = min(attempt - 1, 62)  # 2**62 s already dwarfs any cap
     window = min(max_s, base_s * (2**exponent))
     return float(window * rand())

@@ -18,6 +18,7 @@ import redis
 from pipeline import state
 from pipeline.breaker import Breakers
 from pipeline.deadletter import DeadLetterQueue
+from pipeline.errors import NotAttached, StateStoreMissing
 from pipeline.handlers import import_handler_modules
 from pipeline.ledger import Ledger
 from pipeline.schedule import RetrySchedule
@@ -70,7 +71,7 @@ class Runtime:
         if self._state is None:
             url = self.settings.effective_state_url
             if url is None:
-                raise RuntimeError("no state_url configured (required with a RabbitMQ broker)")
+                raise StateStoreMissing("no state_url configured (required with a RabbitMQ broker)")
             self._state = state.connect(url, self.settings.broker_transport_options)
         return self._state
 
@@ -128,6 +129,6 @@ def runtime_for(app: Celery) -> Runtime:
     try:
         return _RUNTIMES[app]
     except KeyError:
-        raise RuntimeError(
-            f"Celery app {app.main!r} has no pipeline attached: call pipeline.app.attach(app)"
+        raise NotAttached(
+            f"Celery app {app.main!r} has no pipeline attached: call pipeline.attach(app)"
         ) from None

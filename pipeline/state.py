@@ -16,6 +16,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from pipeline.errors import NO_VALUE, ConfigError, FieldProblem
+
 __all__ = ["Keys", "connect"]
 
 SOCKET_TIMEOUT_S = 10.0  # a state-store call that takes longer than this fails
@@ -114,7 +116,8 @@ def connect(url: str, transport_options: dict[str, Any] | None = None, *,
                 db = int(parsed.path.strip("/"))
         master = options.get("master_name")
         if not master:
-            raise ValueError("sentinel:// needs broker_transport_options.master_name")
+            raise ConfigError([FieldProblem("broker_transport_options.master_name", NO_VALUE,
+                                           "sentinel:// needs it")])
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
             socket_timeout=socket_timeout_s,

@@ -17,6 +17,8 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
+from pipeline.errors import NO_VALUE, FieldProblem, ValidationError
+
 __all__ = ["SPARK_HOURS", "page", "parse_form", "sparkline"]
 
 SPARK_HOURS = 24  # hours a group's sparkline covers, ending with the current hour
@@ -86,6 +88,6 @@ def sparkline(per_hour: Mapping[datetime, int], now: datetime | None = None) -> 
 def parse_form(body: bytes) -> dict[str, str]:
     """A urlencoded form's fields (the last value of a repeated one)."""
     if len(body) > FORM_MAX_BYTES:
-        raise ValueError(f"form over {FORM_MAX_BYTES} bytes")
+        raise ValidationError([FieldProblem("form", NO_VALUE, f"over {FORM_MAX_BYTES} bytes")])
     return dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"),
                                        keep_blank_values=True))

@@ -5,7 +5,7 @@ timeout, a tier's queue).
 Sources, highest first: keyword arguments, ``PIPELINE_*`` variables (nested with
 ``__``), then the TOML layers of :mod:`pipeline.configfile`. The ``#:`` comment
 above each field is its meaning in the generated configuration reference
-(``python -m pipeline.docgen``). Load settings with
+(``python -m tools.docgen``). Load settings with
 :func:`pipeline.config.load_settings`, which reports bad values as a
 :class:`~pipeline.errors.ConfigError`.
 """

@@ -78,7 +78,7 @@ RUN_ELSEWHERE = {
     "bash ops/check.sh": ".ci/run (offline checks of compose, k8s, Prometheus)",
     "docker compose up -d --build": "needs Docker; validated offline by ops/check.sh",
     "kubectl apply -k ops/k8s": "needs a cluster; validated offline by ops/check.sh",
-    "python -m pipeline.docgen": "tests/unit/test_config_docs.py",
+    "python -m tools.docgen": "tests/unit/test_config_docs.py",
     "python -m bench <scenario>": ".ci/run (--quick variants; full runs take minutes)",
     "python -m bench seed": ".ci/run (--quick)",
     "python -m bench report": ".ci/run (--quick)",

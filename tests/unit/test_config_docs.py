@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipeline import docgen
 from pipeline.breaker import BreakerConfig
 from pipeline.config import Settings, load_settings
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken
 from pipeline.webhooks import WebhookConfig
+from tools import docgen
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -63,7 +63,7 @@ def test_meanings_are_the_comment_lines_directly_above_a_field() -> None:
 
 
 def test_an_undocumented_field_is_an_error_naming_it_and_the_command() -> None:
-    with pytest.raises(docgen.DocError, match=r"_Undocumented: .* for b; .*pipeline\.docgen"):
+    with pytest.raises(docgen.DocError, match=r"_Undocumented: .* for b; .*tools\.docgen"):
         docgen.field_docs(_Undocumented)
 
 
@@ -72,7 +72,7 @@ def test_check_mode_reports_a_stale_document(tmp_path: Path,
     stale = tmp_path / "configuration.md"
     stale.write_text(DOC.read_text().replace("| `open_s` |", "| `open_s_old` |"))
     assert docgen.main([str(stale), "--check"]) == 1
-    assert "run `python -m pipeline.docgen`" in capsys.readouterr().err
+    assert "run `python -m tools.docgen`" in capsys.readouterr().err
     assert docgen.main([str(stale)]) == 0
     assert stale.read_text() == DOC.read_text()
 

@@ -1,7 +1,7 @@
 """How the configuration reference words a model's fields: meaning, type, default.
 
 Pure functions over pydantic models and values, with no knowledge of the document
-they end up in (that is :mod:`pipeline.docgen`):
+they end up in (that is :mod:`tools.docgen`):
 
 * :func:`field_comments`: the ``#:`` comment lines directly above each field in
   the model's source, a field's meaning when it has no ``description``;

@@ -12,13 +12,13 @@ Each setting's meaning is its ``Field(description=...)`` or, failing that, the
 field with neither is an error, so a new setting cannot go undocumented. The
 default column of the top-level table shows the built-in ``default.toml`` value
 where that file sets one. How a type, a default or a ``#:`` comment is put into
-words is :mod:`pipeline.fielddoc`; this module lays them out in tables, fills the
+words is :mod:`tools.fielddoc`; this module lays them out in tables, fills the
 template's blocks and is the command line.
 
 Regenerate after changing a model or ``default.toml``::
 
-    python -m pipeline.docgen            # rewrite docs/configuration.md
-    python -m pipeline.docgen --check    # exit 1 (with a diff) when it is out of date
+    python -m tools.docgen            # rewrite docs/configuration.md
+    python -m tools.docgen --check    # exit 1 (with a diff) when it is out of date
 
 ``tests/unit/test_config_docs.py`` runs the check.
 """
@@ -37,16 +37,16 @@ from pydantic.fields import FieldInfo
 
 from pipeline.breaker import BreakerConfig
 from pipeline.configfile import read_default_toml
-from pipeline.fielddoc import describe_type, field_comments, field_default, format_value
 from pipeline.settings import ENV_PREFIX, Settings
 from pipeline.tiers import Rule, TierConfig
 from pipeline.tokens import ApiToken
 from pipeline.webhooks import WebhookConfig
+from tools.fielddoc import describe_type, field_comments, field_default, format_value
 
 __all__ = ["DEFAULT_PATH", "REGENERATE", "field_docs", "main", "render", "render_blocks"]
 
 DEFAULT_PATH = Path("docs/configuration.md")
-REGENERATE = "python -m pipeline.docgen"
+REGENERATE = "python -m tools.docgen"
 _BLOCK = re.compile(
     r"(<!-- generated:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL
 )
@@ -228,7 +228,7 @@ def render(path: Path = DEFAULT_PATH) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.docgen",
+        prog="python -m tools.docgen",
         description="Regenerate the configuration reference from the settings models.")
     parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH,
                         help=f"the document (default: {DEFAULT_PATH})")

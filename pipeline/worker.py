@@ -5,7 +5,8 @@ The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
 finds the tier(s) behind the consumed queues, moves their due retries, and
 applies the tier's rate limit when the worker serves a single tier, and a worker
 that consumes nothing but one tier's queue gets that tier's prefetch and time
-limits (:func:`apply_tier`), unless its command line gave others. On Redis it
+limits (:func:`apply_tier`), and its pool unless it needs gevent's patching, unless
+its command line gave others (a different pool is logged as a warning). On Redis it
 refuses to start a worker of a tier queue whose priority steps leave some of the
 sub-lists the pipeline writes to unread (their work would wait forever).
 """
@@ -16,15 +17,18 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.concurrency import get_implementation
 
 from pipeline import adopt
 from pipeline.batch import BATCH_TASK_NAME
 from pipeline.config import Settings
 from pipeline.messages import TASK_NAME
+from pipeline.pools import CELERY_POOL_NAMES, green
 from pipeline.runtime import runtime_for
 from pipeline.schedule import RetryMover
 
-__all__ = ["PipelineWorkerStep", "apply_tier", "refuse_unread_priorities", "worker_argv"]
+__all__ = ["PipelineWorkerStep", "apply_tier", "pool_name", "refuse_unread_priorities",
+           "worker_argv"]
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +101,34 @@ def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
     for name in (TASK_NAME, BATCH_TASK_NAME):  # pipeline messages carry them too
         task = worker.app.tasks[name]
         task.time_limit, task.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
+    said.append(_apply_pool(worker, cfg.pool))
     said.append(f"time limits {cfg.soft_time_limit_s:g} s soft, {cfg.time_limit_s:g} s hard")
     said.append(f"rate limit {cfg.rate_limit or 'none'}")
     return f"tier {tier!r} worker: {', '.join(said)} (the tier's settings)"
+
+
+def pool_name(pool_cls: Any) -> str:
+    """``prefork``, ``threads``, ``gevent`` (or Celery's module name of another pool)."""
+    module = str(getattr(pool_cls, "__module__", pool_cls))
+    last = module.rsplit(".", 1)[-1]
+    return CELERY_POOL_NAMES.get({"thread": "threads"}.get(last, last), module)
+
+
+def _apply_pool(worker: Any, tier_pool: str) -> str:
+    """The tier's pool for a worker whose command line named none (gevent only when the
+    process was started patched: ``-P gevent``, or ``pipeline worker``); says what runs."""
+    running = pool_name(worker.pool_cls)
+    if running == tier_pool:
+        return f"pool {running}"
+    given = running != pool_name(get_implementation(worker.app.conf.worker_pool))
+    if not given and (tier_pool != "gevent" or green()):
+        worker.pool_cls = get_implementation(tier_pool)
+        return f"pool {tier_pool}"
+    why = "command line" if given else \
+        "gevent needs -P gevent on the command line, which patches before any import"
+    log.warning("pipeline: this worker runs the %s pool (%s); the tier's pool is %s",
+                running, why, tier_pool)
+    return f"pool {running} ({why}; the tier's is {tier_pool})"
 
 
 def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None:
@@ -113,12 +142,13 @@ def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None
 
 
 def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """``celery worker`` arguments for one tier: its queue, concurrency, prefetch
+    """``celery worker`` arguments for one tier: its queue, pool, concurrency, prefetch
     and time limits, task events on, and a node name that names the tier."""
     cfg = settings.tier(tier)
     argv = [
         "worker",
         "--queues", settings.queue_for(tier),
+        "--pool", cfg.pool,
         "--concurrency", str(cfg.concurrency),
         "--prefetch-multiplier", str(cfg.prefetch_multiplier),
         "--time-limit", f"{cfg.time_limit_s:g}",

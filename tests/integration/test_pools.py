@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeline.ingest import task_id_for
 from pipeline.retry import Reason
@@ -42,7 +44,9 @@ def stack(request: pytest.FixtureRequest, redis_url: str,
     config.write_text(config.read_text().replace(
         'handler_modules = ["pipeline.demo"]',
         'handler_modules = ["pipeline.demo", "tests.integration.io_handlers"]'))
-    s = Stack(redis_url, config, tmp)
+    metrics_dir = tmp / "metrics"
+    metrics_dir.mkdir()
+    s = Stack(redis_url, config, tmp, env_extra={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     try:
         s.start_worker("io")
         yield s
@@ -57,6 +61,17 @@ def io_worker(stack: Stack) -> str:
 def test_the_worker_runs_the_tiers_pool(stack: Stack) -> None:
     pool = stack.rt.settings.tier("io").pool
     assert f"pool {pool}," in io_worker(stack)
+
+
+def test_attempts_run_at_once_are_each_counted_in_multiprocess_metrics(stack: Stack) -> None:
+    results = [stack.publish("demo.ok", tier="io") for _ in range(20)]
+    for r in results:
+        stack.wait_effect(str(r.id))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=stack.env_extra["PROMETHEUS_MULTIPROC_DIR"])
+    labels = {"tier": "io", "handler": "demo.ok", "outcome": "succeeded"}
+    assert wait_for(lambda: registry.get_sample_value("pipeline_tasks_total", labels) == 20,
+                    10, "20 succeeded attempts to be counted")
 
 
 def test_a_failing_handler_is_retried_then_dead_lettered(stack: Stack) -> None:

@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 # Wheels of the package and every dependency, so the runtime stage needs no compiler.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[gevent]"  # gevent: tiers with pool = "gevent"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 ENV PYTHONUNBUFFERED=1 \
@@ -22,7 +22,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --system --uid 10001 --user-group --home-dir /app --create-home pipeline \
     && install -d -o 10001 -g 10001 /var/lib/pipeline/metrics  # the shared metrics volume
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels celery-event-pipeline \
+RUN pip install --no-cache-dir --no-index --find-links /wheels "celery-event-pipeline[gevent]" \
     && rm -rf /wheels
 USER 10001:10001
 WORKDIR /app

@@ -10,7 +10,7 @@ import sys
 SCENARIOS = {"ingest": "bench.ingest", "dlq": "bench.dlq", "batch": "bench.batch",
              "isolation": "bench.isolation", "overhead": "bench.overhead",
              "seed": "bench.seed", "report": "bench.report",
-             "console": "bench.console", "latency": "bench.latency"}
+             "console": "bench.console", "latency": "bench.latency", "io": "bench.io"}
 
 
 def main() -> int:

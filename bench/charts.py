@@ -16,7 +16,7 @@ COLORS = {"shared": "tab:red", "tiered": "tab:green", "bare": "tab:blue"}
 
 def render(scenario: str, directory: Path) -> Path | None:
     """Draw ``scenario``'s chart next to its JSON; None when there is no drawer for it."""
-    draw = DRAWERS.get(scenario)
+    draw = DRAWERS.get(scenario) or DRAWERS.get(scenario.split("-")[0])  # io-batch10: io
     source = directory / f"{scenario}.json"
     if draw is None or not source.exists():
         return None
@@ -133,6 +133,19 @@ def _dlq(plt: Any, data: dict[str, Any]) -> Any:
     return fig
 
 
+def _io(plt: Any, data: dict[str, Any]) -> Any:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    sides = data["sides"]
+    labels = [f"{p} -c {s['concurrency']}" for p, s in sides.items()]
+    _bars(left, labels, [s["events_per_s"] for s in sides.values()])
+    left.set_ylabel("events/s, one worker")
+    left.set_title(f"{data['events']:,} events, {data['delay_ms']:g} ms downstream", fontsize=9)
+    _bars(right, labels, [s["rss_mib_peak"] for s in sides.values()], "{:,.0f} MiB")
+    right.set_ylabel("RSS of the worker's processes (peak, MiB)")
+    right.set_title("memory", fontsize=9)
+    return fig
+
+
 CLASS_COLORS = {"reward": "tab:red", "game": "tab:orange", "interaction": "tab:blue",
                 "analytics": "tab:gray"}
 
@@ -193,5 +206,5 @@ def _seed(plt: Any, data: dict[str, Any]) -> Any:
 
 DRAWERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
     "isolation": _isolation, "overhead": _overhead, "ingest": _ingest, "batch": _batch,
-    "dlq": _dlq, "seed": _seed,
+    "dlq": _dlq, "seed": _seed, "io": _io,
 }

@@ -98,6 +98,18 @@ def _figures(name: str, data: dict[str, Any]) -> list[str]:
                 *_table(rows, ["side", "p50 ms", "p99 ms"])]
     if name == "seed":
         return _seed(data)
+    if name.split("-")[0] == "io":  # io, io-batch10
+        rows = [[f"{pool} -c {s['concurrency']}", _fmt(s["events_per_s"]),
+                 _fmt(s["events_per_s"] / data["sides"]["prefork"]["events_per_s"]),
+                 _fmt(s["handler_ms"]["p50"]), _fmt(s["handler_ms"]["p99"]),
+                 _fmt(s["rss_mib_peak"]), str(s["processes"]), _fmt(s["cpu_ms_per_event"])]
+                for pool, s in data["sides"].items()]
+        return [f"{data['events']:,} events per side, each handler one HTTP call answered "
+                f"after {data['delay_ms']:g} ms; one worker per side, task events off, "
+                f"batch_size {data.get('batch_size', 0)}.", "",
+                *_table(rows, ["side", "events/s", "vs prefork", "handler p50 ms",
+                               "handler p99 ms", "RSS peak MiB", "processes",
+                               "CPU ms/event"])]
     for key in ("events_per_s_median", "seconds_median"):
         if key in data:
             unit = "events/s" if key.startswith("events") else "seconds"

@@ -155,7 +155,7 @@ class Attempt:
                 self.batch.start(self.as_try())
             try:
                 with running(ctx):
-                    entry(event)
+                    entry(event, timeout_s=tier.soft_time_limit_s)
             except RetryAfter as exc:  # the handler asks for a delay: not a failure
                 return self.defer(exc.delay_s, "requested")
             except Exception as exc:

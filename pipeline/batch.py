@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -35,6 +36,7 @@ from kombu.utils.limits import TokenBucket
 from pipeline.attempt import LIVE_CLAIMS, Attempt
 from pipeline.batchledger import BatchLedger
 from pipeline.messages import TaskSpec
+from pipeline.pools import processes
 from pipeline.runtime import runtime_for
 from pipeline.tasks import PipelineTask, settle_or_requeue
 from pipeline.taskstate import BatchDeadLettered, raise_for
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
     from pipeline.runtime import Runtime
 
-__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "batch_outcomes", "batch_spec",
+__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "RateGate", "batch_outcomes", "batch_spec",
            "batch_verdict", "register_batch_task"]
 
 BATCH_TASK_NAME = "pipeline.handle_batch"
@@ -92,7 +94,7 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     read at the end. A settle that cannot reach the state store raises: the batch
     is redelivered and its settled events are acknowledged, not re-run."""
     outcomes: Counter[str] = Counter()
-    bucket = _rate_bucket(rt, str(kwargs.get("tier", "")))
+    gate = _rate_gate(rt, str(kwargs.get("tier", "")))
     attempts = batch_attempts(rt, events, kwargs)
     session = BatchLedger(rt.ledger)
     tokens = {a.token for a in attempts}
@@ -101,13 +103,12 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
         begins = session.begin_many([a.as_try() for a in attempts])
         for attempt, begun in zip(attempts, begins, strict=True):
             attempt.begun, attempt.batch = begun, session
-        if bucket is None:  # a settle starts the next try (a rate limit may wait between)
+        if gate is None:  # a settle starts the next try (a rate limit may wait between)
             for attempt, after in itertools.pairwise(attempts):
                 attempt.following = after
         for attempt in attempts:
-            if bucket is not None:
-                while not bucket.can_consume(1):
-                    time.sleep(bucket.expected_time(1))
+            if gate is not None:
+                gate.wait()
             outcomes[attempt.run()] += 1
     finally:
         LIVE_CLAIMS.difference_update(tokens)
@@ -135,19 +136,39 @@ def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
     return [Attempt(rt, event_task_id(e, handler, scope), e, dict(kwargs)) for e in events]
 
 
-_BUCKETS: dict[tuple[int, str], TokenBucket | None] = {}  # (pid, tier) -> its rate limit
+class RateGate:
+    """A token bucket that the threads (or greenlets) of one process share."""
+
+    def __init__(self, per_s: float) -> None:
+        self._bucket = TokenBucket(per_s, capacity=1)
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Return once this caller may go; sleeps (without the lock) until then."""
+        while True:
+            with self._lock:
+                if self._bucket.can_consume(1):
+                    return
+                pause_s = self._bucket.expected_time(1)
+            time.sleep(pause_s)
 
 
-def _rate_bucket(rt: Runtime, tier: str) -> TokenBucket | None:
-    """The tier's ``rate_limit`` shared out over the worker's processes, as Celery's
-    per-worker limit is, applied per event of a batch."""
+_GATES: dict[tuple[int, str], RateGate | None] = {}  # (pid, tier) -> its rate limit
+_GATES_LOCK = threading.Lock()
+
+
+def _rate_gate(rt: Runtime, tier: str) -> RateGate | None:
+    """The tier's ``rate_limit`` shared out over the worker's processes (``concurrency``
+    under prefork, one under threads and gevent), as Celery's per-worker limit is,
+    applied per event of a batch."""
     key = (os.getpid(), tier)
-    if key not in _BUCKETS:
-        cfg = rt.settings.tiers.get(tier)
-        per_s = rate(cfg.rate_limit) if cfg is not None and cfg.rate_limit else 0.0
-        _BUCKETS[key] = TokenBucket(per_s / cfg.concurrency, capacity=1) \
-            if cfg is not None and per_s else None
-    return _BUCKETS[key]
+    with _GATES_LOCK:
+        if key not in _GATES:
+            cfg = rt.settings.tiers.get(tier)
+            per_s = rate(cfg.rate_limit) if cfg is not None and cfg.rate_limit else 0.0
+            _GATES[key] = RateGate(per_s / processes(cfg.pool, cfg.concurrency)) \
+                if cfg is not None and per_s else None
+        return _GATES[key]
 
 
 def batch_verdict(result: str) -> BatchDeadLettered | None:

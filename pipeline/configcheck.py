@@ -4,7 +4,9 @@ Each field of :class:`~pipeline.settings.Settings` is valid on its own once it h
 loaded; :func:`check_settings` finds what is wrong between them (a rule naming an
 unknown tier, two tiers on one queue, a visibility timeout shorter than a tier's
 longest unacked time, a RabbitMQ broker without a Redis ``state_url``, a Redis
-broker with a ``state_url`` naming another Redis) and, when asked to import the
+broker with a ``state_url`` naming another Redis, a ``gevent`` tier without gevent
+installed, a ``threads`` or ``gevent`` tier that has not accepted that its hard time
+limit is not enforced) and, when asked to import the
 handler modules, between the handlers and the config. URLs are shown without
 their passwords.
 
@@ -20,6 +22,7 @@ import importlib
 from typing import Any
 
 from pipeline.errors import NO_VALUE, FieldProblem
+from pipeline.pools import gevent_installed, pool_problems
 from pipeline.redisurl import redact, same_redis
 from pipeline.settings import Settings
 
@@ -59,6 +62,11 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
             problems.append(
                 FieldProblem(f"tiers.{name}.queue", queue, "same name as dead_letter_queue")
             )
+    gevent_available = gevent_installed()
+    for name, tier in tiers.items():
+        problems += pool_problems(name, tier.pool, acknowledged=tier.accept_unenforced_time_limit,
+                                  time_limit_s=tier.time_limit_s,
+                                  gevent_available=gevent_available)
     scheme = settings.broker_scheme
     if scheme not in SUPPORTED_SCHEMES:
         problems.append(

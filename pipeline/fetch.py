@@ -64,6 +64,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from pipeline.inflight import CONSUMERS_KEY, LOST_AFTER_S, Heartbeat, inflight_key
+from pipeline.poller import Poller
 
 __all__ = ["SentinelTransport", "Transport", "install"]
 
@@ -125,8 +126,10 @@ class QoS(kredis.QoS):
             with self.channel._acks_lock:
                 self.channel._acks.append(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
-            return
-        super().ack(delivery_tag)
+        else:
+            super().ack(delivery_tag)
+        if isinstance(cycle := self.channel.connection.cycle, Poller):
+            cycle.credit.set()  # a consumer blocked for credit may fetch again
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         """On a channel closed under a running task (the broker connection was lost;
@@ -309,6 +312,10 @@ class Transport(kredis.Transport):
 
     Channel = Channel
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()  # waits for credit, not a second (workers with no event loop)
+
 
 #: the kombu transport aliases this module takes over (URL scheme -> class path)
 ALIASES = {"redis": "pipeline.fetch:Transport", "rediss": "pipeline.fetch:Transport",
@@ -336,3 +343,7 @@ class SentinelTransport(kredis.SentinelTransport):
     """kombu's Sentinel transport with :class:`Channel`'s reliable fetch."""
 
     Channel = SentinelChannel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle = Poller()

@@ -12,6 +12,10 @@
     def credit_wallet(event: Event, payload: Granted) -> None:
         ...
 
+A handler may be an ``async def``: it runs to completion within its attempt, on
+its worker thread's event loop, cancelled at the tier's ``soft_time_limit_s``
+(:mod:`pipeline.eventloop` says which loop under which pool, and why).
+
 An event type with several handlers becomes one task per (event, handler), so a
 failing handler never re-runs one that already succeeded. ``model`` is validated
 on the worker; a payload that fails it is dead-lettered as ``invalid_payload``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +35,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from pipeline import eventloop
 from pipeline.errors import DuplicateHandler, OutsideHandler, UsageError
 from pipeline.events import Event
 
@@ -62,10 +68,16 @@ class Handler:
         """Whether this handler is registered for ``event_type`` (its pattern matches)."""
         return fnmatch.fnmatchcase(event_type, self.pattern)
 
-    def __call__(self, event: Event) -> Any:
+    def __call__(self, event: Event, *, timeout_s: float | None = None) -> Any:
+        """Run the handler; an async one's coroutine to completion, cancelled at
+        ``timeout_s`` (``SoftTimeLimitExceeded``)."""
         if self.model is None:
-            return self.func(event)
-        return self.func(event, self.model.model_validate(event.payload))
+            result = self.func(event)
+        else:
+            result = self.func(event, self.model.model_validate(event.payload))
+        if inspect.iscoroutine(result):
+            return eventloop.run(result, timeout_s)
+        return result
 
 
 class Registry:

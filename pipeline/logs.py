@@ -8,7 +8,10 @@ root logger. The format is JSON unless the stream is a terminal;
 While ``pipeline.handle`` runs, ``event_id``, ``type``, ``tier``, ``task_id``,
 ``attempt`` and ``handler`` are bound as context variables (Celery's
 ``task_prerun``/``task_postrun`` signals), so every line logged during the task,
-by anyone, carries them. Only an allow-list of ``extra`` fields is copied into a
+by anyone, carries them. Context variables are per thread and per greenlet, so
+under a ``threads`` or ``gevent`` pool each attempt's lines carry its own fields:
+``task_postrun`` resets exactly what its ``task_prerun`` set, in the same thread.
+Only an allow-list of ``extra`` fields is copied into a
 line: Celery attaches the task's full arguments (the event and its payload) to
 its own records as ``extra={"data": ...}``, and a payload may hold secrets. The
 password of every URL in a line (a broker URL in an error) is masked.
@@ -24,6 +27,8 @@ import logging
 import os
 import sys
 import weakref
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
@@ -48,6 +53,9 @@ EXTRA_ALLOWED = (*EVENT_FIELDS, "reason", "exception", "delay_s", "outcome", "wh
 _handler: logging.Handler | None = None
 _celery_apps: weakref.WeakSet[Celery] = weakref.WeakSet()
 _installed = False
+# the tokens of what _bind_task set in this context, for _unbind_task to reset
+_bound: ContextVar[Mapping[str, Token[Any]] | None] = ContextVar("pipeline_log_bound",
+                                                                 default=None)
 
 
 class _AttemptLike(Protocol):
@@ -163,6 +171,10 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    # create structlog's variables now, in one thread: two threads binding a field
+    # first at the same moment would each make one, and one would never be unbound
+    structlog.contextvars.reset_contextvars(
+        **structlog.contextvars.bind_contextvars(**dict.fromkeys(EVENT_FIELDS)))
     signals.task_prerun.connect(_bind_task, weak=False)
     signals.task_postrun.connect(_unbind_task, weak=False)
     signals.celeryd_init.connect(_on_celeryd_init, weak=False)
@@ -181,14 +193,23 @@ def _bind_task(task_id: str = "", task: Any = None, args: Any = None, kwargs: An
         return
     event = args[0] if args and isinstance(args[0], dict) else {}
     kw = kwargs or {}
-    structlog.contextvars.bind_contextvars(
+    _bound.set(structlog.contextvars.bind_contextvars(
         event_id=event.get("id"), type=event.get("type"), tier=kw.get("tier"),
-        task_id=task_id, attempt=kw.get("attempt", 1), handler=kw.get("handler") or None)
+        task_id=task_id, attempt=kw.get("attempt", 1), handler=kw.get("handler") or None))
 
 
 def _unbind_task(task: Any = None, **_: Any) -> None:
-    if getattr(task, "name", None) == TASK_NAME:
-        structlog.contextvars.unbind_contextvars(*EVENT_FIELDS)
+    if getattr(task, "name", None) != TASK_NAME:
+        return
+    tokens = _bound.get()
+    if tokens is not None:
+        _bound.set(None)
+        try:
+            structlog.contextvars.reset_contextvars(**tokens)
+            return
+        except ValueError:  # set in another context (not Celery's order): unbind instead
+            pass
+    structlog.contextvars.unbind_contextvars(*EVENT_FIELDS)
 
 
 def _on_celeryd_init(instance: Any = None, **_: Any) -> None:

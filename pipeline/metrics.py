@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -35,6 +36,7 @@ from pipeline.messages import ENQUEUED_AT_HEADER, TASK_NAME
 from pipeline.rates import OutcomeRates
 from pipeline.retry import decide
 from pipeline.runtime import Runtime, runtime_for
+from pipeline.tasks import timeout_settled
 from pipeline.taskstate import settled_result
 
 
@@ -78,7 +80,9 @@ END_TO_END = Histogram(
     "From the event's acceptance at ingest until its handler succeeded (retries included).",
     ["tier"], buckets=LATENCY_BUCKETS_S)
 
-_started: dict[str, float] = {}  # task id -> monotonic start, in the process running it
+# (task id, thread) -> monotonic start, in the process running it: under a threads or
+# gevent pool two deliveries of one task may run at once (threading ident: greenlet's).
+_started: dict[tuple[str, int], float] = {}
 _timed_out: OrderedDict[tuple[str, int], None] = OrderedDict()  # recent (task id, attempt)
 TIMED_OUT_REMEMBERED = 1000  # hard time limits remembered, to count each once
 _installed = False
@@ -167,7 +171,7 @@ def _on_prerun(task_id: str = "", task: Any = None, kwargs: Any = None, **_: Any
     runtime = _ours(task)
     if runtime is None:
         return
-    _started[task_id] = time.monotonic()
+    _started[(task_id, threading.get_ident())] = time.monotonic()
     enqueued_at = task.request.get(ENQUEUED_AT_HEADER)
     if isinstance(enqueued_at, int | float):
         QUEUE_WAIT.labels(_tier(runtime, kwargs)).observe(max(0.0, time.time() - enqueued_at))
@@ -178,7 +182,7 @@ def _on_postrun(task_id: str = "", task: Any = None, kwargs: Any = None, retval:
     runtime = _ours(task)
     if runtime is None:
         return
-    started = _started.pop(task_id, None)
+    started = _started.pop((task_id, threading.get_ident()), None)
     duration_s = time.monotonic() - started if started is not None else None
     tier = _tier(runtime, kwargs)
     handler = str((kwargs or {}).get("handler", ""))
@@ -215,7 +219,7 @@ def _on_failure(sender: Any = None, task_id: str = "", exception: BaseException 
         _timed_out.popitem(last=False)
     tier = _tier(runtime, kwargs)
     outcome, reason = timeout_outcome(
-        exception, settled=bool(getattr(sender, "timeout_settled", False)),
+        exception, settled=timeout_settled(task_id),
         attempt=attempt, runtime=runtime, tier=tier)
     _record(runtime, tier, str((kwargs or {}).get("handler", "")), outcome, reason, None)
 

@@ -117,12 +117,16 @@ class _Buffer:
 
 
 _buffers: dict[int, _Buffer] = {}  # by pid: a forked pool process starts empty
+_buffers_lock = threading.Lock()  # two threads' first counts must not make two buffers
 
 
 def _buffer() -> _Buffer:
     pid = os.getpid()
     found = _buffers.get(pid)
     if found is None:
-        _buffers.clear()
-        found = _buffers[pid] = _Buffer(pid)
+        with _buffers_lock:
+            found = _buffers.get(pid)
+            if found is None:
+                _buffers.clear()
+                found = _buffers[pid] = _Buffer(pid)
     return found

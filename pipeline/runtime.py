@@ -1,7 +1,11 @@
 """Per-app, per-process wiring: settings, state client, retry schedule, DLQ, publisher.
 
 Clients are created lazily and again after a fork, so a prefork child never
-shares a socket with its parent. The handler modules (``handler_modules``) are
+shares a socket with its parent. Under a ``threads`` or ``gevent`` pool many attempts
+share one runtime at once: each object is created once, under a lock, and what it
+holds is safe to share (redis-py clients take a pooled connection per command; the
+ledger, breakers, schedule and DLQ keep no per-attempt state, every step of an
+attempt being one Lua script). The handler modules (``handler_modules``) are
 imported lazily too, by :meth:`Runtime.load_handlers`: when a worker of a tier
 queue starts, and before the first publish or replay, never when an app is built
 or attached (a handler module may import the very app module that attaches).
@@ -10,8 +14,10 @@ or attached (a handler module may import the very app module that attaches).
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Runtime", "bind", "runtime_for"]
 
+T = TypeVar("T")
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
 
 
@@ -48,15 +55,31 @@ class Runtime:
         self._ledger: Ledger | None = None
         self._breakers: Breakers | None = None
         self._handlers_loaded = False
+        self._lock = threading.RLock()  # creating a shared object (threads, gevent)
 
     def load_handlers(self) -> None:
         """Import the ``handler_modules`` (once) so that their ``@handler`` decorators register."""
-        if not self._handlers_loaded:
-            import_handler_modules(self.settings.handler_modules)
-            self._handlers_loaded = True
+        with self._lock:
+            if not self._handlers_loaded:
+                import_handler_modules(self.settings.handler_modules)
+                self._handlers_loaded = True
+
+    def _once(self, attr: str, make: Callable[[], T]) -> T:
+        """``self.<attr>``, made by ``make`` at its first use in this process, once
+        however many threads ask at the same time."""
+        self._check_fork()
+        value: Any = getattr(self, attr)
+        if value is None:
+            with self._lock:
+                value = getattr(self, attr)
+                if value is None:
+                    value = make()
+                    setattr(self, attr, value)
+        return value  # type: ignore[no-any-return]
 
     def _check_fork(self) -> None:
         if self._pid != os.getpid():
+            self._lock = threading.RLock()  # a lock held at fork time stays held in the child
             self._pid = os.getpid()
             self._state = None
             self._schedule = None
@@ -67,56 +90,45 @@ class Runtime:
 
     @property
     def state(self) -> redis.Redis:
-        self._check_fork()
-        if self._state is None:
-            url = self.settings.effective_state_url
-            if url is None:
-                raise StateStoreMissing("no state_url configured (required with a RabbitMQ broker)")
-            self._state = state.connect(url, self.settings.broker_transport_options)
-        return self._state
+        return self._once("_state", self._connect)
+
+    def _connect(self) -> redis.Redis:
+        url = self.settings.effective_state_url
+        if url is None:
+            raise StateStoreMissing("no state_url configured (required with a RabbitMQ broker)")
+        return state.connect(url, self.settings.broker_transport_options)
 
     @property
     def ledger(self) -> Ledger:
-        self._check_fork()
-        if self._ledger is None:
-            self._ledger = Ledger(self.state, self.settings.idempotency_window_s)
-        return self._ledger
+        return self._once("_ledger",
+                          lambda: Ledger(self.state, self.settings.idempotency_window_s))
 
     @property
     def breakers(self) -> Breakers:
-        self._check_fork()
-        if self._breakers is None:
-            longest_s = max((t.time_limit_s for t in self.settings.tiers.values()), default=None)
-            self._breakers = Breakers(self.state, self.settings.breakers,
-                                      longest_time_limit_s=longest_s)
-        return self._breakers
+        return self._once("_breakers", lambda: Breakers(
+            self.state, self.settings.breakers, longest_time_limit_s=max(
+                (t.time_limit_s for t in self.settings.tiers.values()), default=None)))
 
     @property
     def schedule(self) -> RetrySchedule:
-        self._check_fork()
-        if self._schedule is None:
-            self._schedule = RetrySchedule(
-                self.app, self.state, atomic_move=self.settings.broker_is_redis,
-                redact_paths=self.settings.redact_paths)
-        return self._schedule
+        return self._once("_schedule", lambda: RetrySchedule(
+            self.app, self.state, atomic_move=self.settings.broker_is_redis,
+            redact_paths=self.settings.redact_paths))
 
     @property
     def dlq(self) -> DeadLetterQueue:
-        self._check_fork()
-        if self._dlq is None:
-            client = self.state if self.settings.broker_is_redis else None
-            self._dlq = DeadLetterQueue(self.app, self.settings, client)
-        return self._dlq
+        return self._once("_dlq", lambda: DeadLetterQueue(
+            self.app, self.settings, self.state if self.settings.broker_is_redis else None))
 
     @property
     def publisher(self) -> Publisher:
+        return self._once("_publisher", self._make_publisher)
+
+    def _make_publisher(self) -> Publisher:
         from pipeline.ingest import Publisher
 
-        self._check_fork()
-        if self._publisher is None:
-            self.load_handlers()  # an event becomes one task per registered handler
-            self._publisher = Publisher(self)
-        return self._publisher
+        self.load_handlers()  # an event becomes one task per registered handler
+        return Publisher(self)
 
 
 def bind(app: Celery, settings: Settings) -> Runtime:

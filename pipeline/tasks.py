@@ -18,6 +18,7 @@ re-published.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from pipeline.taskstate import BatchDeadLettered, DeadLettered, raise_for
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["TASK_NAME", "PipelineTask", "register_task", "settle_or_requeue"]
+__all__ = ["TASK_NAME", "PipelineTask", "register_task", "settle_or_requeue", "timeout_settled"]
 
 TASK_NAME = "pipeline.handle"
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ class PipelineTask(Task):  # type: ignore[type-arg]
     ignore_result = True
     serializer = "json"
     typing = False  # kwargs are validated by the envelope, not by signature binding
-    timeout_settled = False  # the last hard time limit's try was settled (for metrics)
     # expected: Celery logs them at INFO without a traceback (the attempt logged it)
     throws = (DeadLettered, BatchDeadLettered)
 
@@ -65,7 +65,7 @@ class PipelineTask(Task):  # type: ignore[type-arg]
         message that never began run on its redelivery."""
         if not isinstance(exc, TimeLimitExceeded) or not args:
             return
-        self.timeout_settled = False
+        _timeouts_settled.pop(task_id, None)
         try:
             for attempt in self.attempts(task_id, args, kwargs):
                 attempt.only_if_running = True  # settled or never begun: left alone
@@ -75,10 +75,24 @@ class PipelineTask(Task):  # type: ignore[type-arg]
                     for downstream in entry.downstreams:
                         attempt.rt.breakers.record(downstream, ok=False,
                                                    token=attempt.breaker_token(downstream))
-            self.timeout_settled = True
+            _timeouts_settled[task_id] = True
+            while len(_timeouts_settled) > TIMEOUTS_REMEMBERED:  # nobody read the oldest
+                _timeouts_settled.popitem(last=False)
         except Exception:
             log.exception("could not settle task %s after its hard time limit; its "
                           "redelivery settles it as lost", task_id, extra={"task_id": task_id})
+
+
+TIMEOUTS_REMEMBERED = 1000  # hard time limits whose settle outcome is kept for metrics
+# task id -> its try settled after a hard time limit; by task, not on the shared task
+# object: under gevent several greenlets time out at once.
+_timeouts_settled: OrderedDict[str, bool] = OrderedDict()
+
+
+def timeout_settled(task_id: str) -> bool:
+    """Whether ``on_failure`` settled ``task_id``'s try after its hard time limit (read
+    once, by the ``task_failure`` receiver that follows it)."""
+    return _timeouts_settled.pop(task_id, False)
 
 
 def register_task(app: Celery) -> Any:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.events import TIER_PATTERN, Event
+from pipeline.pools import Pool
 
 __all__ = ["Rule", "TierConfig", "classify"]
 
@@ -26,8 +27,18 @@ class TierConfig(BaseModel):
 
     #: broker queue of the tier. Unset: the tier's name.
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+$")] | None = None
-    #: worker processes per tier worker (`pipeline worker --tier` passes it as `-c`).
+    #: Celery pool of the tier's workers: `"prefork"` (processes), `"threads"` or
+    #: `"gevent"` (greenlets; needs the `gevent` extra) for handlers that wait on I/O.
+    #: `pipeline worker --tier` passes it as `--pool`.
+    pool: Pool = "prefork"
+    #: per tier worker: processes (prefork) or threads/greenlets (threads, gevent);
+    #: `pipeline worker --tier` passes it as `-c`.
     concurrency: Annotated[int, Field(ge=1, le=512)] = 2
+    #: a `threads` or `gevent` pool cannot kill a handler at `time_limit_s` (threads:
+    #: no limit at all; gevent: only at its next I/O): set true once the handler's own
+    #: calls carry timeouts that end it before then. `pipeline config check` refuses
+    #: such a tier without it.
+    accept_unenforced_time_limit: bool = False
     #: messages reserved per process; 1 for latency-sensitive tiers.
     prefetch_multiplier: Annotated[int, Field(ge=1, le=1000)] = 4
     #: retries after the first attempt; attempts in all = max_retries + 1.

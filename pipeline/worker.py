@@ -5,8 +5,9 @@ The step works for plain ``celery -A pipeline.app worker -Q <queue>`` too: it
 finds the tier(s) behind the consumed queues, moves their due retries, and
 applies the tier's rate limit when the worker serves a single tier, and a worker
 that consumes nothing but one tier's queue gets that tier's prefetch and time
-limits (:func:`apply_tier`), unless its command line gave others (an option
-given explicitly wins, even when it equals the app's value), and its startup
+limits (:func:`apply_tier`), and its pool unless it needs gevent's patching,
+unless its command line gave others (an option given explicitly wins, even when it
+equals the app's value; a different pool is logged as a warning), and its startup
 banner says which. On Redis it refuses to start a worker of a tier queue whose
 priority steps leave some of the sub-lists the pipeline writes to unread (their
 work would wait forever).
@@ -19,6 +20,7 @@ from typing import Any
 
 import click
 from celery import bootsteps
+from celery.concurrency import get_implementation
 from celery.signals import celeryd_init
 from click.core import ParameterSource
 
@@ -26,16 +28,19 @@ from pipeline import adopt
 from pipeline.batch import BATCH_TASK_NAME
 from pipeline.config import Settings
 from pipeline.messages import TASK_NAME
+from pipeline.pools import CELERY_POOL_NAMES, green
 from pipeline.runtime import runtime_for
 from pipeline.schedule import RetryMover
 
-__all__ = ["PipelineWorkerStep", "apply_tier", "given_options", "refuse_unread_priorities",
-           "worker_argv"]
+__all__ = ["PipelineWorkerStep", "apply_tier", "given_options", "pool_name",
+           "refuse_unread_priorities", "worker_argv"]
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2  # a worker refused for its configuration exits with the CLI's config code
-TIER_OPTIONS = ("prefetch_multiplier", "time_limit", "soft_time_limit")  # a tier's, unless given
+# a tier's, unless given (click's parameter names)
+TIER_OPTIONS = ("prefetch_multiplier", "time_limit", "soft_time_limit", "pool")
+OPTION_KEYS = {"pool": "pool_cls"}  # where a worker built in code passes them, when renamed
 GIVEN_ATTR = "pipeline_given_options"  # worker attribute: the TIER_OPTIONS given explicitly
 BANNER_LABEL = ".> pipeline:    "  # the line the step adds to the worker's [config] banner
 
@@ -61,7 +66,7 @@ def given_options(options: dict[str, Any], ctx: click.Context | None) -> set[str
             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT,
                                                       ParameterSource.DEFAULT_MAP, None):
                 given.add(name)
-        elif options.get(name) is not None:
+        elif options.get(OPTION_KEYS.get(name, name)) is not None:
             given.add(name)
     return given
 
@@ -134,9 +139,33 @@ def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
     for name in (TASK_NAME, BATCH_TASK_NAME):  # pipeline messages carry them too
         task = worker.app.tasks[name]
         task.time_limit, task.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
+    said.append(_apply_pool(worker, cfg.pool, given="pool" in given))
     said.append(f"time limits {cfg.soft_time_limit_s:g} s soft, {cfg.time_limit_s:g} s hard")
     said.append(f"rate limit {cfg.rate_limit or 'none'}")
     return f"tier {tier!r} worker: {', '.join(said)} (the tier's settings)"
+
+
+def pool_name(pool_cls: Any) -> str:
+    """``prefork``, ``threads``, ``gevent`` (or Celery's module name of another pool)."""
+    module = str(getattr(pool_cls, "__module__", pool_cls))
+    last = module.rsplit(".", 1)[-1]
+    return CELERY_POOL_NAMES.get({"thread": "threads"}.get(last, last), module)
+
+
+def _apply_pool(worker: Any, tier_pool: str, *, given: bool) -> str:
+    """The tier's pool for a worker whose command line named none (gevent only when the
+    process was started patched: ``-P gevent``, or ``pipeline worker``); says what runs."""
+    running = pool_name(worker.pool_cls)
+    if running == tier_pool:
+        return f"pool {running}"
+    if not given and (tier_pool != "gevent" or green()):
+        worker.pool_cls = get_implementation(tier_pool)
+        return f"pool {tier_pool}"
+    why = "command line" if given else \
+        "gevent needs -P gevent on the command line, which patches before any import"
+    log.warning("pipeline: this worker runs the %s pool (%s); the tier's pool is %s",
+                running, why, tier_pool)
+    return f"pool {running} ({why}; the tier's is {tier_pool})"
 
 
 def _add_to_banner(worker: Any, said: str) -> None:
@@ -169,12 +198,13 @@ def refuse_unread_priorities(options: dict[str, Any], queues: list[str]) -> None
 
 
 def worker_argv(settings: Settings, tier: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """``celery worker`` arguments for one tier: its queue, concurrency, prefetch
+    """``celery worker`` arguments for one tier: its queue, pool, concurrency, prefetch
     and time limits, task events on, and a node name that names the tier."""
     cfg = settings.tier(tier)
     argv = [
         "worker",
         "--queues", settings.queue_for(tier),
+        "--pool", cfg.pool,
         "--concurrency", str(cfg.concurrency),
         "--prefetch-multiplier", str(cfg.prefetch_multiplier),
         "--time-limit", f"{cfg.time_limit_s:g}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -19,11 +20,16 @@ GENERATED_TOKEN_BYTES = 32  # entropy of the token --insecure-local makes for on
 @click.option("--tier", required=True, help="Tier whose queue this worker consumes.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(tier: str, celery_args: tuple[str, ...]) -> None:
-    """Start a Celery worker for one tier; extra arguments go to `celery worker`."""
+    """Start a Celery worker for one tier; extra arguments go to `celery worker`.
+
+    A gevent tier's worker (or one given `-P gevent`) starts again in a fresh
+    interpreter that monkey-patches the standard library before importing anything.
+    """
     try:
         from pipeline.app import app
     except ConfigError as exc:
         fail_config(exc)
+    from pipeline.pools import GEVENT_BOOT, GEVENT_EXTRA, cli_pool, gevent_installed, green
     from pipeline.runtime import runtime_for
     from pipeline.worker import worker_argv
 
@@ -31,6 +37,14 @@ def worker(tier: str, celery_args: tuple[str, ...]) -> None:
     if tier not in settings.tiers:
         raise click.BadParameter(f"unknown tier {tier!r} (tiers: {', '.join(settings.tiers)})",
                                  param_hint="--tier")
+    pool = cli_pool(celery_args) or settings.tier(tier).pool
+    if pool == "gevent" and not green():
+        if not gevent_installed():
+            click.echo(f"error: tier {tier!r} runs the gevent pool but gevent is not "
+                       f"installed: pip install '{GEVENT_EXTRA}'", err=True)
+            sys.exit(EXIT_CONFIG)
+        os.execv(sys.executable, [sys.executable, "-c", GEVENT_BOOT, "worker", "--tier", tier,
+                                  *celery_args])
     app.conf.worker_send_task_events = settings.tier(tier).task_events
     app.worker_main(worker_argv(settings, tier, celery_args))
 

@@ -18,6 +18,9 @@ from pipeline.state import Keys
 from tests.integration.support import Stack, wait_for, write_config
 
 VISIBILITY_TIMEOUT_S = 6.0  # short, so redelivery after a node crash is testable
+# worker arguments per pool: the command line's pool wins over the tier's (prefork)
+POOL_ARGS = {"prefork": (), "threads": ("-P", "threads", "-c", "8"),
+             "gevent": ("-P", "gevent", "-c", "8")}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,11 @@ def test_retry_waiting_longer_than_visibility_timeout_runs_exactly_once(stack: S
     worker.stop()
 
 
+@pytest.mark.parametrize("pool", list(POOL_ARGS))
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
-def test_pending_retries_survive_their_worker_being_stopped(stack: Stack, how: str) -> None:
-    worker = stack.start_worker("critical")
+def test_pending_retries_survive_their_worker_being_stopped(stack: Stack, how: str,
+                                                            pool: str) -> None:
+    worker = stack.start_worker("critical", *POOL_ARGS[pool])
     events = [stack.publish("demo.retry_after", source="vip-2",
                             payload={"delay_s": 3.0, "fail_times": 1}) for _ in range(20)]
     wait_for(lambda: pending_retries(stack, "critical") == 20, 20, "20 retries to be pending")
@@ -76,7 +81,7 @@ def test_pending_retries_survive_their_worker_being_stopped(stack: Stack, how: s
         worker.stop()
     else:
         worker.kill_all()
-    replacement = stack.start_worker("critical")
+    replacement = stack.start_worker("critical", *POOL_ARGS[pool])
     for event in events:
         stack.wait_effect(event.id, timeout_s=30)
     assert all(stack.effects(e.id) == 1 for e in events)
@@ -95,15 +100,16 @@ def test_worker_child_killed_mid_task_the_event_is_still_processed(stack: Stack)
     worker.stop()
 
 
+@pytest.mark.parametrize("pool", list(POOL_ARGS))
 def test_whole_worker_killed_mid_task_the_event_is_redelivered_and_processed(
-    stack: Stack,
+    stack: Stack, pool: str,
 ) -> None:
-    worker = stack.start_worker("critical")
+    worker = stack.start_worker("critical", *POOL_ARGS[pool])
     result = stack.publish("demo.slow", source="vip-4", payload={"ms": 1500})
     wait_for(lambda: _running(stack, result.task_ids[0]), 10, "the task to start")
     worker.kill_all()  # main process and children: the message stays unacked
     assert stack.effects(result.id) == 0
-    replacement = stack.start_worker("critical")
+    replacement = stack.start_worker("critical", *POOL_ARGS[pool])
     stack.wait_effect(result.id, timeout_s=VISIBILITY_TIMEOUT_S + 20)
     assert stack.effects(result.id) == 1
     replacement.stop()

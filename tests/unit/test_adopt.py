@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from celery.concurrency import get_implementation
 
 from pipeline import adopt
 from pipeline.app import attach
@@ -152,6 +153,7 @@ def fake_worker(app: Celery, **given: object) -> SimpleNamespace:
     """What a worker's ``setup_defaults`` leaves: the command line, else the app's conf;
     and which options were given (recorded at ``celeryd_init``)."""
     attrs = {"prefetch_multiplier": app.conf.worker_prefetch_multiplier,
+             "pool_cls": get_implementation(app.conf.worker_pool),
              "time_limit": app.conf.task_time_limit,
              "soft_time_limit": app.conf.task_soft_time_limit, **given}
     return SimpleNamespace(app=app, **attrs, **{GIVEN_ATTR: set(given)})

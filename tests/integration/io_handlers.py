@@ -1,0 +1,38 @@
+"""Async handlers for the pool tests; each records its effect in the demo effects hash."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis
+
+from pipeline import Event, current, handler
+from pipeline.state import Keys
+
+log = logging.getLogger(__name__)
+
+
+def _record(key: str) -> None:
+    state: redis.Redis = current().state  # the attempt's context reaches the coroutine
+    state.hincrby(Keys.demo_effects(), key, 1)
+
+
+@handler("io.async_ok", name="io.async_ok")
+async def async_ok(event: Event) -> None:
+    """Waits 50 ms on the event loop, logs one line, records one effect."""
+    await asyncio.sleep(0.05)
+    log.info("async handler ran for %s", event.id)
+    _record(str(event.id))
+
+
+@handler("io.async_stuck", name="io.async_stuck")
+async def async_stuck(event: Event) -> None:
+    """Never finishes by itself: only the soft time limit's cancellation ends it."""
+    _record(f"{event.id}:started")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        _record(f"{event.id}:cancelled")
+        raise
+    _record(f"{event.id}:finished")

@@ -102,7 +102,8 @@ def fake_worker(tmp_path: Path, pool: str, given: str | None) -> SimpleNamespace
     return SimpleNamespace(
         app=app, prefetch_multiplier=app.conf.worker_prefetch_multiplier,
         time_limit=app.conf.task_time_limit, soft_time_limit=app.conf.task_soft_time_limit,
-        pool_cls=get_implementation(given or app.conf.worker_pool))
+        pool_cls=get_implementation(given or app.conf.worker_pool),
+        pipeline_given_options={"pool"} if given else set())  # what -P on the CLI records
 
 
 def test_a_plain_worker_of_a_threads_tier_without_a_pool_option_runs_threads(

@@ -139,9 +139,9 @@ def apply_tier(worker: Any, settings: Settings, tier: str) -> str:
     for name in (TASK_NAME, BATCH_TASK_NAME):  # pipeline messages carry them too
         task = worker.app.tasks[name]
         task.time_limit, task.soft_time_limit = cfg.time_limit_s, cfg.soft_time_limit_s
-    said.append(_apply_pool(worker, cfg.pool, given="pool" in given))
     said.append(f"time limits {cfg.soft_time_limit_s:g} s soft, {cfg.time_limit_s:g} s hard")
     said.append(f"rate limit {cfg.rate_limit or 'none'}")
+    said.append(_apply_pool(worker, cfg.pool, given="pool" in given))
     return f"tier {tier!r} worker: {', '.join(said)} (the tier's settings)"
 
 

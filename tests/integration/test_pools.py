@@ -60,7 +60,7 @@ def io_worker(stack: Stack) -> str:
 
 def test_the_worker_runs_the_tiers_pool(stack: Stack) -> None:
     pool = stack.rt.settings.tier("io").pool
-    assert f"pool {pool}," in io_worker(stack)
+    assert f", pool {pool} (the tier's settings)" in io_worker(stack)
 
 
 def test_attempts_run_at_once_are_each_counted_in_multiprocess_metrics(stack: Stack) -> None:

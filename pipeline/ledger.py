@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import redis
 
+from pipeline.dlqscripts import INDEX_LUA
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
@@ -95,8 +96,9 @@ return {'run'}
 
 # KEYS: settled mark, running mark, done mark, target (schedule zset or DLQ list)
 # ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
-#       settled ttl_s, done ttl_s, only if running (1/0), member or message, score
-_SETTLE_LUA = """
+#       settled ttl_s, done ttl_s, only if running (1/0), member or message, score,
+#       push: DLQ index prefix ('' = none), index meta, group message
+_SETTLE_LUA = INDEX_LUA + """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
@@ -113,6 +115,7 @@ elseif kind == 'schedule' then
   redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
 elseif kind == 'push' then
   redis.call('LPUSH', KEYS[4], ARGV[5])
+  if ARGV[7] ~= '' then ix_add(ARGV[7], ARGV[8], ARGV[9]) end
 end
 if kind ~= 'done' or done_ttl == 0 then
   redis.call('SET', KEYS[1], kind, 'EX', tonumber(ARGV[2]))
@@ -123,15 +126,15 @@ return 1
 
 
 # A batch's settle of one event and begin of the next, in one round trip.
-# KEYS: the settle's 4, then the begin's 4. ARGV: the settle's 6, then the begin's 10.
+# KEYS: the settle's 4, then the begin's 4. ARGV: the settle's 9, then the begin's 10.
 _SETTLE_THEN_BEGIN_LUA = (
     "local function settle(KEYS, ARGV)\n" + _SETTLE_LUA + "\nend\n"
     "local function begin(KEYS, ARGV)\n" + _BEGIN_LUA + "\nend\n"
     "local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[4]},"
-    " {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})\n"
+    " {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]})\n"
     "local begun = begin({KEYS[5], KEYS[6], KEYS[7], KEYS[8]},"
-    " {ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14],"
-    " ARGV[15], ARGV[16]})\n"
+    " {ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17],"
+    " ARGV[18], ARGV[19]})\n"
     "return {settled, begun}\n"
 )
 
@@ -163,6 +166,7 @@ class Outcome:
     target: str = ""
     value: bytes | str = b""
     score: float = 0.0
+    index: tuple[str, str, str] = ("", "", "")  # push: the DLQ index entry (dlqindex)
 
 
 class Ledger:
@@ -198,7 +202,7 @@ class Ledger:
         return ([Keys.settled(task_id, key), Keys.running(task_id, key),
                  self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
                 [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
-                 outcome.value, outcome.score])
+                 outcome.value, outcome.score, *outcome.index])
 
     def settle(self, task_id: str, key: str, outcome: Outcome, *,
                only_if_running: bool = False) -> bool:

@@ -49,7 +49,7 @@ from pipeline.redact import redact
 from pipeline.replay import Replayer
 from pipeline.retry import Reason
 from pipeline.tokens import find_credential
-from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -122,13 +122,7 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         return sel
 
     def matching(flt: RecordFilter, keep: int) -> tuple[int, list[DeadLetterRecord]]:
-        count, kept = 0, list[DeadLetterRecord]()
-        for record in runtime.dlq.iter_records():
-            if flt.matches(record):
-                count += 1
-                if len(kept) < keep:
-                    kept.append(record)
-        return count, kept
+        return runtime.dlq.query.select(flt, keep)
 
     @api.get(LOGIN_PATH, include_in_schema=False)
     async def login_form(request: Request) -> Response:
@@ -173,8 +167,7 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         session = session_for(request, "dlq:read")
         if isinstance(session, Response):
             return session
-        stats = await run_in_threadpool(
-            lambda: group_by_fingerprint(runtime.dlq.iter_records()))
+        stats = await run_in_threadpool(runtime.dlq.query.groups)
         return page("groups.html", session=session, groups=stats, sparkline=sparkline,
                     total=sum(s.count for s in stats))
 
@@ -199,10 +192,10 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         session = session_for(request, "dlq:read")
         if isinstance(session, Response):
             return session
-        found = await run_in_threadpool(find_by_id, runtime.dlq.iter_records(), record_id)
-        if len(found) != 1:
+        count, found = await run_in_threadpool(runtime.dlq.query.find, record_id, 1)
+        if count != 1 or not found:
             return page("message.html", 404, session=session, title="No such record",
-                        message=f"{len(found)} records match {record_id[:80]!r}.")
+                        message=f"{count} records match {record_id[:80]!r}.")
         shown = found[0].model_copy(
             update={"event": redact(found[0].event, runtime.settings.redact_paths)})
         return page("record.html", session=session, r=shown,

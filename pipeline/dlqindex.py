@@ -178,11 +178,13 @@ class DlqIndex:
             self._add(keys=[], args=[self.prefix, *args], client=pipe)
         pipe.set(self.key("ok"), "1")
 
-    def fetch(self, seqs: list[str]) -> list[bytes | None]:
-        """The raw entries at ``seqs`` (None: gone), read atomically."""
+    def fetch(self, seqs: list[str]) -> list[tuple[bytes, str] | None]:
+        """The raw entry at each seq with its indexed hash (None: gone), read atomically."""
         if not seqs:
             return []
-        return list(self._fetch(keys=[self.queue], args=[self.prefix, FETCH_CHUNK, *seqs]))
+        got: Any = self._fetch(keys=[self.queue], args=[self.prefix, FETCH_CHUNK, *seqs])
+        return [None if got[i] is None else (got[i], (got[i + 1] or b"").decode())
+                for i in range(0, len(got), 2)]
 
     def select(self, keep: int | None, fps: list[str] | None, facets: list[str],
                since_us: int | None, until_us: int | None) -> tuple[int, list[str]]:

@@ -17,7 +17,6 @@ from pipeline.dlqindex import (
     M_EID,
     M_FIRST,
     M_FP,
-    M_HASH,
     M_HOUR,
     M_ID,
     M_LAST,
@@ -173,8 +172,8 @@ class DlqQuery:
         index = self._index()
         if index is not None:
             try:
-                count, pairs = self._seqs(index, flt, keep)
-                return count, self._read(index, pairs)
+                count, seqs = self._seqs(index, flt, keep)
+                return count, self._read(index, seqs)
             except _Stale:
                 pass
         count, kept = 0, list[Entry]()
@@ -214,7 +213,8 @@ class DlqQuery:
     def _indexed_groups(self, index: DlqIndex, flt: RecordFilter) -> list[FingerprintStat]:
         groups = self._candidates(index, flt)
         if record_level(flt):
-            _, pairs = self._seqs(index, flt, None, groups)
+            _, seqs = self._seqs(index, flt, None, groups)
+            pairs = [(s, m) for s, m in zip(seqs, index.metas(seqs), strict=True) if m]
             infos = {fp: info for fp, (_, info) in groups.items()}
             return stats_of_metas([m for _, m in pairs], infos)
         pipe = index.client.pipeline(transaction=False)
@@ -230,8 +230,8 @@ class DlqQuery:
         return sorted(stats, key=lambda s: (-s.count, s.fingerprint))
 
     def _seqs(self, index: DlqIndex, flt: RecordFilter, keep: int | None,
-              groups: dict[str, _Group] | None = None) -> tuple[int, list[tuple[str, Meta]]]:
-        """How many match, and the ``(seq, meta)`` of the first ``keep``, oldest first."""
+              groups: dict[str, _Group] | None = None) -> tuple[int, list[str]]:
+        """How many match, and the seqs of the first ``keep``, oldest first."""
         by_group = any(v is not None for v in (flt.fingerprint, flt.handler, flt.exception))
         if by_group or flt.ids:
             groups = self._candidates(index, flt) if groups is None else groups
@@ -239,28 +239,27 @@ class DlqQuery:
             return self._by_ids(index, flt, keep, groups if by_group else None)
         facets = [f"{kind}:{value}" for kind, value in (
             ("t", flt.tier), ("r", flt.reason), ("y", flt.type)) if value is not None]
-        count, seqs = index.select(keep, list(groups or ()) if by_group else None, facets,
-                                   _us(flt.since), _us(flt.until))
-        metas = index.metas(seqs)
-        return count, [(s, m) for s, m in zip(seqs, metas, strict=True) if m is not None]
+        return index.select(keep, list(groups or ()) if by_group else None, facets,
+                            _us(flt.since), _us(flt.until))
 
     def _by_ids(self, index: DlqIndex, flt: RecordFilter, keep: int | None,
-                groups: dict[str, _Group] | None) -> tuple[int, list[tuple[str, Meta]]]:
+                groups: dict[str, _Group] | None) -> tuple[int, list[str]]:
         members = [m for i in flt.ids
                    for m in (*index.prefixed(f"r:{i}:"), *index.prefixed(f"e:{i.lower()}:"))]
         seqs = sorted({m.rsplit(":", 1)[1] for m in members}, key=int)
         pairs = [(s, m) for s, m in zip(seqs, index.metas(seqs), strict=True)
                  if m is not None and meta_matches(m, flt)
                  and (groups is None or m[M_FP] in groups)]
-        return len(pairs), pairs if keep is None else pairs[:keep]
+        return len(pairs), [s for s, _ in (pairs if keep is None else pairs[:keep])]
 
-    def _read(self, index: DlqIndex, pairs: list[tuple[str, Meta]]) -> list[Entry]:
-        raws = index.fetch([s for s, _ in pairs])
+    def _read(self, index: DlqIndex, seqs: list[str]) -> list[Entry]:
+        fetched = index.fetch(seqs)
         out = []
-        for (seq, meta), raw in zip(pairs, raws, strict=True):
-            if raw is None:
+        for seq, found in zip(seqs, fetched, strict=True):
+            if found is None:
                 continue  # removed since (replayed, purged, evicted): not there any more
-            if raw_hash(raw) != meta[M_HASH]:
+            raw, indexed = found
+            if raw_hash(raw) != indexed:
                 index.invalidate()
                 raise _Stale(seq)
             out.append(Entry(raw, seq))
@@ -278,5 +277,5 @@ class DlqQuery:
             m[M_ID].startswith(query) or m[M_EID].lower().startswith(query))]
         if exact:
             pairs = [p for p in pairs if p[1][M_ID] == query][:1]
-        return len(pairs), [e.record for e in self._read(index, pairs[:keep])]
+        return len(pairs), [e.record for e in self._read(index, [s for s, _ in pairs[:keep]])]
 

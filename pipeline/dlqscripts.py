@@ -63,7 +63,7 @@ local function ix_remove(p, s)
 end
 local function ix_hash_of(p, s)
   local meta = redis.call('HGET', p .. 'meta', s)
-  return meta and cjson.decode(meta)[13]
+  return meta and string.match(meta, '"(%x+)"%]$')
 end
 """
 
@@ -85,28 +85,32 @@ end
 return 'ok'
 """
 
-# KEYS: list. ARGV: prefix, chunk, seq... -> the raw entry of each seq (nil: gone), read
-# atomically: entries near each other by one LRANGE of at most ``chunk``, others by LINDEX.
-FETCH_LUA = """
+# KEYS: list. ARGV: prefix, chunk, seq... -> per seq its raw entry and its indexed hash
+# (nil, nil: gone), read atomically: entries near each other by one LRANGE of at most
+# ``chunk``, others by LINDEX.
+FETCH_LUA = INDEX_LUA + """
 local p, chunk = ARGV[1], tonumber(ARGV[2])
 local want, out = {}, {}
 for i = 3, #ARGV do
-  out[i - 2] = false
+  out[2 * (i - 2) - 1], out[2 * (i - 2)] = false, false
   local r = redis.call('ZRANK', p .. 'order', ARGV[i])
   if r then want[#want + 1] = {r, i - 2} end
 end
 table.sort(want, function(a, b) return a[1] < b[1] end)
+local function put(k, raw)
+  if raw then out[2 * k - 1], out[2 * k] = raw, ix_hash_of(p, ARGV[k + 2]) or false end
+end
 local j = 1
 while j <= #want do
   local r = want[j][1]
   if j == #want or want[j + 1][1] - r >= chunk then
-    out[want[j][2]] = redis.call('LINDEX', KEYS[1], -(r + 1)) or false
+    put(want[j][2], redis.call('LINDEX', KEYS[1], -(r + 1)))
     j = j + 1
   else
     local page = redis.call('LRANGE', KEYS[1], -(r + chunk), -(r + 1))
     local n = #page
     while j <= #want and want[j][1] < r + chunk do
-      out[want[j][2]] = page[n - (want[j][1] - r)] or false
+      put(want[j][2], page[n - (want[j][1] - r)])
       j = j + 1
     end
   end

@@ -49,11 +49,13 @@ class ReplaySummary:
     dry_run: bool = False
     to_tier: str | None = None
     audit_id: str = ""
+    checked: int = 0  # records checked against the handlers (a bounded dry run: the oldest)
 
     def as_dict(self) -> dict[str, Any]:
         return {"matched": self.matched, "replayed": self.replayed,
                 "already_gone": self.already_gone, "would_fail": len(self.would_fail),
                 "would_fail_records": self.would_fail[:100], "dry_run": self.dry_run,
+                "checked": self.checked,
                 "to_tier": self.to_tier, "audit_id": self.audit_id}
 
 
@@ -96,13 +98,19 @@ class Replayer:
     def replay(self, flt: RecordFilter, *, by: str, to_tier: str | None = None,
                rate_per_s: float | None = None, dry_run: bool = False,
                validate: bool = True, force: bool = False,
-               progress: Progress | None = None) -> ReplaySummary:
+               progress: Progress | None = None,
+               check_limit: int | None = None) -> ReplaySummary:
+        """Replay the records ``flt`` selects (``dry_run``: say what would happen). A dry
+        run with ``check_limit`` reads and checks only the oldest that many, so its cost
+        is bounded whatever the DLQ's size (the console's); a replay checks every record."""
         settings = self.rt.settings
         if to_tier is not None and to_tier not in settings.tiers:
             raise ValueError(f"to_tier {to_tier!r} is not a tier ({', '.join(settings.tiers)})")
         summary = ReplaySummary(dry_run=dry_run, to_tier=to_tier)
         chosen: list[Entry] = []
-        summary.matched, matched = self.rt.dlq.query.entries(flt)
+        keep = check_limit if dry_run else None
+        summary.matched, matched = self.rt.dlq.query.entries(flt, keep)
+        summary.checked = len(matched) if validate else 0
         for entry in matched:
             body = entry.body  # cheaper than the record: a dry run of a large group
             event = body.get("event") or {}

@@ -58,6 +58,7 @@ __all__ = ["add_console_routes"]
 
 PAGE_RECORDS = 100  # records listed on a page of a group (the count covers them all)
 PREVIEW_RECORDS = 20  # records a dry run or purge confirmation lists by name
+DRY_RUN_CHECKS = 5_000  # oldest records a dry run checks against the handlers (page time)
 FILTER_FIELDS = ("tier", "type", "reason", "exception", "handler", "fingerprint", "since",
                  "until")
 LOGIN_PATH = "/console/login"
@@ -220,7 +221,8 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         summary = await run_in_threadpool(
             lambda: Replayer(runtime).replay(sel.to_filter(), by=session.caller,
                                              to_tier=sel.to_tier, rate_per_s=sel.rate,
-                                             dry_run=sel.dry_run))
+                                             dry_run=sel.dry_run,
+                                             check_limit=DRY_RUN_CHECKS))
         preview: list[DeadLetterRecord] = []
         if sel.dry_run:
             _, preview = await run_in_threadpool(matching, sel.to_filter(), PREVIEW_RECORDS)

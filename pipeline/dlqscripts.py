@@ -7,7 +7,7 @@ Entries are kombu's Redis messages, oldest at the right end.
 
 from __future__ import annotations
 
-__all__ = ["ADD_LUA", "CHECK_LUA", "FETCH_LUA", "INDEX_LUA", "MOVE_LUA", "PUSH_LUA",
+__all__ = ["CHECK_LUA", "FETCH_LUA", "INDEX_LUA", "MOVE_LUA", "PUSH_LUA",
            "REMOVE_LUA", "SELECT_LUA", "TRIM_LUA"]
 
 INDEX_LUA = """
@@ -151,12 +151,6 @@ local count = redis.call('ZCARD', tmp)
 local seqs = redis.call('ZRANGE', tmp, 0, keep > 0 and keep - 1 or -1)
 redis.call('DEL', tmp, tmp_g, tmp_t)
 return {count, seqs}
-"""
-
-# ARGV: prefix, (meta, group message) * n. A rebuild's writes, inside its MULTI.
-ADD_LUA = INDEX_LUA + """
-for i = 2, #ARGV, 2 do ix_add(ARGV[1], ARGV[i], ARGV[i + 1]) end
-return 1
 """
 
 # KEYS: list. ARGV: prefix, (raw entry, seq) * n. A purge: remove each entry with its index.

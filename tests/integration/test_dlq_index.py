@@ -40,6 +40,18 @@ def view(stats: list[FingerprintStat]) -> list[dict[str, Any]]:
     return [{**s.as_dict(), "per_hour": dict(s.per_hour)} for s in stats]
 
 
+def dump(stack: Stack, index: DlqIndex) -> dict[bytes, object]:
+    """Every index key's content."""
+    out: dict[bytes, object] = {}
+    r = stack.state
+    for key in r.scan_iter(match=index.prefix + "*"):
+        kind = r.type(key)
+        out[key] = (r.zrange(key, 0, -1, withscores=True) if kind == b"zset" else
+                    r.hgetall(key) if kind == b"hash" else
+                    r.smembers(key) if kind == b"set" else r.get(key))
+    return out
+
+
 def assert_index_answers_as_the_records(rt: Runtime) -> None:
     """Every indexed answer equals the same answer computed from all the records."""
     records = rt.dlq.records()
@@ -74,6 +86,9 @@ def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(stack: St
     wait_for(lambda: rt.dlq.depth() >= len(ids), 60, f"{len(ids)} dead letters")
     stack.stop()  # from here on nothing consumes: every change below is the test's
     assert index.state() == "ok"  # the settle steps indexed what they wrote: no rebuild
+    written = dump(stack, index)
+    assert index.rebuild() == len(ids)
+    assert dump(stack, index) == written  # the same index, key for key, from the records
     assert len(rt.dlq.query.groups()) == 3
     assert_index_answers_as_the_records(rt)
 

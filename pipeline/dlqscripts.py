@@ -142,13 +142,17 @@ if since ~= '' or till ~= '' then
              till ~= '' and ('(' .. till) or '+inf', 'BYSCORE')
   sets[#sets + 1] = tmp_t
 end
-local args = {tmp, #sets}
-for _, key in ipairs(sets) do args[#args + 1] = key end
-args[#args + 1] = 'WEIGHTS'
-for k = 1, #sets do args[#args + 1] = (k == 1) and 1 or 0 end
-redis.call('ZINTERSTORE', unpack(args))
-local count = redis.call('ZCARD', tmp)
-local seqs = redis.call('ZRANGE', tmp, 0, keep > 0 and keep - 1 or -1)
+local found = sets[1]
+if #sets > 1 then
+  local args = {tmp, #sets}
+  for _, key in ipairs(sets) do args[#args + 1] = key end
+  args[#args + 1] = 'WEIGHTS'
+  for k = 1, #sets do args[#args + 1] = (k == 1) and 1 or 0 end
+  redis.call('ZINTERSTORE', unpack(args))
+  found = tmp
+end
+local count = redis.call('ZCARD', found)
+local seqs = redis.call('ZRANGE', found, 0, keep > 0 and keep - 1 or -1)
 redis.call('DEL', tmp, tmp_g, tmp_t)
 return {count, seqs}
 """

@@ -17,12 +17,21 @@ from pipeline.triage import FingerprintStat, RecordFilter, group_by_fingerprint,
 from tests.integration.support import Stack, wait_for, write_config
 
 MAX_RECORDS = 40  # the test's dlq_max_records, so retention evicts
+BATCHED = """
+[tiers.batched]
+batch_size = 10
+max_retries = 0
+retry_budget_ratio = 0
+prefetch_multiplier = 2
+soft_time_limit_s = 4
+time_limit_s = 5
+"""  # a dead letter in a batch is written by the settle step that also begins the next
 
 
 @pytest.fixture(scope="module")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("dlqindex")
-    config = write_config(tmp / "pipeline.toml")
+    config = write_config(tmp / "pipeline.toml", extra=BATCHED)
     config.write_text(f"dlq_max_records = {MAX_RECORDS}\n" + config.read_text())
     s = Stack(redis_url, config, tmp)
     try:
@@ -79,8 +88,10 @@ def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(stack: St
     rt = stack.rt
     index = index_of(rt)
     assert index.rebuild() == 0  # an empty DLQ's index, marked usable
-    stack.start_workers("standard", "critical")
+    stack.start_workers("standard", "critical", "batched")
     ids = [stack.publish("demo.invalid").id for _ in range(8)]
+    batch = [{"type": "demo.invalid", "source": "tests", "tier": "batched"} for _ in range(5)]
+    ids += [r.id for r in rt.publisher.publish_many(batch)]
     ids += [stack.publish("demo.typed", payload={"n": "not a number"}).id for _ in range(6)]
     ids += [stack.publish("nobody.handles.this").id for _ in range(4)]
     wait_for(lambda: rt.dlq.depth() >= len(ids), 60, f"{len(ids)} dead letters")
@@ -94,7 +105,7 @@ def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(stack: St
 
     invalid = RecordFilter(handler="demo.invalid")
     summary = Replayer(rt).replay(invalid, by="test", validate=False)
-    assert summary.replayed == 8
+    assert summary.replayed == 13
     assert index.state() == "ok"
     assert rt.dlq.query.select(invalid) == (0, [])
     assert_index_answers_as_the_records(rt)

@@ -48,6 +48,7 @@ REBUILD_LOCK_S = 300  # one rebuild at a time; a crashed rebuilder's lock expire
 READ_PAGE = 1000  # entries per LRANGE while rebuilding
 WRITE_BATCH = 5000  # members per ZADD or HSET while rebuilding
 FETCH_CHUNK = 200  # most entries one LRANGE of a fetch reads (measured: 200 beat 50 and 1000)
+FETCH_MAX = 2000  # most entries one fetch script reads
 RAW_HASH_CHARS = 16  # hex digits of SHA-1 kept to recognise a raw entry
 
 # meta: [id, event id, fp, tier, type, reason, handler, exception, first us, last us,
@@ -216,12 +217,15 @@ class DlqIndex:
         pipe.set(self.key("ok"), "1")
 
     def fetch(self, seqs: list[str]) -> list[tuple[bytes, str] | None]:
-        """The raw entry at each seq with its indexed hash (None: gone), read atomically."""
-        if not seqs:
-            return []
-        got: Any = self._fetch(keys=[self.queue], args=[self.prefix, FETCH_CHUNK, *seqs])
-        return [None if got[i] is None else (got[i], (got[i + 1] or b"").decode())
-                for i in range(0, len(got), 2)]
+        """The raw entry at each seq with its indexed hash (None: gone), read atomically
+        :data:`FETCH_MAX` at a time (no one script holds the broker for long)."""
+        out: list[tuple[bytes, str] | None] = []
+        for i in range(0, len(seqs), FETCH_MAX):
+            got: Any = self._fetch(keys=[self.queue],
+                                   args=[self.prefix, FETCH_CHUNK, *seqs[i:i + FETCH_MAX]])
+            out += [None if got[j] is None else (got[j], (got[j + 1] or b"").decode())
+                    for j in range(0, len(got), 2)]
+        return out
 
     def select(self, keep: int | None, fps: list[str] | None, facets: list[str],
                since_us: int | None, until_us: int | None) -> tuple[int, list[str]]:

@@ -84,7 +84,9 @@ def assert_index_answers_as_the_records(rt: Runtime) -> None:
     assert index_of(rt).state() == "ok"
 
 
-def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(stack: Stack) -> None:
+def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.dlqindex.FETCH_MAX", 3)  # reads span several scripts
     rt = stack.rt
     index = index_of(rt)
     assert index.rebuild() == 0  # an empty DLQ's index, marked usable

@@ -28,7 +28,7 @@ from pipeline.events import Event
 from pipeline.handlers import registry
 from pipeline.ingest import event_task_id
 from pipeline.messages import TaskSpec
-from pipeline.sealing import ENV_VAR, is_sealed
+from pipeline.sealing import ENV_VAR, SEALED_KEY, is_sealed
 from pipeline.state import Keys
 from pipeline.triage import RecordFilter
 
@@ -122,7 +122,7 @@ class Replayer:
         for entry in matched:
             body = entry.body  # cheaper than the record: a dry run of a large group
             event = body.get("event") or {}
-            if is_sealed(event):  # opened here when a key of ours opens it
+            if SEALED_KEY in event:  # stored sealed: opened here if a key of ours opens it
                 event = entry.record.event
             sealed = is_sealed(event)  # never replayed, whatever force says
             reason = None

@@ -2,8 +2,10 @@
 
 Fills an own broker's DLQ as ``bench dlq`` does (five causes), logs in to the
 console in process (FastAPI's TestClient: no network, no browser rendering) and
-times each page and a replay dry run, beside decoding every record (the floor a
-page that reads the whole DLQ cannot go under).
+times each page, a replay dry run and a purge confirmation, beside decoding every
+record (what a page that reads the whole DLQ cannot go under). The fill writes the
+list as a previous version would, without the index: the one-off rebuild of the
+index (``pipeline dlq reindex``) is timed first.
 
     python -m bench console [--records 100000] [--repeats 3]
 """
@@ -23,8 +25,9 @@ from bench.dlq import fill
 from pipeline.api import create_api
 from pipeline.app import create_app
 from pipeline.config import load_settings
+from pipeline.replay import Replayer
 from pipeline.runtime import runtime_for
-from pipeline.triage import record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 
 TOKEN = "bench-console-token-0123456789"  # the in-process API's only token
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]*)"')
@@ -36,6 +39,11 @@ def _csrf(html: str) -> str:
     return match.group(1)
 
 
+def _used_memory(rt: Any) -> int:
+    rt.state.memory_purge()
+    return int(rt.state.info("memory")["used_memory"])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench console")
     parser.add_argument("--records", type=int, default=100_000)
@@ -45,7 +53,17 @@ def main(argv: list[str]) -> int:
         fill(server.url, args.records)
         rt = runtime_for(create_app(load_settings(broker_url=server.url),
                                     main="bench-console"))
+        assert rt.dlq.index is not None
+        list_bytes = _used_memory(rt)
+        started = time.perf_counter()
+        indexed = rt.dlq.index.rebuild()
+        assert indexed == args.records, indexed
+        rebuild_s = time.perf_counter() - started
+        index_bytes = _used_memory(rt) - list_bytes
+        print(f"index rebuild (one-off): {rebuild_s:.2f}s; index memory "
+              f"{index_bytes / args.records:.0f} B a record")
         first = next(iter(rt.dlq.iter_records()))
+        middle = rt.dlq.records(args.records // 2 + 1)[-1]
         fp = record_fingerprint(first)
         with TestClient(create_api(rt, tokens={"bench": TOKEN}),
                         follow_redirects=False) as client:
@@ -62,9 +80,16 @@ def main(argv: list[str]) -> int:
                 "GET /console (groups)": get("/console"),
                 "GET /console/records?fingerprint": get(f"/console/records?fingerprint={fp}"),
                 "GET /console/records?handler": get("/console/records?handler=game.update"),
+                "GET /console/records?tier": get("/console/records?tier=bulk"),
                 "GET /console/records/{id}": get(f"/console/records/{first.id}"),
+                "GET /console/records/{middle id}": get(f"/console/records/{middle.id}"),
                 "POST /console/replay (dry run)": lambda: client.post("/console/replay", data={
                     "fingerprint": fp, "step": "dry-run", "csrf": csrf}),
+                "Replayer dry run, every record checked (CLI, HTTP)": lambda: Replayer(rt).replay(
+                    RecordFilter(fingerprint=fp), by="bench", dry_run=True),
+                "POST /console/purge (confirmation)": lambda: client.post(
+                    "/console/purge", data={"fingerprint": fp, "step": "preview",
+                                            "csrf": csrf}),
             }
             t: dict[str, list[float]] = {k: [] for k in pages}
             for rep in range(args.repeats):
@@ -78,8 +103,11 @@ def main(argv: list[str]) -> int:
     med = {k: median(v) for k, v in t.items()}
     print(f"\nmedians over {args.repeats} repeats, {args.records:,} DLQ records:")
     for k, v in med.items():
-        print(f"  {k:<36} {v:6.2f}s")
+        print(f"  {k:<52} {v:6.2f}s  ({v / med['decode_all (floor)']:.3f}x the floor)")
+    print(f"  {'index rebuild (one-off)':<52} {rebuild_s:6.2f}s")
     path = write_results("console", {"records": args.records, "repeats": args.repeats,
+                                     "index_rebuild_s": rebuild_s,
+                                     "index_bytes_per_record": index_bytes / args.records,
                                      "seconds_median": med, "seconds": t})
     print(f"results: {path}")
     return 0

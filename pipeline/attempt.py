@@ -363,7 +363,8 @@ class Attempt:
         )
         dlq = self.rt.dlq
         if dlq.on_redis:  # the record goes onto the DLQ list in the settle step itself
-            written = self.settle(Outcome("push", *dlq.render(record)))
+            key, raw = dlq.render(record)
+            written = self.settle(Outcome("push", key, raw, index=dlq.index_args(record, raw)))
             if written:
                 dlq.after_put()
         else:  # RabbitMQ: published with confirms first (same record id if repeated)

@@ -32,14 +32,18 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from pipeline.config import Settings
+    from pipeline.dlqindex import DlqIndex
+    from pipeline.dlqquery import DlqQuery
 
-__all__ = ["DeadLetterQueue", "DeadLetterRecord", "dead_letter_queue", "record_id"]
+__all__ = ["DeadLetterQueue", "DeadLetterRecord", "dead_letter_queue", "decode_body",
+           "decode_entry", "record_id"]
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTERED_AT_HEADER = "pipeline_dead_lettered_at"  # message header: epoch seconds
 _TRIM_BATCH = 1000  # most records one retention pass evicts
 _SEALED_MARK = f'"{sealing.SEALED_KEY}":"'.encode()  # in a record's JSON only when sealed
+_REMOVE_BATCH = 200  # records one purge step removes
 _RECORD_NAMESPACE = uuid.UUID("0b5f4a4e-8d0e-4b8e-9c55-3f1c2f7d9a10")  # uuid5 namespace for ids
 
 
@@ -87,8 +91,10 @@ class DeadLetterQueue:
     On Redis the DLQ is kombu's list for the queue (oldest at the right end);
     removal is by exact entry (``LREM``), and :meth:`move_to_queue` removes a
     record and enqueues its replacement task in one Lua script, so a record is
-    always either in the DLQ or back on a tier queue. On RabbitMQ records are
-    read with ``basic_get`` and settled by ack (removed) or requeue.
+    always either in the DLQ or back on a tier queue. Every write and removal
+    updates the DLQ's index in the same script (:mod:`pipeline.dlqindex`). On
+    RabbitMQ records are read with ``basic_get`` and settled by ack (removed) or
+    requeue; there is no index.
     """
 
     def __init__(self, app: Celery, settings: Settings, state: redis.Redis | None) -> None:
@@ -97,12 +103,34 @@ class DeadLetterQueue:
         self._sealer = sealing.sealer_from(os.environ)  # None: events stored in the clear
         self._state = state
         self.queue = dead_letter_queue(settings)
-        self._move = state.register_script(_MOVE_LUA) if state is not None else None
-        self._trim = state.register_script(_TRIM_LUA) if state is not None else None
+        self.index: DlqIndex | None = None
+        if state is not None and settings.broker_is_redis:
+            from pipeline import dlqscripts
+            from pipeline.dlqindex import DlqIndex  # the index builds on this module
+
+            self.index = DlqIndex(state, self.queue.name, settings.redact_paths)
+            self._push = state.register_script(dlqscripts.PUSH_LUA)
+            self._move = state.register_script(dlqscripts.MOVE_LUA)
+            self._remove = state.register_script(dlqscripts.REMOVE_LUA)
+            self._trim = state.register_script(dlqscripts.TRIM_LUA)
 
     @property
     def on_redis(self) -> bool:
-        return self._settings.broker_is_redis and self._state is not None
+        return self.index is not None
+
+    @property
+    def query(self) -> DlqQuery:
+        """Groups, filtered records and lookups, by the index when it is usable."""
+        from pipeline.dlqquery import DlqQuery  # the query builds on this module
+
+        return DlqQuery(self)
+
+    def index_args(self, record: DeadLetterRecord, raw: bytes) -> tuple[str, str, str]:
+        """What the settle step needs to index the entry ``raw`` of ``record``."""
+        from pipeline.dlqindex import entry_meta
+
+        assert self.index is not None
+        return (self.index.prefix, *entry_meta(record, raw, self._settings.redact_paths))
 
     def render(self, record: DeadLetterRecord) -> tuple[str, bytes]:
         """``(list key, message)``: the kombu Redis message :meth:`put` would push, for
@@ -130,14 +158,8 @@ class DeadLetterQueue:
                                    self._settings.redact_paths)
 
     def _read(self, data: Any) -> DeadLetterRecord:
-        """A stored record (JSON bytes, or decoded) as read: its event opened when a key
-        of ours opens it. Bytes of a record never sealed take pydantic's JSON path."""
-        if isinstance(data, bytes):
-            if _SEALED_MARK not in data:
-                return DeadLetterRecord.model_validate_json(data)
-            data = orjson.loads(data)
-        opened = sealing.open_record(data, self._sealer) if isinstance(data, dict) else data
-        return DeadLetterRecord.model_validate(opened)
+        """A stored record as read (:func:`read_record`) with this queue's keys."""
+        return read_record(data, self._sealer)
 
     def after_put(self) -> None:
         """Retention after a record was written (never turns a dead letter into a failure)."""
@@ -149,6 +171,12 @@ class DeadLetterQueue:
 
     def put(self, record: DeadLetterRecord) -> None:
         """Publish ``record``, then apply retention; raises if the broker did not take it."""
+        if self.on_redis:  # the message kombu would push, and its index entry, in one step
+            key, raw = self.render(record)
+            prefix, meta, message = self.index_args(record, raw)
+            self._push(keys=[key], args=[prefix, raw, meta, message])
+            self.after_put()
+            return
         with self._app.producer_or_acquire() as producer:
             producer.publish(
                 self._stored(record),
@@ -165,12 +193,11 @@ class DeadLetterQueue:
         self.after_put()
 
     def records(self, limit: int | None = None) -> list[DeadLetterRecord]:
-        """Records, oldest first, without removing them."""
-        return [record for _, record in self.entries(limit)]
+        """Records, oldest first, without removing them (reads every record)."""
+        return list(self.iter_records(limit))
 
     def iter_records(self, limit: int | None = None) -> Iterator[DeadLetterRecord]:
-        for _, record in self.entries(limit):
-            yield record
+        return (record for _, record in self.entries(limit))
 
     def entries(self, limit: int | None = None) -> Iterator[tuple[bytes, DeadLetterRecord]]:
         """``(raw entry, record)`` pairs, oldest first (raw is empty on RabbitMQ)."""
@@ -182,9 +209,7 @@ class DeadLetterQueue:
 
     def stats(self) -> list[Any]:
         """Records grouped by error fingerprint, largest group first (``triage``)."""
-        from pipeline.triage import group_by_fingerprint  # triage builds on this module
-
-        return group_by_fingerprint(self.iter_records())
+        return self.query.groups()
 
     def depth(self) -> int:
         if self.on_redis:
@@ -193,20 +218,25 @@ class DeadLetterQueue:
         with self._connection() as conn:
             return passive_depth(conn, self.queue.name) or 0  # not declared yet: empty
 
-    def move_to_queue(self, moves: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
-        """Redis: for each ``(raw entry, list key, message)``, remove the entry and push
-        the message, atomically; False where the entry was already gone."""
-        assert self._move is not None
-        argv: list[bytes] = [part for move in moves for part in move]
-        return [bool(x) for x in self._move(keys=[self.queue.name], args=argv)]
+    def move_to_queue(self, moves: list[tuple[bytes, bytes, bytes, str]]) -> list[bool]:
+        """Redis: for each ``(raw entry, list key, message, index seq)``, remove the entry
+        (and its index entry) and push the message, atomically; False where the entry
+        was already gone."""
+        assert self.index is not None
+        argv: list[bytes | str] = [part for move in moves for part in move]
+        return [bool(x) for x in self._move(keys=[self.queue.name],
+                                            args=[self.index.prefix, *argv])]
 
-    def remove(self, raws: list[bytes]) -> int:
-        """Redis: delete these exact entries; returns how many were there."""
-        assert self._state is not None
-        pipe = self._state.pipeline(transaction=False)
-        for raw in raws:
-            pipe.lrem(self.queue.name, -1, raw)  # type: ignore[arg-type]  # bytes are fine
-        return int(sum(pipe.execute()))
+    def remove(self, entries: list[tuple[bytes, str]]) -> int:
+        """Redis: delete these exact ``(raw entry, index seq)`` entries with their index
+        entries; returns how many were there."""
+        assert self.index is not None
+        removed = 0
+        for i in range(0, len(entries), _REMOVE_BATCH):
+            argv = [part for entry in entries[i:i + _REMOVE_BATCH] for part in entry]
+            removed += int(self._remove(keys=[self.queue.name],
+                                        args=[self.index.prefix, *argv]))
+        return removed
 
     def settle_amqp(self, decide: Callable[[DeadLetterRecord], bool | None]) -> tuple[int, int]:
         """RabbitMQ: read every record; ``decide`` returns True to remove it (after it
@@ -224,16 +254,19 @@ class DeadLetterQueue:
     def enforce_retention(self) -> list[DeadLetterRecord]:
         """Evict the oldest records past ``dlq_max_records`` or ``dlq_max_age_s``;
         each eviction is counted (``pipeline:dlq:evictions``) and logged."""
-        assert self._trim is not None
+        assert self.index is not None
+        from pipeline.dlqindex import RAW_HASH_CHARS
+
         s = self._settings
         evicted_raw = self._trim(
             keys=[self.queue.name, Keys.dlq_evictions()],
-            args=[s.dlq_max_records, time.time() - s.dlq_max_age_s if s.dlq_max_age_s else 0,
-                  _TRIM_BATCH],
+            args=[self.index.prefix, s.dlq_max_records,
+                  time.time() - s.dlq_max_age_s if s.dlq_max_age_s else 0, _TRIM_BATCH,
+                  RAW_HASH_CHARS],
         )
         from pipeline.triage import fingerprint  # triage builds on this module
 
-        evicted = [self._read(_kombu_redis_body(raw)) for raw in evicted_raw]
+        evicted = [decode_entry(raw) for raw in evicted_raw]
         for record in evicted:
             log.warning("DLQ retention evicted record %s (fingerprint %s, event %s, "
                         "handler %s, %s: %s)", record.id, fingerprint(record.handler,
@@ -254,7 +287,7 @@ class DeadLetterQueue:
             if not raw:
                 return
             for item in reversed(raw):
-                yield item, self._read(_kombu_redis_body(item))
+                yield item, decode_entry(item)
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
@@ -296,7 +329,7 @@ class DeadLetterQueue:
         return self._app.connection_for_read()
 
 
-def _kombu_redis_body(raw: bytes) -> bytes:
+def _body_bytes(raw: bytes) -> bytes:
     envelope = orjson.loads(raw)
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
@@ -304,37 +337,25 @@ def _kombu_redis_body(raw: bytes) -> bytes:
     return body if isinstance(body, bytes) else body.encode()
 
 
-# ARGV: (raw entry, list key, message) * n. Remove from the tail end (oldest first).
-_MOVE_LUA = """
-local out = {}
-for i = 1, #ARGV, 3 do
-  if redis.call('LREM', KEYS[1], -1, ARGV[i]) == 1 then
-    redis.call('LPUSH', ARGV[i + 1], ARGV[i + 2])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
-end
-return out
-"""
+def decode_entry(raw: bytes) -> DeadLetterRecord:
+    """The record in one raw DLQ list entry (a kombu Redis message), its event opened
+    when a key of ``PIPELINE_DLQ_KEYS`` opens it."""
+    body = _body_bytes(raw)
+    return read_record(body, sealing.sealer_from(os.environ) if _SEALED_MARK in body else None)
 
-# ARGV: max records (0 = no cap), oldest allowed dead-lettered-at (0 = no age cap), batch.
-_TRIM_LUA = """
-local evicted = {}
-local max_n, min_ts, batch = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-while #evicted < batch do
-  local n = redis.call('LLEN', KEYS[1])
-  if n == 0 then break end
-  local evict = max_n > 0 and n > max_n
-  if not evict and min_ts > 0 then
-    local oldest = redis.call('LINDEX', KEYS[1], -1)
-    local ok, doc = pcall(cjson.decode, oldest)
-    local ts = ok and doc['headers'] and doc['headers']['pipeline_dead_lettered_at']
-    evict = type(ts) == 'number' and ts < min_ts
-  end
-  if not evict then break end
-  evicted[#evicted + 1] = redis.call('RPOP', KEYS[1])
-end
-if #evicted > 0 then redis.call('INCRBY', KEYS[2], #evicted) end
-return evicted
-"""
+
+def read_record(data: Any, sealer: Any) -> DeadLetterRecord:
+    """A stored record (JSON bytes, or decoded) as read: its event opened when
+    ``sealer`` opens it. Bytes of a record never sealed take pydantic's JSON path."""
+    if isinstance(data, bytes):
+        if _SEALED_MARK not in data:
+            return DeadLetterRecord.model_validate_json(data)
+        data = orjson.loads(data)
+    opened = sealing.open_record(data, sealer) if isinstance(data, dict) else data
+    return DeadLetterRecord.model_validate(opened)
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The record's fields in one raw DLQ list entry, as stored (not validated: cheaper)."""
+    body: dict[str, Any] = orjson.loads(_body_bytes(raw))
+    return body

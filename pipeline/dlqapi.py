@@ -18,7 +18,7 @@ definition time: so no ``from __future__ import annotations`` here.
 """
 
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Query
@@ -27,11 +27,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import clip
-from pipeline.redact import failure_shown, redact_record
+from pipeline.redact import redact_record
 from pipeline.replay import Replayer
 from pipeline.retry import Reason  # every reason a record can carry, one list
 from pipeline.tokens import Credential
-from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -64,11 +64,11 @@ class Selection(BaseModel):
         return self.to_filter().selects_all and not self.all
 
     def to_filter(self) -> RecordFilter:
-        return RecordFilter(ids=frozenset(self.ids), tier=self.tier, type=self.type,
-                            reason=None if self.reason is None else self.reason.value,
-                            exception=self.exception, handler=self.handler,
-                            fingerprint=self.fingerprint, since=_utc(self.since),
-                            until=_utc(self.until))
+        return RecordFilter.of(self.ids, tier=self.tier, type=self.type,
+                               reason=None if self.reason is None else self.reason.value,
+                               exception=self.exception, handler=self.handler,
+                               fingerprint=self.fingerprint, since=self.since,
+                               until=self.until)
 
 
 class ReplayRequest(Selection):
@@ -81,10 +81,6 @@ class ReplayRequest(Selection):
 
 class PurgeRequest(Selection):
     yes: bool = False
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 def _unselective(sel: Selection) -> JSONResponse | None:
@@ -109,28 +105,17 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
 
     filters = Annotated[RecordFilter, Depends(query_filter)]
 
-    def matching(flt: RecordFilter, limit: int | None = None) -> list[Any]:
-        out = []
-        for record in runtime.dlq.iter_records():
-            if flt.matches(record):
-                out.append(record)
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
-
     @api.get("/dlq", tags=["dlq"])
     async def dlq_list(by: caller, flt: filters,
                        limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = 100) -> Any:
-        records = await run_in_threadpool(matching, flt, limit)
+        _, records = await run_in_threadpool(runtime.dlq.query.select, flt, limit)
         paths = runtime.settings.redact_paths
         return [redact_record(r.model_dump(mode="json"), paths) for r in records]
 
     @api.get("/dlq/stats", tags=["dlq"])
     async def dlq_stats(by: caller, flt: filters) -> Any:
-        records = await run_in_threadpool(matching, flt)
-        paths = runtime.settings.redact_paths
-        return [s.as_dict() for s in group_by_fingerprint(
-            records, lambda r: failure_shown(r, paths)["message"])]
+        stats = await run_in_threadpool(runtime.dlq.query.groups, flt)
+        return [s.as_dict() for s in stats]
 
     @api.get("/dlq/audit", tags=["dlq"])
     async def dlq_audit(by: caller,
@@ -141,18 +126,19 @@ def add_dlq_routes(api: FastAPI, runtime: "Runtime",
              responses={404: {}, 409: {"description": "a prefix of several records"}})
     async def dlq_show(by: caller, record_id: str) -> Any:
         """A record by record id or event id, or a prefix of either."""
-        found = await run_in_threadpool(find_by_id, runtime.dlq.iter_records(), record_id)
-        if len(found) == 1:
+        count, found = await run_in_threadpool(runtime.dlq.query.find, record_id,
+                                               CANDIDATES_SHOWN)
+        if not found:
+            return JSONResponse({"error": f"no DLQ record {clip(record_id, 80)!r}"}, 404)
+        if count == 1:
             record = found[0]
             return {**redact_record(record.model_dump(mode="json"),
                                   runtime.settings.redact_paths),
                     "fingerprint": record_fingerprint(record)}
-        if not found:
-            return JSONResponse({"error": f"no DLQ record {clip(record_id, 80)!r}"}, 404)
-        return JSONResponse({"error": f"{len(found)} records match; use a longer prefix",
+        return JSONResponse({"error": f"{count} records match; use a longer prefix",
                              "candidates": [{"id": r.id, "event_id": r.event_id, "tier": r.tier,
                                              "reason": r.reason.value, "handler": r.handler}
-                                            for r in found[:CANDIDATES_SHOWN]]}, 409)
+                                            for r in found]}, 409)
 
     @api.post("/dlq/replay", tags=["dlq"],
               responses={422: {}, 409: {"description": "encrypted records, no key: kept"}})

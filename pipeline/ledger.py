@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import redis
 
+from pipeline.dlqscripts import INDEX_LUA
 from pipeline.state import Keys
 from pipeline.tiers import TierConfig
 
@@ -122,8 +123,8 @@ return 1
 # KEYS: settled mark, running mark, done mark, target (schedule zset or DLQ list)
 # ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
 #       settled ttl_s, done ttl_s, only if running (1/0: began and not merely pending),
-#       member or message, score
-SETTLE_LUA = """
+#       member or message, score, push: DLQ index prefix ('' = none), index meta, group message
+SETTLE_LUA = INDEX_LUA + """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
@@ -143,6 +144,7 @@ elseif kind == 'schedule' then
   redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
 elseif kind == 'push' then
   redis.call('LPUSH', KEYS[4], ARGV[5])
+  if ARGV[7] ~= '' then ix_add(ARGV[7], ARGV[8], ARGV[9]) end
 end
 if kind ~= 'done' or done_ttl == 0 then
   redis.call('SET', KEYS[1], kind, 'EX', tonumber(ARGV[2]))
@@ -185,6 +187,7 @@ class Outcome:
     target: str = ""
     value: bytes | str = b""
     score: float = 0.0
+    index: tuple[str, str, str] = ("", "", "")  # push: the DLQ index entry (dlqindex)
 
 
 class Ledger:
@@ -248,7 +251,7 @@ class Ledger:
         return ([Keys.settled(task_id, key), Keys.running(task_id, key),
                  self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
                 [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
-                 outcome.value, outcome.score])
+                 outcome.value, outcome.score, *outcome.index])
 
     def settle(self, task_id: str, key: str, outcome: Outcome, *,
                only_if_running: bool = False) -> bool:

@@ -22,12 +22,13 @@ import orjson
 import pydantic
 
 from pipeline.deadletter import DeadLetterRecord
+from pipeline.dlqquery import Entry
 from pipeline.errors import UnknownTier
 from pipeline.events import Event
 from pipeline.handlers import registry
 from pipeline.ingest import event_task_id
 from pipeline.messages import TaskSpec
-from pipeline.sealing import ENV_VAR, is_sealed
+from pipeline.sealing import ENV_VAR, SEALED_KEY, is_sealed
 from pipeline.state import Keys
 from pipeline.triage import RecordFilter
 
@@ -53,12 +54,14 @@ class ReplaySummary:
     to_tier: str | None = None
     audit_id: str = ""
     encrypted: int = 0  # records refused: no key of ours opens their event
+    checked: int = 0  # records checked against the handlers (a bounded dry run: the oldest)
 
     def as_dict(self) -> dict[str, Any]:
         refused = {"encrypted": self.encrypted, "error": SEALED_REFUSAL} if self.encrypted else {}
         return {**refused, "matched": self.matched, "replayed": self.replayed,
                 "already_gone": self.already_gone, "would_fail": len(self.would_fail),
                 "would_fail_records": self.would_fail[:100], "dry_run": self.dry_run,
+                "checked": self.checked,
                 "to_tier": self.to_tier, "audit_id": self.audit_id}
 
 
@@ -67,17 +70,22 @@ def would_fail_again(record: DeadLetterRecord) -> str | None:
     handler, payload rejected by the handler's current model), or None if it may."""
     if is_sealed(record.event):
         return SEALED_REFUSAL
+    return would_fail_with(record.event, record.handler)
+
+
+def would_fail_with(stored: dict[str, Any], handler: str) -> str | None:
+    """:func:`would_fail_again` for a record's stored (opened) event and handler."""
     try:
-        event = Event.model_validate(record.event)
+        event = Event.model_validate(stored)
     except pydantic.ValidationError as exc:
         return f"event no longer valid: {exc.errors()[0]['msg']}"
-    if not record.handler:
+    if not handler:
         return None if registry.for_type(event.type) else f"no handler for {event.type!r}"
-    entry = registry.get(record.handler)
+    entry = registry.get(handler)
     if entry is None:
-        return f"no handler named {record.handler!r}"
+        return f"no handler named {handler!r}"
     if not entry.handles(event.type):
-        return f"handler {record.handler!r} does not handle {event.type!r}"
+        return f"handler {handler!r} does not handle {event.type!r}"
     if entry.model is not None:
         try:
             entry.model.model_validate(event.payload)
@@ -98,38 +106,50 @@ class Replayer:
     def replay(self, flt: RecordFilter, *, by: str, to_tier: str | None = None,
                rate_per_s: float | None = None, dry_run: bool = False,
                validate: bool = True, force: bool = False,
-               progress: Progress | None = None) -> ReplaySummary:
+               progress: Progress | None = None,
+               check_limit: int | None = None) -> ReplaySummary:
+        """Replay the records ``flt`` selects (``dry_run``: say what would happen). A dry
+        run with ``check_limit`` reads and checks only the oldest that many, so its cost
+        is bounded whatever the DLQ's size (the console's); a replay checks every record."""
         settings = self.rt.settings
         if to_tier is not None and to_tier not in settings.tiers:
             raise UnknownTier(f"to_tier {to_tier!r} is not a tier ({', '.join(settings.tiers)})")
         summary = ReplaySummary(dry_run=dry_run, to_tier=to_tier)
-        chosen: list[tuple[bytes, DeadLetterRecord]] = []
-        for raw, record in self.rt.dlq.entries():
-            if not flt.matches(record):
-                continue
-            summary.matched += 1
-            sealed = is_sealed(record.event)  # never replayed, whatever force says
-            reason = would_fail_again(record) if validate or sealed else None
+        chosen: list[Entry] = []
+        keep = check_limit if dry_run else None
+        summary.matched, matched = self.rt.dlq.query.entries(flt, keep)
+        summary.checked = len(matched) if validate else 0
+        for entry in matched:
+            body = entry.body  # cheaper than the record: a dry run of a large group
+            event = body.get("event") or {}
+            if SEALED_KEY in event:  # stored sealed: opened here if a key of ours opens it
+                event = entry.record.event
+            sealed = is_sealed(event)  # never replayed, whatever force says
+            reason = None
+            if sealed:
+                reason = SEALED_REFUSAL
+            elif validate:
+                reason = would_fail_with(event, body.get("handler", ""))
             summary.encrypted += sealed
             if reason is not None:
-                summary.would_fail.append({"id": record.id, "event_id": record.event_id,
+                summary.would_fail.append({"id": body["id"], "event_id": str(event.get("id", "")),
                                            "error": reason})
                 if sealed or not force:
                     continue
-            chosen.append((raw, record))
+            chosen.append(entry)
         if not dry_run:
             if self.rt.dlq.on_redis:
                 self._move_redis(chosen, to_tier, rate_per_s, summary, progress)
             else:
-                self._move_amqp({r.id for _, r in chosen}, to_tier, summary, progress)
+                self._move_amqp({e.record.id for e in chosen}, to_tier, summary, progress)
         summary.audit_id = self.audit("replay", by, flt, summary.as_dict())
         return summary
 
     def purge(self, flt: RecordFilter, *, by: str) -> int:
         """Delete the matching records; returns how many."""
         if self.rt.dlq.on_redis:
-            raws = [raw for raw, record in self.rt.dlq.entries() if flt.matches(record)]
-            removed = self.rt.dlq.remove(raws) if raws else 0
+            _, matched = self.rt.dlq.query.entries(flt)
+            removed = self.rt.dlq.remove([(e.raw, e.seq) for e in matched])
         else:
             removed, _ = self.rt.dlq.settle_amqp(flt.matches)
         self.audit("purge", by, flt, {"purged": removed})
@@ -159,7 +179,7 @@ class Replayer:
                                       task_id=task_id, attempt=1,
                                       priority=record.event.get("priority"))
 
-    def _move_redis(self, chosen: list[tuple[bytes, DeadLetterRecord]], to_tier: str | None,
+    def _move_redis(self, chosen: list[Entry], to_tier: str | None,
                     rate_per_s: float | None, summary: ReplaySummary,
                     progress: Progress | None) -> None:
         renderer = self.rt.publisher.renderer
@@ -170,9 +190,9 @@ class Replayer:
                 due = started + i / rate_per_s
                 time.sleep(max(0.0, due - time.monotonic()))
             moves = []
-            for raw, record in chosen[i:i + batch]:
-                key, payload = renderer.render(self._spec(record, to_tier))
-                moves.append((raw, key, payload))
+            for entry in chosen[i:i + batch]:
+                key, payload = renderer.render(self._spec(entry.record, to_tier))
+                moves.append((entry.raw, key, payload, entry.seq))
             moved = self.rt.dlq.move_to_queue(moves)
             summary.replayed += sum(moved)
             summary.already_gone += len(moved) - sum(moved)

@@ -78,6 +78,11 @@ class Keys:
         return f"{cls.prefix}dlq:evictions"
 
     @classmethod
+    def dlq_index(cls, queue: str) -> str:
+        """Prefix of the DLQ's index keys (:mod:`pipeline.dlqindex`)."""
+        return f"{cls.prefix}dlqix:{queue}:"
+
+    @classmethod
     def dlq_audit(cls) -> str:
         """Audit entries of DLQ replays and purges (a list, newest first)."""
         return f"{cls.prefix}dlq:audit"

@@ -11,7 +11,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pipeline.deadletter import DeadLetterRecord
 
@@ -62,6 +62,16 @@ class RecordFilter:
     since: datetime | None = None  # last_failed_at >= since
     until: datetime | None = None  # last_failed_at < until
 
+    @classmethod
+    def of(cls, ids: Iterable[str] = (), *, tier: str | None = None, type: str | None = None,
+           reason: str | None = None, exception: str | None = None, handler: str | None = None,
+           fingerprint: str | None = None, since: datetime | None = None,
+           until: datetime | None = None) -> RecordFilter:
+        """The filter the CLI, the HTTP API and the console build alike: naive times are UTC."""
+        return cls(ids=frozenset(ids), tier=tier, type=type, reason=reason, exception=exception,
+                   handler=handler, fingerprint=fingerprint, since=_utc(since),
+                   until=_utc(until))
+
     @property
     def selects_all(self) -> bool:
         return self == RecordFilter()
@@ -101,6 +111,10 @@ class RecordFilter:
             if value is not None:
                 out[name] = value.isoformat()
         return out or {"all": True}
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 @dataclass

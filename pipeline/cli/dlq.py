@@ -9,7 +9,6 @@ import getpass
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
@@ -27,7 +26,7 @@ from pipeline.cli.base import (
 from pipeline.errors import BrokerUnavailable, clip
 from pipeline.redact import redact_record, redact_text
 from pipeline.retry import Reason
-from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 
 F = TypeVar("F", bound=Callable[..., Any])
 CANDIDATES_SHOWN = 20  # records listed when an id prefix is ambiguous
@@ -51,13 +50,11 @@ def filter_options(func: F) -> F:
 
 
 def make_filter(ids: tuple[str, ...] = (), **kw: Any) -> RecordFilter:
-    def utc(value: datetime | None) -> datetime | None:
-        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-    return RecordFilter(ids=frozenset(ids), tier=kw.get("tier"), type=kw.get("event_type"),
-                        reason=kw.get("reason"), exception=kw.get("exception"),
-                        handler=kw.get("handler"), fingerprint=kw.get("fp"),
-                        since=utc(kw.get("since")), until=utc(kw.get("until")))
+    """The options of :func:`filter_options` as the filter HTTP and the console build too."""
+    return RecordFilter.of(ids, tier=kw.get("tier"), type=kw.get("event_type"),
+                           reason=kw.get("reason"), exception=kw.get("exception"),
+                           handler=kw.get("handler"), fingerprint=kw.get("fp"),
+                           since=kw.get("since"), until=kw.get("until"))
 
 
 def operator() -> str:
@@ -79,14 +76,9 @@ def dlq() -> None:
 def dlq_list(limit: int | None, as_json: bool, **kw: Any) -> None:
     """List dead-letter records, oldest first."""
     flt = make_filter(**kw)
-    records = []
     rt = runtime()
     note_if_no_workers(rt)
-    for record in rt.dlq.iter_records():
-        if flt.matches(record):
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
+    _, records = rt.dlq.query.select(flt, limit)
     if as_json:
         masked = rt.settings.redact_paths
         click.echo(json.dumps([redact_record(r.model_dump(mode="json"), masked)
@@ -110,9 +102,7 @@ def dlq_stats(as_json: bool, **kw: Any) -> None:
     flt = make_filter(**kw)
     rt = runtime()
     note_if_no_workers(rt)
-    paths = rt.settings.redact_paths
-    stats = group_by_fingerprint((r for r in rt.dlq.iter_records() if flt.matches(r)),
-                                 lambda r: redact_text(r.message, r.event, paths))
+    stats = rt.dlq.query.groups(flt)
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in stats], indent=2))
         return
@@ -131,25 +121,25 @@ def dlq_show(record_id: str) -> None:
     """The full record (by record id or event id, or a prefix of either), traceback
     included; a prefix that names several records lists them."""
     rt = runtime()
-    found = find_by_id(rt.dlq.iter_records(), record_id)
-    if len(found) == 1:
+    count, found = rt.dlq.query.find(record_id, CANDIDATES_SHOWN)
+    if count == 1 and found:
         data = redact_record(found[0].model_dump(mode="json"), rt.settings.redact_paths)
         data["fingerprint"] = record_fingerprint(found[0])
         trace = data.pop("traceback")
         click.echo(json.dumps(data, indent=2))
         click.echo(trace)
         return
-    if not found:
+    if not count:
         click.echo(f"no DLQ record or event id starting with {clip(record_id, 80)!r}",
                    err=True)
         sys.exit(EXIT_REJECTED)
-    click.echo(f"{clip(record_id, 80)!r} names {len(found)} records; use a longer prefix:",
+    click.echo(f"{clip(record_id, 80)!r} names {count} records; use a longer prefix:",
                err=True)
-    for r in found[:CANDIDATES_SHOWN]:
+    for r in found:
         click.echo(f"  record {r.id}  event {r.event_id}  {r.tier}  {r.reason.value}  "
                    f"{r.handler or '-'}", err=True)
-    if len(found) > CANDIDATES_SHOWN:
-        click.echo(f"  ... and {len(found) - CANDIDATES_SHOWN} more", err=True)
+    if count > len(found):
+        click.echo(f"  ... and {count - len(found)} more", err=True)
     sys.exit(EXIT_REJECTED)
 
 
@@ -224,6 +214,30 @@ def dlq_purge(ids: tuple[str, ...], select_all: bool, yes: bool, **kw: Any) -> N
         sys.exit(EXIT_CONFIG)
     removed = Replayer(runtime()).purge(flt, by=operator())
     click.echo(f"purged {removed} record(s)")
+
+
+@dlq.command("reindex")
+@click.option("--check", is_flag=True, help="Only compare the index with the records.")
+def dlq_reindex(check: bool) -> None:
+    """Rebuild the DLQ's index (Redis) from its records: after a version without it ran
+    (a rolling upgrade), or when --check finds it wrong. Readers rebuild it themselves
+    when they see it stale; --check also finds what they cannot (exit 1: rebuild it)."""
+    rt = runtime()
+    index = rt.dlq.index
+    if index is None:
+        click.echo("no index: the DLQ is on RabbitMQ, read whole")
+        return
+    if check:
+        same = index.verify()
+        click.echo("index matches the records" if same else "index does not match: "
+                   "run `pipeline dlq reindex`")
+        sys.exit(0 if same else EXIT_REJECTED)
+    indexed = index.rebuild()
+    if indexed is None:
+        click.echo("error: the DLQ kept changing during every rebuild; run it again",
+                   err=True)
+        sys.exit(EXIT_BROKER)
+    click.echo(f"indexed {indexed} record(s)")
 
 
 @dlq.command("audit")

@@ -52,7 +52,7 @@ from pipeline.redact import failure_shown, redact
 from pipeline.replay import Replayer
 from pipeline.retry import Reason
 from pipeline.tokens import find_credential
-from pipeline.triage import RecordFilter, find_by_id, group_by_fingerprint, record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.runtime import Runtime
@@ -61,6 +61,7 @@ __all__ = ["add_console_routes"]
 
 PAGE_RECORDS = 100  # records listed on a page of a group (the count covers them all)
 PREVIEW_RECORDS = 20  # records a dry run or purge confirmation lists by name
+DRY_RUN_CHECKS = 5_000  # oldest records a dry run checks against the handlers (page time)
 FILTER_FIELDS = ("tier", "type", "reason", "exception", "handler", "fingerprint", "since",
                  "until")
 LOGIN_PATH = "/console/login"
@@ -131,13 +132,7 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         return sel
 
     def matching(flt: RecordFilter, keep: int) -> tuple[int, list[DeadLetterRecord]]:
-        count, kept = 0, list[DeadLetterRecord]()
-        for record in runtime.dlq.iter_records():
-            if flt.matches(record):
-                count += 1
-                if len(kept) < keep:
-                    kept.append(record)
-        return count, kept
+        return runtime.dlq.query.select(flt, keep)
 
     @api.get(LOGIN_PATH, include_in_schema=False)
     async def login_form(request: Request) -> Response:
@@ -182,10 +177,7 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         session = session_for(request, "dlq:read")
         if isinstance(session, Response):
             return session
-        stats = await run_in_threadpool(
-            lambda: group_by_fingerprint(
-                runtime.dlq.iter_records(),
-                lambda r: failure_shown(r, runtime.settings.redact_paths)["message"]))
+        stats = await run_in_threadpool(runtime.dlq.query.groups)
         return page("groups.html", session=session, groups=stats, sparkline=sparkline,
                     total=sum(s.count for s in stats))
 
@@ -210,10 +202,10 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         session = session_for(request, "dlq:read")
         if isinstance(session, Response):
             return session
-        found = await run_in_threadpool(find_by_id, runtime.dlq.iter_records(), record_id)
-        if len(found) != 1:
+        count, found = await run_in_threadpool(runtime.dlq.query.find, record_id, 1)
+        if count != 1 or not found:
             return page("message.html", 404, session=session, title="No such record",
-                        message=f"{len(found)} records match {record_id[:80]!r}.")
+                        message=f"{count} records match {record_id[:80]!r}.")
         paths = runtime.settings.redact_paths
         shown = found[0].model_copy(update={"event": redact(found[0].event, paths),
                                             **failure_shown(found[0], paths)})
@@ -239,7 +231,8 @@ def add_console_routes(api: FastAPI, runtime: Runtime) -> None:
         summary = await run_in_threadpool(
             lambda: Replayer(runtime).replay(sel.to_filter(), by=session.caller,
                                              to_tier=sel.to_tier, rate_per_s=sel.rate,
-                                             dry_run=sel.dry_run))
+                                             dry_run=sel.dry_run,
+                                             check_limit=DRY_RUN_CHECKS))
         preview: list[DeadLetterRecord] = []
         if sel.dry_run:
             _, preview = await run_in_threadpool(matching, sel.to_filter(), PREVIEW_RECORDS)

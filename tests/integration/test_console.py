@@ -17,7 +17,7 @@ from pipeline.console.session import SESSION_COOKIE
 from pipeline.demo import fixed_key
 from pipeline.replay import Replayer
 from pipeline.tokens import Credential
-from pipeline.triage import record_fingerprint
+from pipeline.triage import RecordFilter, record_fingerprint
 from tests.integration.support import Stack, wait_for, write_config
 
 OPS = "ops-console-token-0123456789"
@@ -260,3 +260,22 @@ def test_logout_ends_the_session(client: TestClient) -> None:
     response = client.post("/console/logout", data={"csrf": csrf_of(page)})
     assert response.status_code == 303
     assert client.get("/console").status_code == 303
+
+
+def test_a_dry_run_checks_only_the_oldest_records_and_says_so(
+        stack: Stack, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = [stack.publish("demo.typed", payload={"n": "not a number"}).id for _ in range(4)]
+    dead(stack, ids)
+    fp = record_fingerprint(stack.dlq_for(str(ids[0]))[0])
+    group_size = stack.rt.dlq.query.select(RecordFilter(fingerprint=fp))[0]
+    monkeypatch.setattr("pipeline.console.DRY_RUN_CHECKS", 2)
+    login(client, OPS)
+    page = client.get("/console/records", params={"fingerprint": fp})
+    dry = client.post("/console/replay", data={"fingerprint": fp, "step": "dry-run",
+                                               "csrf": csrf_of(page)})
+    assert dry.status_code == 200, dry.text
+    assert f"Up to <strong>{group_size - 2}</strong> of\n{group_size} matching" in dry.text
+    assert "The oldest 2 were checked" in dry.text
+    assert f"Replay up to {group_size - 2} record(s)" in dry.text
+    audit = Replayer(stack.rt).audit_entries(1)[0]
+    assert (audit["matched"], audit["checked"], audit["would_fail"]) == (group_size, 2, 2)

@@ -6,9 +6,11 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +36,18 @@ def own_broker() -> Iterator[EmbeddedServer]:
             yield server
         finally:
             server.stop()
+
+
+@contextmanager
+def logs_kept_on_failure(tmp: Path) -> Iterator[None]:
+    """Remove a scenario's worker-log directory ``tmp`` after a run; keep it, and say
+    where it is, when the run fails."""
+    try:
+        yield
+    except BaseException:
+        print(f"worker logs kept in {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_env() -> dict[str, str]:

@@ -42,6 +42,7 @@ import redis
 
 from bench.common import (
     clean_env,
+    logs_kept_on_failure,
     own_broker,
     percentile,
     results_dir,
@@ -210,106 +211,101 @@ def main(argv: list[str]) -> int:
     isolated_wait_s = 60.0  # the tiered and bare sides: critical never waits behind bulk
     tmp = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
     sides: dict[str, dict[str, Any]] = {}
-    try:
-        with own_broker() as server:
-            url = server.url
-            base = clean_env()
-            pipeline_env = {
-                "PIPELINE_BROKER_URL": url,
-                "PIPELINE_HANDLER_MODULES": '["bench.handlers"]',
-                "PIPELINE_TIERS__CRITICAL__CONCURRENCY": str(args.critical_slots),
-                "PIPELINE_TIERS__CRITICAL__PREFETCH_MULTIPLIER": "1",
-                "PIPELINE_TIERS__BULK__CONCURRENCY": str(bulk_slots),
-                "PIPELINE_TIERS__BULK__PREFETCH_MULTIPLIER": str(args.prefetch),
-                "PIPELINE_TIERS__BULK__BATCH_SIZE": "0",
-                "PIPELINE_TIERS__BULK__MAX_DEPTH": "0",
-            }
-            stock_env = {**base, "BENCH_BROKER_URL": url}
-            os.environ.update(pipeline_env)  # the publisher in this process loads them too
-            from pipeline.app import create_app
-            from pipeline.config import load_settings
-            from pipeline.runtime import runtime_for
+    with logs_kept_on_failure(tmp), own_broker() as server:
+        url = server.url
+        base = clean_env()
+        pipeline_env = {
+            "PIPELINE_BROKER_URL": url,
+            "PIPELINE_HANDLER_MODULES": '["bench.handlers"]',
+            "PIPELINE_TIERS__CRITICAL__CONCURRENCY": str(args.critical_slots),
+            "PIPELINE_TIERS__CRITICAL__PREFETCH_MULTIPLIER": "1",
+            "PIPELINE_TIERS__BULK__CONCURRENCY": str(bulk_slots),
+            "PIPELINE_TIERS__BULK__PREFETCH_MULTIPLIER": str(args.prefetch),
+            "PIPELINE_TIERS__BULK__BATCH_SIZE": "0",
+            "PIPELINE_TIERS__BULK__MAX_DEPTH": "0",
+        }
+        stock_env = {**base, "BENCH_BROKER_URL": url}
+        os.environ.update(pipeline_env)  # the publisher in this process loads them too
+        from pipeline.app import create_app
+        from pipeline.config import load_settings
+        from pipeline.runtime import runtime_for
 
-            publisher = runtime_for(create_app(load_settings(), main="bench-iso")).publisher
-            from bench.stock_app import app as stock
+        publisher = runtime_for(create_app(load_settings(), main="bench-iso")).publisher
+        from bench.stock_app import app as stock
 
-            stock.conf.update(broker_url=url)
-            client = redis.Redis.from_url(url)
-            payload = {"ms": args.bulk_ms}
+        stock.conf.update(broker_url=url)
+        client = redis.Redis.from_url(url)
+        payload = {"ms": args.bulk_ms}
 
-            def stock_fill(queue: str) -> Callable[[], None]:
-                def fill() -> None:
-                    with stock.producer_or_acquire() as producer:
-                        for i in range(args.backlog):
-                            stock.send_task("stock.bulk", args=({"id": i, "payload": payload},),
-                                            queue=queue, producer=producer)
-                return fill
+        def stock_fill(queue: str) -> Callable[[], None]:
+            def fill() -> None:
+                with stock.producer_or_acquire() as producer:
+                    for i in range(args.backlog):
+                        stock.send_task("stock.bulk", args=({"id": i, "payload": payload},),
+                                        queue=queue, producer=producer)
+            return fill
 
-            def stock_send(queue: str) -> Callable[[str], None]:
-                def send(event_id: str) -> None:
-                    stock.send_task("stock.critical", args=({"id": event_id},), queue=queue)
-                return send
+        def stock_send(queue: str) -> Callable[[str], None]:
+            def send(event_id: str) -> None:
+                stock.send_task("stock.critical", args=({"id": event_id},), queue=queue)
+            return send
 
-            def tiered_fill() -> None:
-                for start in range(0, args.backlog, SEND_CHUNK):
-                    batch = [{"id": str(uuid.uuid4()), "type": "bench.bulk", "source": "bench",
-                              "tier": "bulk", "payload": payload}
-                             for _ in range(start, min(start + SEND_CHUNK, args.backlog))]
-                    results = publisher.publish_many(batch)
-                    assert all(r.outcome == "accepted" for r in results), results[:3]
+        def tiered_fill() -> None:
+            for start in range(0, args.backlog, SEND_CHUNK):
+                batch = [{"id": str(uuid.uuid4()), "type": "bench.bulk", "source": "bench",
+                          "tier": "bulk", "payload": payload}
+                         for _ in range(start, min(start + SEND_CHUNK, args.backlog))]
+                results = publisher.publish_many(batch)
+                assert all(r.outcome == "accepted" for r in results), results[:3]
 
-            def tiered_send(event_id: str) -> None:
-                result = publisher.publish({"id": event_id, "type": "bench.critical",
-                                            "source": "bench", "tier": "critical",
-                                            "payload": {}})
-                assert result.outcome == "accepted", result
+        def tiered_send(event_id: str) -> None:
+            result = publisher.publish({"id": event_id, "type": "bench.critical",
+                                        "source": "bench", "tier": "critical",
+                                        "payload": {}})
+            assert result.outcome == "accepted", result
 
-            def pipeline_worker(tier: str) -> tuple[list[str], dict[str, str], str]:
-                metrics_dir = tmp / f"metrics-{tier}"
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-                metrics_dir.mkdir()
-                env = {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-                return ([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
-                         "--without-gossip", "--without-mingle"], env, f"tiered-{tier}")
+        def pipeline_worker(tier: str) -> tuple[list[str], dict[str, str], str]:
+            metrics_dir = tmp / f"metrics-{tier}"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            env = {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+            return ([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
+                     "--without-gossip", "--without-mingle"], env, f"tiered-{tier}")
 
-            plan: dict[str, Callable[[], dict[str, Any]]] = {
-                "shared": lambda: run_side(
-                    client, args, fill=stock_fill("shared"),
-                    workers=[(stock_argv("shared", args.slots, args.prefetch, "shared"),
-                              stock_env, "shared")],
-                    send=stock_send("shared"), queues=["shared"], tmp=tmp, wait_s=wait_s),
-                "tiered": lambda: run_side(
-                    client, args, fill=tiered_fill,
-                    workers=[pipeline_worker("bulk"), pipeline_worker("critical")],
-                    send=tiered_send, queues=["bulk", "critical"], tmp=tmp,
-                    wait_s=isolated_wait_s),
-                "bare": lambda: run_side(
-                    client, args, fill=stock_fill("bare_bulk"),
-                    workers=[(stock_argv("bare_bulk", bulk_slots, args.prefetch, "bulk"),
-                              stock_env, "bare-bulk"),
-                             (stock_argv("bare_critical", args.critical_slots, 1, "critical"),
-                              stock_env, "bare-critical")],
-                    send=stock_send("bare_critical"), queues=["bare_bulk", "bare_critical"],
-                    tmp=tmp, wait_s=isolated_wait_s),
-            }
-            for name in args.sides.split(","):
-                run = plan[name]
-                print(f"{name}: {args.backlog:,} bulk events queued, critical events for "
-                      f"{args.window_s:g}s ...", flush=True)
-                sides[name] = run()
-                s = sides[name]
-                print(f"  critical p50 {s['critical_ms']['p50']:,.1f} ms, p99 "
-                      f"{s['critical_ms']['p99']:,.1f} ms ({s['critical_events']} events; "
-                      f"the send call p50 {s['send_ms']['p50']:.2f} ms); "
-                      f"bulk {s['bulk_events_per_s']:,.0f}/s; bulk accounted: "
-                      f"{s['bulk']['handled']:,} handled + {s['bulk']['queued']:,} queued",
-                      flush=True)
-            machine = versions(url)
-            client.close()
-    except BaseException:
-        print(f"worker logs kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        plan: dict[str, Callable[[], dict[str, Any]]] = {
+            "shared": lambda: run_side(
+                client, args, fill=stock_fill("shared"),
+                workers=[(stock_argv("shared", args.slots, args.prefetch, "shared"),
+                          stock_env, "shared")],
+                send=stock_send("shared"), queues=["shared"], tmp=tmp, wait_s=wait_s),
+            "tiered": lambda: run_side(
+                client, args, fill=tiered_fill,
+                workers=[pipeline_worker("bulk"), pipeline_worker("critical")],
+                send=tiered_send, queues=["bulk", "critical"], tmp=tmp,
+                wait_s=isolated_wait_s),
+            "bare": lambda: run_side(
+                client, args, fill=stock_fill("bare_bulk"),
+                workers=[(stock_argv("bare_bulk", bulk_slots, args.prefetch, "bulk"),
+                          stock_env, "bare-bulk"),
+                         (stock_argv("bare_critical", args.critical_slots, 1, "critical"),
+                          stock_env, "bare-critical")],
+                send=stock_send("bare_critical"), queues=["bare_bulk", "bare_critical"],
+                tmp=tmp, wait_s=isolated_wait_s),
+        }
+        for name in args.sides.split(","):
+            run = plan[name]
+            print(f"{name}: {args.backlog:,} bulk events queued, critical events for "
+                  f"{args.window_s:g}s ...", flush=True)
+            sides[name] = run()
+            s = sides[name]
+            print(f"  critical p50 {s['critical_ms']['p50']:,.1f} ms, p99 "
+                  f"{s['critical_ms']['p99']:,.1f} ms ({s['critical_events']} events; "
+                  f"the send call p50 {s['send_ms']['p50']:.2f} ms); "
+                  f"bulk {s['bulk_events_per_s']:,.0f}/s; bulk accounted: "
+                  f"{s['bulk']['handled']:,} handled + {s['bulk']['queued']:,} queued",
+                  flush=True)
+        machine = versions(url)
+        client.close()
     if set(sides) != set(plan):
         return 0  # a subset: no ratios, no results file
     p99 = {name: s["critical_ms"]["p99"] for name, s in sides.items()}

@@ -33,6 +33,7 @@ import redis
 
 from bench.common import (
     clean_env,
+    logs_kept_on_failure,
     median,
     own_broker,
     percentile,
@@ -113,71 +114,66 @@ def main(argv: list[str]) -> int:
     args.repeats = args.repeats or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "stock": []}
-    try:
-        with own_broker() as server:
-            url = server.url
-            base = clean_env()
-            pipeline_env = {"PIPELINE_BROKER_URL": url,
-                            "PIPELINE_HANDLER_MODULES": '["bench.handlers"]'}
-            os.environ.update(pipeline_env)
-            from pipeline.app import create_app
-            from pipeline.config import load_settings
-            from pipeline.runtime import runtime_for
+    with logs_kept_on_failure(tmp), own_broker() as server:
+        url = server.url
+        base = clean_env()
+        pipeline_env = {"PIPELINE_BROKER_URL": url,
+                        "PIPELINE_HANDLER_MODULES": '["bench.handlers"]'}
+        os.environ.update(pipeline_env)
+        from pipeline.app import create_app
+        from pipeline.config import load_settings
+        from pipeline.runtime import runtime_for
 
-            settings = load_settings()
-            publisher = runtime_for(create_app(settings, main="bench-latency")).publisher
-            from bench.stock_app import app as stock
+        settings = load_settings()
+        publisher = runtime_for(create_app(settings, main="bench-latency")).publisher
+        from bench.stock_app import app as stock
 
-            stock.conf.update(broker_url=url)
-            client = redis.Redis.from_url(url)
+        stock.conf.update(broker_url=url)
+        client = redis.Redis.from_url(url)
 
-            def pipeline_send(event_id: str, tier: str) -> None:
-                result = publisher.publish({"id": event_id, "type": "bench.mark",
-                                            "source": "bench", "tier": tier, "payload": {}})
-                assert result.outcome == "accepted", result
+        def pipeline_send(event_id: str, tier: str) -> None:
+            result = publisher.publish({"id": event_id, "type": "bench.mark",
+                                        "source": "bench", "tier": tier, "payload": {}})
+            assert result.outcome == "accepted", result
 
-            def stock_send(event_id: str, tier: str) -> None:
-                stock.send_task("stock.mark", args=({"id": event_id},), queue=tier)
+        def stock_send(event_id: str, tier: str) -> None:
+            stock.send_task("stock.mark", args=({"id": event_id},), queue=tier)
 
-            def pipeline_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
-                specs = []
-                for tier in TIERS:
-                    metrics_dir = tmp / f"metrics-{tier}"
-                    shutil.rmtree(metrics_dir, ignore_errors=True)
-                    metrics_dir.mkdir()
-                    env = {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-                    specs.append(([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
-                                   "--without-gossip", "--without-mingle"], env,
-                                  tmp / f"pipeline-{tier}-{rep}.log"))
-                return specs
+        def pipeline_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
+            specs = []
+            for tier in TIERS:
+                metrics_dir = tmp / f"metrics-{tier}"
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                metrics_dir.mkdir()
+                env = {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+                specs.append(([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
+                               "--without-gossip", "--without-mingle"], env,
+                              tmp / f"pipeline-{tier}-{rep}.log"))
+            return specs
 
-            def stock_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
-                specs = []
-                for tier in TIERS:
-                    conf = settings.tier(tier)
-                    specs.append(([sys.executable, "-m", "celery", "-A", "bench.stock_app",
-                                   "worker", "-Q", tier, "-c", str(conf.concurrency),
-                                   "--prefetch-multiplier", str(conf.prefetch_multiplier),
-                                   "-E", "-n", f"{tier}@%h", "-l", "INFO",
-                                   "--without-gossip", "--without-mingle"],
-                                  {**base, "BENCH_BROKER_URL": url},
-                                  tmp / f"stock-{tier}-{rep}.log"))
-                return specs
+        def stock_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
+            specs = []
+            for tier in TIERS:
+                conf = settings.tier(tier)
+                specs.append(([sys.executable, "-m", "celery", "-A", "bench.stock_app",
+                               "worker", "-Q", tier, "-c", str(conf.concurrency),
+                               "--prefetch-multiplier", str(conf.prefetch_multiplier),
+                               "-E", "-n", f"{tier}@%h", "-l", "INFO",
+                               "--without-gossip", "--without-mingle"],
+                              {**base, "BENCH_BROKER_URL": url},
+                              tmp / f"stock-{tier}-{rep}.log"))
+            return specs
 
-            for rep in range(args.repeats):
-                for side in ("stock", "pipeline"):
-                    workers = stock_workers(rep) if side == "stock" else pipeline_workers(rep)
-                    send = stock_send if side == "stock" else pipeline_send
-                    runs[side].append(run_side(client, workers, send, args))
-                    r = runs[side][-1]
-                    print(f"repeat {rep + 1} {side}: {r['events']:,} events, p50 "
-                          f"{r['ms']['p50']:.1f} ms, p99 {r['ms']['p99']:.1f} ms", flush=True)
-            machine = versions(url)
-            client.close()
-    except BaseException:
-        print(f"worker logs kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        for rep in range(args.repeats):
+            for side in ("stock", "pipeline"):
+                workers = stock_workers(rep) if side == "stock" else pipeline_workers(rep)
+                send = stock_send if side == "stock" else pipeline_send
+                runs[side].append(run_side(client, workers, send, args))
+                r = runs[side][-1]
+                print(f"repeat {rep + 1} {side}: {r['events']:,} events, p50 "
+                      f"{r['ms']['p50']:.1f} ms, p99 {r['ms']['p99']:.1f} ms", flush=True)
+        machine = versions(url)
+        client.close()
     return report(args, runs, machine)
 
 

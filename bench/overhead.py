@@ -41,6 +41,7 @@ import redis
 from bench.common import (
     clean_env,
     cpu_s,
+    logs_kept_on_failure,
     median,
     own_broker,
     results_dir,
@@ -142,107 +143,102 @@ def main(argv: list[str]) -> int:
     rates: dict[str, list[float]] = {"stock_noop": [], "stock_noop_task_events": [],
                                      "pipeline": [], "pipeline_no_task_events": []}
     cpu_per_10k: dict[str, list[float]] = {k: [] for k in rates}
-    try:
-        with own_broker() as server:
-            url = server.url
-            base = clean_env()
-            pipeline_env = {
-                "PIPELINE_BROKER_URL": url,
-                "PIPELINE_HANDLER_MODULES": '["pipeline.demo"]',
-                f"PIPELINE_TIERS__{TIER.upper()}__CONCURRENCY": str(args.concurrency),
-                f"PIPELINE_TIERS__{TIER.upper()}__PREFETCH_MULTIPLIER": str(args.prefetch),
-                f"PIPELINE_TIERS__{TIER.upper()}__BATCH_SIZE": "0",
-                f"PIPELINE_TIERS__{TIER.upper()}__MAX_DEPTH": "0",
-            }
-            os.environ.update(pipeline_env)
-            from pipeline.app import create_app
-            from pipeline.config import load_settings
-            from pipeline.runtime import runtime_for
+    with logs_kept_on_failure(tmp), own_broker() as server:
+        url = server.url
+        base = clean_env()
+        pipeline_env = {
+            "PIPELINE_BROKER_URL": url,
+            "PIPELINE_HANDLER_MODULES": '["pipeline.demo"]',
+            f"PIPELINE_TIERS__{TIER.upper()}__CONCURRENCY": str(args.concurrency),
+            f"PIPELINE_TIERS__{TIER.upper()}__PREFETCH_MULTIPLIER": str(args.prefetch),
+            f"PIPELINE_TIERS__{TIER.upper()}__BATCH_SIZE": "0",
+            f"PIPELINE_TIERS__{TIER.upper()}__MAX_DEPTH": "0",
+        }
+        os.environ.update(pipeline_env)
+        from pipeline.app import create_app
+        from pipeline.config import load_settings
+        from pipeline.runtime import runtime_for
 
-            settings = load_settings()
-            assert settings.idempotency_window_s > 0, "idempotency must be on"
-            assert settings.tier(TIER).batch_size <= 1, "the tier must not be batched"
-            publisher = runtime_for(create_app(settings, main="bench-overhead")).publisher
-            queue = settings.queue_for(TIER)
-            from bench.stock_app import app as stock
+        settings = load_settings()
+        assert settings.idempotency_window_s > 0, "idempotency must be on"
+        assert settings.tier(TIER).batch_size <= 1, "the tier must not be batched"
+        publisher = runtime_for(create_app(settings, main="bench-overhead")).publisher
+        queue = settings.queue_for(TIER)
+        from bench.stock_app import app as stock
 
-            stock.conf.update(broker_url=url)
-            client = redis.Redis.from_url(url)
-            stock_argv = [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker",
-                          "-Q", "stock", "-c", str(args.concurrency), "-P", "prefork",
-                          "--prefetch-multiplier", str(args.prefetch), "-l", "INFO",
-                          "--without-gossip", "--without-mingle"]
-            pipeline_argv = [sys.executable, "-m", "pipeline", "worker", "--tier", TIER,
-                             "-P", "prefork", "--without-gossip", "--without-mingle"]
+        stock.conf.update(broker_url=url)
+        client = redis.Redis.from_url(url)
+        stock_argv = [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker",
+                      "-Q", "stock", "-c", str(args.concurrency), "-P", "prefork",
+                      "--prefetch-multiplier", str(args.prefetch), "-l", "INFO",
+                      "--without-gossip", "--without-mingle"]
+        pipeline_argv = [sys.executable, "-m", "pipeline", "worker", "--tier", TIER,
+                         "-P", "prefork", "--without-gossip", "--without-mingle"]
 
-            def pipeline_env_fresh() -> dict[str, str]:
-                metrics_dir = tmp / "metrics"
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-                metrics_dir.mkdir()
-                return {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        def pipeline_env_fresh() -> dict[str, str]:
+            metrics_dir = tmp / "metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            return {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
 
-            def fill_pipeline(n: int) -> None:
-                for batch in pipeline_events(n):
-                    assert all(r.outcome == "accepted" for r in publisher.publish_many(batch))
+        def fill_pipeline(n: int) -> None:
+            for batch in pipeline_events(n):
+                assert all(r.outcome == "accepted" for r in publisher.publish_many(batch))
 
-            def record(side: str, run: Drain) -> None:
-                rates[side].append(args.events / run.seconds)
-                cpu_per_10k[side].append(run.cpu_s * 10_000 / args.events)
+        def record(side: str, run: Drain) -> None:
+            rates[side].append(args.events / run.seconds)
+            cpu_per_10k[side].append(run.cpu_s * 10_000 / args.events)
 
-            def stock_drain(side: str, extra_argv: list[str], log: Path) -> None:
-                """Fill the stock queue, drain it with one stock worker."""
-                client.flushdb()
-                with stock.producer_or_acquire() as producer:
-                    for i in range(args.events):
-                        stock.send_task("stock.noop", args=({"n": i},), queue="stock",
-                                        producer=producer)
-                run = drain([*stock_argv, *extra_argv], {**base, "BENCH_BROKER_URL": url},
-                            client, "stock", log, args.events, server.pid)
-                handled = log.read_text(errors="replace").count("] succeeded in ")
-                assert handled == args.events, f"{log.name}: {handled} of {args.events} handled"
-                record(side, run)
-
-            for rep in range(args.repeats):
-                stock_drain("stock_noop", [], tmp / f"stock-{rep}.log")
-                # The same with task events (-E), what the pipeline's tiers send by default.
-                stock_drain("stock_noop_task_events", ["-E"], tmp / f"stock-events-{rep}.log")
-                client.flushdb()
-                fill_pipeline(args.events)
-                run = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
-                            tmp / f"pipeline-{rep}.log", args.events, server.pid)
-                handled = succeeded(client)
-                assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
-                record("pipeline", run)
-                # The same without Celery task events (tier setting task_events = false):
-                # what Flower's live view costs the worker's main process.
-                client.flushdb()
-                fill_pipeline(args.events)
-                quiet = {**pipeline_env_fresh(),
-                         f"PIPELINE_TIERS__{TIER.upper()}__TASK_EVENTS": "false"}
-                run = drain(pipeline_argv, quiet, client, queue,
-                            tmp / f"pipeline-quiet-{rep}.log", args.events, server.pid)
-                handled = succeeded(client)
-                assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
-                record("pipeline_no_task_events", run)
-                print(f"repeat {rep + 1}: " + ", ".join(
-                    f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
-
-            print(f"RSS run: {args.rss_events:,} events through one pipeline worker ...",
-                  flush=True)
+        def stock_drain(side: str, extra_argv: list[str], log: Path) -> None:
+            """Fill the stock queue, drain it with one stock worker."""
             client.flushdb()
-            fill_pipeline(args.rss_events)
-            seconds, _, samples = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
-                                        tmp / "pipeline-rss.log", args.rss_events,
-                                        server.pid, sample=True)
+            with stock.producer_or_acquire() as producer:
+                for i in range(args.events):
+                    stock.send_task("stock.noop", args=({"n": i},), queue="stock",
+                                    producer=producer)
+            run = drain([*stock_argv, *extra_argv], {**base, "BENCH_BROKER_URL": url},
+                        client, "stock", log, args.events, server.pid)
+            handled = log.read_text(errors="replace").count("] succeeded in ")
+            assert handled == args.events, f"{log.name}: {handled} of {args.events} handled"
+            record(side, run)
+
+        for rep in range(args.repeats):
+            stock_drain("stock_noop", [], tmp / f"stock-{rep}.log")
+            # The same with task events (-E), what the pipeline's tiers send by default.
+            stock_drain("stock_noop_task_events", ["-E"], tmp / f"stock-events-{rep}.log")
+            client.flushdb()
+            fill_pipeline(args.events)
+            run = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
+                        tmp / f"pipeline-{rep}.log", args.events, server.pid)
             handled = succeeded(client)
-            assert handled == args.rss_events, \
+            assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
+            record("pipeline", run)
+            # The same without Celery task events (tier setting task_events = false):
+            # what Flower's live view costs the worker's main process.
+            client.flushdb()
+            fill_pipeline(args.events)
+            quiet = {**pipeline_env_fresh(),
+                     f"PIPELINE_TIERS__{TIER.upper()}__TASK_EVENTS": "false"}
+            run = drain(pipeline_argv, quiet, client, queue,
+                        tmp / f"pipeline-quiet-{rep}.log", args.events, server.pid)
+            handled = succeeded(client)
+            assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
+            record("pipeline_no_task_events", run)
+            print(f"repeat {rep + 1}: " + ", ".join(
+                f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
+
+        print(f"RSS run: {args.rss_events:,} events through one pipeline worker ...",
+              flush=True)
+        client.flushdb()
+        fill_pipeline(args.rss_events)
+        seconds, _, samples = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
+                                    tmp / "pipeline-rss.log", args.rss_events,
+                                    server.pid, sample=True)
+        handled = succeeded(client)
+        assert handled == args.rss_events, \
                 f"RSS run: {handled} of {args.rss_events} handled"
-            machine = versions(url)
-            client.close()
-    except BaseException:
-        print(f"worker logs kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+        machine = versions(url)
+        client.close()
     med = {k: median(v) for k, v in rates.items()}
     ratio = med["pipeline"] / med["stock_noop"]
     quiet_ratio = med["pipeline_no_task_events"] / med["stock_noop"]

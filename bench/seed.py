@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench import seed_sides
-from bench.common import results_dir, write_results
+from bench.common import logs_kept_on_failure, results_dir, write_results
 from bench.seed_account import describe_runs
 
 TARGET_CRITICAL_FAILURE_PCT = 0.01  # critical events finally failed (DLQ or lost), at most
@@ -89,19 +87,14 @@ def main(argv: list[str]) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     sent_plan = seed_sides.traffic(args.rate, args.duration_s, args.seed)
     sides: dict[str, dict[str, Any]] = {}
-    try:
-        with seed_sides.own_broker() as server:
-            for name in args.sides.split(","):
-                print(f"{name}: {len(sent_plan):,} events at {args.rate:g}/s for "
-                      f"{args.duration_s:g} s, outage {args.outage_at_s:g}-"
-                      f"{args.outage_at_s + args.outage_s:g} s ...", flush=True)
-                sides[name] = seed_sides.run(name, server.url, args, sent_plan, tmp)
-                _print_side(name, sides[name])
-            machine = seed_sides.versions(server.url)
-    except BaseException:
-        print(f"worker logs kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    with logs_kept_on_failure(tmp), seed_sides.own_broker() as server:
+        for name in args.sides.split(","):
+            print(f"{name}: {len(sent_plan):,} events at {args.rate:g}/s for "
+                  f"{args.duration_s:g} s, outage {args.outage_at_s:g}-"
+                  f"{args.outage_at_s + args.outage_s:g} s ...", flush=True)
+            sides[name] = seed_sides.run(name, server.url, args, sent_plan, tmp)
+            _print_side(name, sides[name])
+        machine = seed_sides.versions(server.url)
     checks = _checks(sides, args) if "tiered" in sides else []
     for c in checks:
         print(f"  {c['name']}: {c['value']:,.4g} (target {c['op']} {c['target']:g}: "

@@ -57,6 +57,8 @@ BLOCKS = {
     "publish_many(events)": "test_readme_publish_many_reports_one_result_per_event",
     "pipeline send events.ndjson": "test_readme_pipeline_send_prints_the_counts_and_the_bad_line",
     "$PIPELINE_API_URL/events/batch": "test_readme_http_block_accepts_dedupes_and_batches",
+    "[tiers.partner-sync]":
+        "tests/unit/test_pools.py::test_the_readmes_pool_block_is_a_tier_config_check_accepts",
 }
 RUN_HERE = {  # inline commands -> the test that runs them here
     "pipeline up": "readme_stack",

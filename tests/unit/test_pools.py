@@ -132,3 +132,14 @@ def test_a_plain_worker_of_a_gevent_tier_started_unpatched_keeps_its_pool_and_sa
     said = apply_tier(worker, runtime_for(worker.app).settings, "io")
     assert pool_name(worker.pool_cls) == "prefork"
     assert "gevent needs -P gevent on the command line" in said
+
+
+def test_the_readmes_pool_block_is_a_tier_config_check_accepts(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (block,) = [b for b in readme.split("```toml\n")[1:] if "pool = " in b.split("```")[0]]
+    path = tmp_path / "pipeline.toml"
+    path.write_text('default_tier = "partner-sync"\n' + block.split("```")[0])
+    settings = load_settings(path)
+    tier = settings.tier("partner-sync")
+    assert (tier.pool, tier.concurrency, tier.accept_unenforced_time_limit) == ("gevent", 64, True)
+    assert check_settings(settings) == []

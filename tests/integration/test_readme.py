@@ -84,7 +84,6 @@ RUN_ELSEWHERE = {
     "python -m bench <scenario>": ".ci/run (--quick variants; full runs take minutes)",
     "python -m bench seed": ".ci/run (--quick)",
     "python -m bench report": ".ci/run (--quick)",
-    "python -m bench overhead --quick": ".ci/run",
 }
 
 

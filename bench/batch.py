@@ -24,8 +24,8 @@ import redis
 
 from bench.common import median, own_broker, start_worker, stop_worker, write_results
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.runtime import runtime_for
+from pipeline.config.load import load_settings
+from pipeline.worker.runtime import runtime_for
 
 
 def drain(argv: list[str], env: dict[str, str], url: str, queue: str, log: Path) -> float:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.embedded import EmbeddedServer, start_server
+from pipeline.local.embedded import EmbeddedServer, start_server
 
 RESULTS_DIR = Path(__file__).parent / "results"
 QUICK_DIR = RESULTS_DIR / "quick"  # --quick runs write here (gitignored), never over full runs

@@ -22,12 +22,12 @@ from fastapi.testclient import TestClient
 
 from bench.common import median, own_broker, write_results
 from bench.dlq import fill
-from pipeline.api import create_api
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.replay import Replayer
-from pipeline.runtime import runtime_for
-from pipeline.triage import RecordFilter, record_fingerprint
+from pipeline.config.load import load_settings
+from pipeline.dlq.replay import Replayer
+from pipeline.dlq.triage import RecordFilter, record_fingerprint
+from pipeline.http.api import create_api
+from pipeline.worker.runtime import runtime_for
 
 TOKEN = "bench-console-token-0123456789"  # the in-process API's only token
 CSRF_FIELD = re.compile(r'name="csrf" value="([^"]*)"')

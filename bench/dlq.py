@@ -26,11 +26,11 @@ import redis
 
 from bench.common import median, own_broker, write_results
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.deadletter import DeadLetterRecord
-from pipeline.retry import Reason
-from pipeline.runtime import runtime_for
-from pipeline.triage import group_by_fingerprint
+from pipeline.config.load import load_settings
+from pipeline.core.retry import Reason
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.triage import group_by_fingerprint
+from pipeline.worker.runtime import runtime_for
 
 CAUSES = [  # (handler, exception, message template): five real causes
     ("rewards.credit", "httpx.ReadTimeout", "timed out after {n}ms calling rewards-api"),

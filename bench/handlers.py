@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 
 from bench.keys import BULK_DONE_KEY, STARTED_KEY, STARTS_KEY
-from pipeline.events import Event
-from pipeline.handlers import current, handler
+from pipeline.core.events import Event
+from pipeline.core.handlers import current, handler
 
 
 @handler("bench.critical", name="bench.critical")

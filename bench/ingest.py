@@ -25,9 +25,9 @@ from celery import Celery
 
 from bench.common import median, own_broker, write_results
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.embedded import free_port
-from pipeline.runtime import runtime_for
+from pipeline.config.load import load_settings
+from pipeline.local.embedded import free_port
+from pipeline.worker.runtime import runtime_for
 
 SERVER_READY_TIMEOUT_S = 30.0  # how long `pipeline serve` may take to answer /healthz
 

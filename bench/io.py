@@ -45,9 +45,9 @@ from bench.common import (
 )
 from bench.io_handlers import TIMES_KEY
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.embedded import free_port
-from pipeline.runtime import runtime_for
+from pipeline.config.load import load_settings
+from pipeline.local.embedded import free_port
+from pipeline.worker.runtime import runtime_for
 
 SIDES = {"prefork": 4, "threads": 64, "gevent": 64}  # pool -> concurrency
 TARGET_RATIO = 10.0  # threads and gevent events/s over prefork's

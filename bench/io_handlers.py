@@ -16,8 +16,8 @@ import queue
 import time
 from urllib.parse import urlsplit
 
-from pipeline.events import Event
-from pipeline.handlers import current, handler
+from pipeline.core.events import Event
+from pipeline.core.handlers import current, handler
 
 TIMES_KEY = "bench:io:times"  # one "<start> <end>" per handler run
 CALL_TIMEOUT_S = 5.0  # the handler's own bound on its call (the pool enforces none)

@@ -227,8 +227,8 @@ def main(argv: list[str]) -> int:
         stock_env = {**base, "BENCH_BROKER_URL": url}
         os.environ.update(pipeline_env)  # the publisher in this process loads them too
         from pipeline.app import create_app
-        from pipeline.config import load_settings
-        from pipeline.runtime import runtime_for
+        from pipeline.config.load import load_settings
+        from pipeline.worker.runtime import runtime_for
 
         publisher = runtime_for(create_app(load_settings(), main="bench-iso")).publisher
         from bench.stock_app import app as stock

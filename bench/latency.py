@@ -121,8 +121,8 @@ def main(argv: list[str]) -> int:
                         "PIPELINE_HANDLER_MODULES": '["bench.handlers"]'}
         os.environ.update(pipeline_env)
         from pipeline.app import create_app
-        from pipeline.config import load_settings
-        from pipeline.runtime import runtime_for
+        from pipeline.config.load import load_settings
+        from pipeline.worker.runtime import runtime_for
 
         settings = load_settings()
         publisher = runtime_for(create_app(settings, main="bench-latency")).publisher

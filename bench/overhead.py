@@ -156,8 +156,8 @@ def main(argv: list[str]) -> int:
         }
         os.environ.update(pipeline_env)
         from pipeline.app import create_app
-        from pipeline.config import load_settings
-        from pipeline.runtime import runtime_for
+        from pipeline.config.load import load_settings
+        from pipeline.worker.runtime import runtime_for
 
         settings = load_settings()
         assert settings.idempotency_window_s > 0, "idempotency must be on"

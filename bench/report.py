@@ -19,7 +19,7 @@ ORDER = ["seed", "isolation", "overhead", "latency", "ingest", "batch", "dlq"]
 
 def _server_version() -> str:
     try:
-        from pipeline.embedded import find_server_binary
+        from pipeline.local.embedded import find_server_binary
 
         out = subprocess.run([find_server_binary(), "--version"], capture_output=True,
                              text=True, check=True, timeout=10).stdout

@@ -7,8 +7,8 @@ One handler for every traffic class: it calls the partner API through the
 from __future__ import annotations
 
 from bench.seed_downstream import call
-from pipeline.events import Event
-from pipeline.handlers import current, handler
+from pipeline.core.events import Event
+from pipeline.core.handlers import current, handler
 
 DOWNSTREAM = "partner-api"  # the breaker's name in the scenario's config
 

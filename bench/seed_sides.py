@@ -28,7 +28,7 @@ from bench.seed_downstream import (
     OUTAGE_CALLS_KEY,
     SCHEDULE_KEY,
 )
-from pipeline.state import Keys
+from pipeline.core.state import Keys
 
 __all__ = ["own_broker", "run", "traffic", "versions"]
 
@@ -229,10 +229,10 @@ class _Tiered(_Side):
                 env[f"PIPELINE_TIERS__{tier.upper()}__RETRY_BUDGET_WINDOW_S"] = "2"
         os.environ.update(env)  # this process's publisher reads the same settings
         from pipeline.app import create_app
-        from pipeline.config import load_settings
-        from pipeline.exporter import build_registry
-        from pipeline.exporter import scrape as scrape_text
-        from pipeline.runtime import runtime_for
+        from pipeline.config.load import load_settings
+        from pipeline.observe.exporter import build_registry
+        from pipeline.observe.exporter import scrape as scrape_text
+        from pipeline.worker.runtime import runtime_for
 
         self.settings = load_settings()
         self.rt = runtime_for(create_app(self.settings, main="bench-seed"))

@@ -1,6 +1,6 @@
 """The Redis client the stock Celery apps' tasks write their marks with: one per
 (pool) process, made on first use, on the app's own broker. The stock apps must
-not import the pipeline, so they share this instead of ``pipeline.state``."""
+not import the pipeline, so they share this instead of ``pipeline.core.state``."""
 
 from __future__ import annotations
 

@@ -126,7 +126,7 @@ def check_tiers(docs: list[tuple[str, Doc]], problems: Problems) -> None:
     """Each tier: a worker Deployment whose grace period outlasts the tier's hard time
     limit, and a ScaledObject on that tier's own queue (critical never below 1)."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.config import load_settings
+    from pipeline.config.load import load_settings
 
     settings = load_settings(K8S_DIR / "pipeline.toml")
     workers: dict[str, Doc] = {}
@@ -183,7 +183,7 @@ def check_compose(rendered: Path, profile: str) -> None:
     stop_grace_period outlasts the tier's hard time limit, the right broker URLs,
     and Redis with AOF everysec + noeviction."""
     sys.path.insert(0, str(ROOT))
-    from pipeline.config import load_settings
+    from pipeline.config.load import load_settings
 
     problems = Problems()
     settings = load_settings(ROOT / "pipeline" / "default.toml")

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import Settings, load_settings
+from pipeline.config.load import Settings, load_settings
+from pipeline.core.events import Event, parse_event
+from pipeline.core.handlers import HandlerContext, current, handler
 from pipeline.errors import (
     BrokerUnavailable,
     ConfigError,
@@ -22,14 +24,12 @@ from pipeline.errors import (
     RetryAfter,
     ValidationError,
 )
-from pipeline.events import Event, parse_event
-from pipeline.handlers import HandlerContext, current, handler
-from pipeline.ingest import PublishResult
+from pipeline.producer.publisher import PublishResult
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from pipeline.ingest import Publisher
+    from pipeline.producer.publisher import Publisher
 
 __all__ = [
     "BrokerUnavailable",
@@ -79,7 +79,7 @@ def publish_many(events: Iterable[Event | Mapping[str, Any] | str | bytes], *,
 
 
 def _publisher(app: Celery | None) -> Publisher:
-    from pipeline.runtime import runtime_for
+    from pipeline.worker.runtime import runtime_for
 
     if app is None:
         from pipeline.app import app as default

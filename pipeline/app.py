@@ -6,7 +6,7 @@ configured, it joins the stack ``pipeline up`` runs from the state directory
 (``$PIPELINE_STATE_DIR``, else ``.pipeline-state`` here), as the CLI does. A team with its own
 Celery app calls :func:`attach` instead: the pipeline's task, queues and worker
 step are added, their tasks, queues and settings are left as they were. Neither
-imports the handler modules: :meth:`pipeline.runtime.Runtime.load_handlers` does,
+imports the handler modules: :meth:`pipeline.worker.runtime.Runtime.load_handlers` does,
 when a tier worker starts or before the first publish.
 """
 
@@ -21,18 +21,21 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from pipeline import adopt, consumer, fetch, logs, metrics, sealing
-from pipeline.batch import register_batch_task
-from pipeline.config import Settings, check_settings, load_settings
-from pipeline.dlx import tier_queue_arguments
+from pipeline.config.discovery import DEFAULT_STATE_DIR, STACK_PID_KEY, StaleStack, adopt_stack
+from pipeline.config.load import Settings, check_settings, load_settings
+from pipeline.core import logs
+from pipeline.core.redisurl import redact
+from pipeline.dlq import sealing
+from pipeline.dlq.dlx import tier_queue_arguments
 from pipeline.errors import ConfigError, FieldProblem
-from pipeline.heartbeat import HeartbeatStep
-from pipeline.redisurl import redact
-from pipeline.runtime import bind
-from pipeline.stackfind import DEFAULT_STATE_DIR, STACK_PID_KEY, StaleStack, adopt_stack
-from pipeline.statewatch import StateWatchStep
-from pipeline.tasks import register_task
-from pipeline.worker import PipelineWorkerStep
+from pipeline.observe import metrics
+from pipeline.observe.heartbeat import HeartbeatStep
+from pipeline.worker import adopt, consumer, fetch
+from pipeline.worker.batch import register_batch_task
+from pipeline.worker.bootstep import PipelineWorkerStep
+from pipeline.worker.runtime import bind
+from pipeline.worker.statewatch import StateWatchStep
+from pipeline.worker.task import register_task
 
 __all__ = ["app", "attach", "create_app", "tier_queues"]
 
@@ -44,7 +47,7 @@ PUBLISH_TIMEOUT_S = 10.0  # socket timeout of publishes, so a dead broker fails 
 
 def tier_queues(settings: Settings) -> list[Queue]:
     """One durable queue per tier, each with its own direct exchange; on RabbitMQ a
-    quorum queue with our delivery limit and dead-letter route (:mod:`pipeline.dlx`)."""
+    quorum queue with our delivery limit and dead-letter route (:mod:`pipeline.dlq.dlx`)."""
     queues = []
     for name in settings.tiers:
         q = settings.queue_for(name)
@@ -113,7 +116,7 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     broker unless ``state_url`` is set. The app's own queues, tasks and settings
     stay, except three broker matters on Redis: kombu's ``redis://``, ``rediss://``
     and ``sentinel://`` transports become the pipeline's reliable fetch in this
-    process (:func:`pipeline.fetch.install`: kombu's Redis transport with an
+    process (:func:`pipeline.worker.fetch.install`: kombu's Redis transport with an
     atomic fetch; their tasks gain from it too), the visibility timeout is raised
     (never lowered, kombu's default counting as set) to what the tiers need, and
     the priority steps are set to one per priority 0-9 when the app set none (an
@@ -180,7 +183,7 @@ def _with_app_broker(celery: Celery, settings: Settings) -> Settings:
 
 def _without_native_delayed_delivery(celery: Celery, theirs: list[Queue]) -> None:
     """RabbitMQ: no native delayed delivery because of the tier queues (the pipeline
-    sends no countdown or ETA messages; :mod:`pipeline.consumer` says why), unless
+    sends no countdown or ETA messages; :mod:`pipeline.worker.consumer` says why), unless
     the app's own queues are quorum queues or it runs a consumer class of its own."""
     default_type = celery.conf.task_default_queue_type
     quorum = [q.name for q in theirs

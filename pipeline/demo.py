@@ -24,11 +24,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import task_postrun
 from pydantic import BaseModel, Field
 
+from pipeline.core.events import Event
+from pipeline.core.handlers import current, handler
+from pipeline.core.state import Keys
 from pipeline.errors import PermanentError, RetryAfter
-from pipeline.events import Event
-from pipeline.handlers import current, handler
-from pipeline.runtime import runtime_for
-from pipeline.state import Keys
+from pipeline.worker.runtime import runtime_for
 
 __all__ = ["DEMO_DOWNSTREAM", "DemoTransientError", "calls_key", "down_key", "fixed_key",
            "report", "wallets_key"]

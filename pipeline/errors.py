@@ -20,7 +20,7 @@ Hierarchy::
         └── RetryAfter               retry after a delay the handler chooses
 
 Subclasses elsewhere: ``stackfind.StaleStack`` (a ``ConfigError``), the task-state
-verdicts of :mod:`pipeline.taskstate`.
+verdicts of :mod:`pipeline.worker.taskstate`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.embedded import start_server
+from pipeline.local.embedded import start_server
 
 _db_numbers = itertools.count(1)
 MAX_DB = 15  # Redis has 16 logical databases; 0 is left alone

@@ -35,12 +35,12 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from pipeline.breaker import BreakerConfig
-from pipeline.configfile import read_default_toml
-from pipeline.settings import ENV_PREFIX, Settings
-from pipeline.tiers import Rule, TierConfig
-from pipeline.tokens import ApiToken
-from pipeline.webhooks import WebhookConfig
+from pipeline.config.model import ENV_PREFIX, Settings
+from pipeline.config.toml import read_default_toml
+from pipeline.core.tiers import Rule, TierConfig
+from pipeline.core.tokens import ApiToken
+from pipeline.core.webhooks import WebhookConfig
+from pipeline.worker.breaker import BreakerConfig
 from tools.fielddoc import describe_type, field_comments, field_default, format_value
 
 __all__ = ["DEFAULT_PATH", "REGENERATE", "field_docs", "main", "render", "render_blocks"]

@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 import click
 
+from pipeline.config.discovery import DEFAULT_STATE_DIR, STACK_PID_KEY, adopt_stack
 from pipeline.errors import BrokerUnavailable, ConfigError
-from pipeline.stackfind import DEFAULT_STATE_DIR, STACK_PID_KEY, adopt_stack
 
 __all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_REJECTED", "cli", "fail_config",
            "note_if_no_workers", "progress_bar", "runtime"]
@@ -31,8 +31,8 @@ def runtime() -> Any:
     """The default app's runtime (imports ``pipeline.app``, which reads the config).
     With no broker configured, the stack ``pipeline up`` runs from ``--state-dir``
     is used, and said so on stderr."""
-    from pipeline.config import load_settings
-    from pipeline.redisurl import redact
+    from pipeline.config.load import load_settings
+    from pipeline.core.redisurl import redact
 
     try:
         configured = load_settings().broker_url is not None
@@ -51,7 +51,7 @@ def runtime() -> Any:
         from pipeline.app import app
     except ConfigError as exc:
         fail_config(exc)
-    from pipeline.runtime import runtime_for
+    from pipeline.worker.runtime import runtime_for
 
     return runtime_for(app)
 
@@ -59,8 +59,8 @@ def runtime() -> Any:
 def note_if_no_workers(rt: Any) -> None:
     """On stderr, which broker was read when no worker of any tier is seen there: a
     command pointed at the wrong Redis would otherwise just report an idle pipeline."""
-    from pipeline.redisurl import redact
-    from pipeline.snapshot import read_snapshot
+    from pipeline.core.redisurl import redact
+    from pipeline.observe.gauges import read_snapshot
 
     try:
         snap = read_snapshot(rt)

@@ -11,14 +11,14 @@ from typing import Any
 import click
 
 from pipeline.cli.base import EXIT_CONFIG, cli, fail_config
-from pipeline.config import CONFIG_ENV, check_settings, load_settings
-from pipeline.configcheck import config_warnings
-from pipeline.configfile import read_default_toml, read_toml
+from pipeline.config.checks import config_warnings
+from pipeline.config.load import CONFIG_ENV, check_settings, load_settings
+from pipeline.config.toml import read_default_toml, read_toml
+from pipeline.core.redisurl import MASK, mask_urls, redact
+from pipeline.core.tokens import credentials, token_notes
+from pipeline.core.webhooks import webhook_keys
+from pipeline.dlq.sealing import key_problems
 from pipeline.errors import ConfigError, FieldProblem
-from pipeline.redisurl import MASK, mask_urls, redact
-from pipeline.sealing import key_problems
-from pipeline.tokens import credentials, token_notes
-from pipeline.webhooks import webhook_keys
 
 
 def _drop_none(value: Any) -> Any:

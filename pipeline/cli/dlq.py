@@ -1,7 +1,7 @@
 """``pipeline dlq list|stats|show|replay|purge|audit``: the dead-letter queue.
 
 ``list --json`` and ``show`` print events with ``redact_paths`` masked
-(:mod:`pipeline.redact`); ``replay`` sends the stored, whole event."""
+(:mod:`pipeline.core.redact`); ``replay`` sends the stored, whole event."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pipeline.cli.base import (
     progress_bar,
     runtime,
 )
+from pipeline.core.redact import redact_record, redact_text
+from pipeline.core.retry import Reason
+from pipeline.dlq.triage import RecordFilter, record_fingerprint
 from pipeline.errors import BrokerUnavailable, clip
-from pipeline.redact import redact_record, redact_text
-from pipeline.retry import Reason
-from pipeline.triage import RecordFilter, record_fingerprint
 
 F = TypeVar("F", bound=Callable[..., Any])
 CANDIDATES_SHOWN = 20  # records listed when an id prefix is ambiguous
@@ -157,7 +157,7 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, dry_run: bool, rate: floa
                to_tier: str | None, no_validate: bool, force: bool, as_json: bool,
                **kw: Any) -> None:
     """Put records back on their tier with attempts reset and their event id kept."""
-    from pipeline.replay import Replayer
+    from pipeline.dlq.replay import Replayer
 
     flt = make_filter(ids, **kw)
     if flt.selects_all and not select_all:
@@ -203,7 +203,7 @@ def dlq_replay(ids: tuple[str, ...], select_all: bool, dry_run: bool, rate: floa
 @click.option("--yes", is_flag=True, help="Really delete.")
 def dlq_purge(ids: tuple[str, ...], select_all: bool, yes: bool, **kw: Any) -> None:
     """Delete records, and say how many."""
-    from pipeline.replay import Replayer
+    from pipeline.dlq.replay import Replayer
 
     flt = make_filter(ids, **kw)
     if flt.selects_all and not select_all:
@@ -245,7 +245,7 @@ def dlq_reindex(check: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def dlq_audit(limit: int, as_json: bool) -> None:
     """Who replayed or purged what, newest first."""
-    from pipeline.replay import Replayer
+    from pipeline.dlq.replay import Replayer
 
     entries = Replayer(runtime()).audit_entries(limit)
     if as_json:

@@ -26,7 +26,7 @@ def status(as_json: bool, watch: float | None) -> None:
     Exit code 1 when any tier's oldest message is older than its slo_s, 3 when
     the broker cannot be read.
     """
-    from pipeline.status import EXIT_LATE, build_report, render_text
+    from pipeline.observe.status import EXIT_LATE, build_report, render_text
 
     rt = runtime()
     code = 0
@@ -61,9 +61,9 @@ def status(as_json: bool, watch: float | None) -> None:
 def exporter(host: str, port: int) -> None:
     """Serve Prometheus metrics: broker gauges read per scrape, plus the workers'
     recorded metrics when PROMETHEUS_MULTIPROC_DIR is set."""
-    from pipeline import logs
-    from pipeline.exporter import serve
-    from pipeline.metrics import MULTIPROC_ENV, multiprocess_dir
+    from pipeline.core import logs
+    from pipeline.observe.exporter import serve
+    from pipeline.observe.metrics import MULTIPROC_ENV, multiprocess_dir
 
     where = multiprocess_dir()
     if where and not os.path.isdir(where):
@@ -86,8 +86,8 @@ def flower(host: str, port: int, insecure_local: bool, flower_args: tuple[str, .
     or Flower's OAuth options passed through (--auth=REGEX --auth_provider=...).
     Other arguments go to Flower (--url_prefix=..., --broker_api=... on RabbitMQ).
     """
-    from pipeline import logs
-    from pipeline.flower import (
+    from pipeline.core import logs
+    from pipeline.observe.flower import (
         BASIC_AUTH_ENV,
         auth_mode,
         flower_argv,

@@ -29,9 +29,9 @@ def worker(tier: str, celery_args: tuple[str, ...]) -> None:
         from pipeline.app import app
     except ConfigError as exc:
         fail_config(exc)
-    from pipeline.pools import GEVENT_BOOT, GEVENT_EXTRA, cli_pool, gevent_installed, green
-    from pipeline.runtime import runtime_for
-    from pipeline.worker import worker_argv
+    from pipeline.core.pools import GEVENT_BOOT, GEVENT_EXTRA, cli_pool, gevent_installed, green
+    from pipeline.worker.bootstep import worker_argv
+    from pipeline.worker.runtime import runtime_for
 
     settings = runtime_for(app).settings
     if tier not in settings.tiers:
@@ -60,9 +60,9 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
     """Serve the HTTP ingest API (bearer tokens: PIPELINE_API_TOKEN, PIPELINE_API_TOKENS)."""
     import uvicorn
 
-    from pipeline.api import create_api
-    from pipeline.tokens import DEFAULT_TOKEN_NAME, TOKEN_HINT, Credential, credentials
-    from pipeline.webhooks import webhook_keys
+    from pipeline.core.tokens import DEFAULT_TOKEN_NAME, TOKEN_HINT, Credential, credentials
+    from pipeline.core.webhooks import webhook_keys
+    from pipeline.http.api import create_api
 
     if insecure_local and host not in LOOPBACK_HOSTS:
         click.echo(f"error: --insecure-local binds loopback only, not {host!r}", err=True)
@@ -85,7 +85,7 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
                     f"loopback only):\n  PIPELINE_API_TOKEN={generated}", fg="yellow",
                     err=True)
     api = create_api(rt, credentials=creds)
-    from pipeline.logs import configure
+    from pipeline.core.logs import configure
 
     configure()  # JSON lines in production, readable on a terminal, as the workers
     uvicorn.run(api, host=host, port=port, log_config=None, access_log=False)
@@ -101,7 +101,7 @@ def serve(host: str, port: int, insecure_local: bool) -> None:
               help="Where the embedded broker keeps its data and logs.")
 def up(config_file: str | None, with_demo: bool, state_dir: Path) -> None:
     """Run the pipeline locally: a broker if none is configured, one worker per tier."""
-    from pipeline.stack import run_stack
+    from pipeline.local.stack import run_stack
 
     sys.exit(run_stack(config_file=config_file, with_demo=with_demo, state_dir=state_dir))
 

@@ -8,7 +8,7 @@ import logging
 import redis
 
 from pipeline import Event, current, handler
-from pipeline.state import Keys
+from pipeline.core.state import Keys
 
 log = logging.getLogger(__name__)
 

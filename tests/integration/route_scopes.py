@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.routing import Mount, Route
 
-from pipeline.tokens import ALL_SCOPES, Credential
+from pipeline.core.tokens import ALL_SCOPES, Credential
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # every other method changes state
 

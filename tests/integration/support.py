@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 import redis
 
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.deadletter import DeadLetterRecord
-from pipeline.embedded import free_port
-from pipeline.ingest import PublishResult
-from pipeline.runtime import Runtime, runtime_for
-from pipeline.state import Keys
+from pipeline.config.load import load_settings
+from pipeline.core.state import Keys
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.local.embedded import free_port
+from pipeline.producer.publisher import PublishResult
+from pipeline.worker.runtime import Runtime, runtime_for
 
 WORKER_READY_TIMEOUT_S = 30.0  # a worker that is not ready by then fails the test
 SERVER_READY_TIMEOUT_S = 30.0  # an exporter or Flower not answering by then fails the test

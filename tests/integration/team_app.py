@@ -10,7 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from pipeline.app import attach
-from pipeline.config import load_settings
+from pipeline.config.load import load_settings
 
 app = Celery("team", broker=os.environ["PIPELINE_BROKER_URL"], set_as_current=False)
 app.conf.update(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.retry import Reason
+from pipeline.core.retry import Reason
 from tests.integration.rabbit import (
     AMQP_URL,
     delete_queues,

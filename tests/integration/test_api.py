@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.api import create_api
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.embedded import EmbeddedServer, start_server
-from pipeline.runtime import Runtime, runtime_for
+from pipeline.config.load import load_settings
+from pipeline.http.api import create_api
+from pipeline.local.embedded import EmbeddedServer, start_server
+from pipeline.worker.runtime import Runtime, runtime_for
 from tests.integration.support import write_config
 
 TOKEN = "s3cret-token-for-the-api-tests"

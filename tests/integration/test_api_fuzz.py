@@ -27,8 +27,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from pipeline.api import create_api
-from pipeline.console.session import SESSION_COOKIE
+from pipeline.http.api import create_api
+from pipeline.http.console.session import SESSION_COOKIE
 from tests.integration.route_scopes import (
     ADMIN,
     ALL_BUT,

@@ -9,10 +9,10 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from pipeline.api import create_api
+from pipeline.core.tokens import Credential
 from pipeline.errors import ConfigError
-from pipeline.runtime import Runtime
-from pipeline.tokens import Credential
+from pipeline.http.api import create_api
+from pipeline.worker.runtime import Runtime
 from tests.integration.route_scopes import ROUTES, app_routes, state_changing
 from tests.integration.test_api import make_runtime
 

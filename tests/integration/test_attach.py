@@ -12,8 +12,8 @@ from types import ModuleType
 
 import pytest
 
-from pipeline.inflight import CONSUMERS_KEY
-from pipeline.runtime import runtime_for
+from pipeline.worker.inflight import CONSUMERS_KEY
+from pipeline.worker.runtime import runtime_for
 from tests.integration.support import Stack, Worker, wait_for, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_one_worker_of_the_team_app_runs_their_tasks_and_pipeline_events(
         wait_for(lambda: stack.state.hget("team:effects", key), 10, "the team's own task")
         # the team's worker consumes through the pipeline's reliable fetch
         with team.app.connection() as conn:
-            assert type(conn.transport).__module__ == "pipeline.fetch"
+            assert type(conn.transport).__module__ == "pipeline.worker.fetch"
         assert stack.state.zcard(CONSUMERS_KEY) >= 1
     finally:
         worker.stop()

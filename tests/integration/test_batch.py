@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.core.retry import Reason
 from pipeline.demo import report
-from pipeline.retry import Reason
 from tests.integration.support import Stack, wait_for, write_config
 
 EVENTS = 10_000  # events published to the batched tier
@@ -79,8 +79,8 @@ def test_concurrent_single_publishes_wait_to_share_batch_messages(
     import threading
 
     from pipeline.app import create_app
-    from pipeline.config import load_settings
-    from pipeline.runtime import runtime_for
+    from pipeline.config.load import load_settings
+    from pipeline.worker.runtime import runtime_for
 
     tmp = tmp_path_factory.mktemp("coalesce")
     config = write_config(tmp / "pipeline.toml", prefix="co-",

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.breaker import BreakerConfig, Breakers
+from pipeline.worker.breaker import BreakerConfig, Breakers
 
 CFG = BreakerConfig(failure_ratio=0.5, min_calls=4, consecutive_failures=3, window_s=10,
                     open_s=5, half_open_probes=1)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.breaker import BreakerConfig, Breakers
-from pipeline.state import Keys
+from pipeline.core.state import Keys
+from pipeline.worker.breaker import BreakerConfig, Breakers
 
 LEASE_S = 10.0  # the probe lease these tests configure
 OPEN_S = 5.0  # cool-down of these tests' breakers

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import EmbeddedServer, start_server
 from pipeline.errors import BrokerUnavailable
+from pipeline.local.embedded import EmbeddedServer, start_server
 from tests.integration import fault_handlers
 from tests.integration.support import Stack, wait_for
 from tests.integration.test_reliable_fetch import FAULT_TOML

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.embedded import free_port
-from pipeline.state import Keys
+from pipeline.core.state import Keys
+from pipeline.local.embedded import free_port
 from tests.integration.support import Stack, alive, descendants, wait_for, write_config
 
 

@@ -12,12 +12,12 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from pipeline.api import create_api
-from pipeline.console.session import SESSION_COOKIE
+from pipeline.core.tokens import Credential
 from pipeline.demo import fixed_key
-from pipeline.replay import Replayer
-from pipeline.tokens import Credential
-from pipeline.triage import RecordFilter, record_fingerprint
+from pipeline.dlq.replay import Replayer
+from pipeline.dlq.triage import RecordFilter, record_fingerprint
+from pipeline.http.api import create_api
+from pipeline.http.console.session import SESSION_COOKIE
 from tests.integration.support import Stack, wait_for, write_config
 
 OPS = "ops-console-token-0123456789"
@@ -268,7 +268,7 @@ def test_a_dry_run_checks_only_the_oldest_records_and_says_so(
     dead(stack, ids)
     fp = record_fingerprint(stack.dlq_for(str(ids[0]))[0])
     group_size = stack.rt.dlq.query.select(RecordFilter(fingerprint=fp))[0]
-    monkeypatch.setattr("pipeline.console.DRY_RUN_CHECKS", 2)
+    monkeypatch.setattr("pipeline.http.console.DRY_RUN_CHECKS", 2)
     login(client, OPS)
     page = client.get("/console/records", params={"fingerprint": fp})
     dry = client.post("/console/replay", data={"fingerprint": fp, "step": "dry-run",

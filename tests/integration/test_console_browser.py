@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import fixed_key
-from pipeline.triage import record_fingerprint
+from pipeline.dlq.triage import record_fingerprint
 from tests.integration.browser import chromium
 from tests.integration.support import (
     Server,

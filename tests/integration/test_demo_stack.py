@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.demotraffic import DOOMED
+from pipeline.local.demotraffic import DOOMED
 from tests.integration.support import wait_for
 from tests.integration.test_stack import Up, read_env_file, stacks_started
 

@@ -10,10 +10,15 @@ from typing import Any
 
 import pytest
 
-from pipeline.dlqindex import DlqIndex
-from pipeline.replay import Replayer
-from pipeline.runtime import Runtime
-from pipeline.triage import FingerprintStat, RecordFilter, group_by_fingerprint, record_fingerprint
+from pipeline.dlq.index import DlqIndex
+from pipeline.dlq.replay import Replayer
+from pipeline.dlq.triage import (
+    FingerprintStat,
+    RecordFilter,
+    group_by_fingerprint,
+    record_fingerprint,
+)
+from pipeline.worker.runtime import Runtime
 from tests.integration.support import Stack, wait_for, write_config
 
 MAX_RECORDS = 40  # the test's dlq_max_records, so retention evicts
@@ -86,7 +91,7 @@ def assert_index_answers_as_the_records(rt: Runtime) -> None:
 
 def test_index_follows_dead_letters_replay_purge_retention_and_rebuild(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pipeline.dlqindex.FETCH_MAX", 3)  # reads span several scripts
+    monkeypatch.setattr("pipeline.dlq.index.FETCH_MAX", 3)  # reads span several scripts
     rt = stack.rt
     index = index_of(rt)
     assert index.rebuild() == 0  # an empty DLQ's index, marked usable

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.core.state import Keys
 from pipeline.demo import fixed_key
-from pipeline.replay import Replayer
-from pipeline.state import Keys
-from pipeline.triage import RecordFilter, record_fingerprint
+from pipeline.dlq.replay import Replayer
+from pipeline.dlq.triage import RecordFilter, record_fingerprint
 from tests.integration.support import Stack, wait_for, write_config
 
 RETENTION = "dlq_max_records = 400\n"
@@ -172,7 +172,7 @@ def test_retention_evicts_the_oldest_counts_and_logs_them(
 def test_http_replay_is_audited_with_the_token_name(stack: Stack) -> None:
     from fastapi.testclient import TestClient
 
-    from pipeline.api import create_api
+    from pipeline.http.api import create_api
 
     result = stack.publish("demo.fail")
     assert result.id is not None

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deadletter import DeadLetterRecord
+from pipeline.core.retry import Reason
 from pipeline.demo import fixed_key, report
-from pipeline.embedded import EmbeddedServer, start_server
-from pipeline.ingest import task_id_for
-from pipeline.retry import Reason
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.local.embedded import EmbeddedServer, start_server
+from pipeline.producer.publisher import task_id_for
 from tests.integration.support import Stack, wait_for, write_config
 
 RECORDS = 1000  # records replayed while the broker dies

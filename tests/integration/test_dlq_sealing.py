@@ -15,10 +15,10 @@ from cryptography.fernet import Fernet
 
 from pipeline.app import create_app
 from pipeline.demo import fixed_key
-from pipeline.replay import Replayer
-from pipeline.runtime import Runtime, runtime_for
-from pipeline.sealing import ENCRYPTED, ENV_VAR
-from pipeline.triage import RecordFilter
+from pipeline.dlq.replay import Replayer
+from pipeline.dlq.sealing import ENCRYPTED, ENV_VAR
+from pipeline.dlq.triage import RecordFilter
+from pipeline.worker.runtime import Runtime, runtime_for
 from tests.integration.support import Stack, wait_for, write_config
 
 CARD = "4111111111111111"  # a payload value that must not be readable on the broker

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection, Exchange, Producer
 
-from pipeline.retry import Reason
+from pipeline.core.retry import Reason
 from tests.integration.support import SLOW_TIER, Stack, wait_for, write_config
 
 
@@ -111,8 +111,8 @@ def test_payload_failing_handler_model_is_dead_lettered_as_invalid_payload(stack
 def test_task_whose_handler_is_not_for_its_event_type_is_dead_lettered_not_run(
         stack: Stack) -> None:
     """As a crafted DLQ record or a task applied from Flower would send it."""
-    from pipeline.events import Event
-    from pipeline.ingest import task_id_for
+    from pipeline.core.events import Event
+    from pipeline.producer.publisher import task_id_for
 
     event = Event(type="reward.granted", source="crafted", payload={"user_id": 1})
     message = event.to_message()

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.events import Event
-from pipeline.ingest import PublishResult
+from pipeline.core.events import Event
+from pipeline.producer.publisher import PublishResult
 from tests.integration.browser import chromium
 from tests.integration.support import (
     Server,

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.messages import redis_list_key
-from pipeline.runtime import runtime_for
+from pipeline.config.load import load_settings
+from pipeline.messages.task import redis_list_key
+from pipeline.worker.runtime import runtime_for
 from tests.integration.support import Stack, wait_for, write_config
 
 WINDOW_S = 60  # idempotency window of this module's workers

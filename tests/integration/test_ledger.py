@@ -7,10 +7,10 @@ import uuid
 import pytest
 import redis
 
-from pipeline.ledger import Ledger, Outcome, Try, try_key
-from pipeline.settlestream import Call, SettleStream
-from pipeline.state import Keys
-from pipeline.tiers import TierConfig
+from pipeline.core.state import Keys
+from pipeline.core.tiers import TierConfig
+from pipeline.worker.ledger import Ledger, Outcome, Try, try_key
+from pipeline.worker.settlestream import Call, SettleStream
 
 TIER = TierConfig(retry_budget_ratio=0)
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.ledger import Ledger, Outcome, Try, try_key
-from pipeline.tiers import TierConfig
+from pipeline.core.tiers import TierConfig
+from pipeline.worker.ledger import Ledger, Outcome, Try, try_key
 
 TIER = TierConfig(retry_budget_ratio=0.5, retry_budget_min=1, retry_budget_window_s=60)
 

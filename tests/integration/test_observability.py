@@ -25,12 +25,12 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.api import create_api
-from pipeline.embedded import free_port
-from pipeline.events import Event
-from pipeline.messages import RedisMessageRenderer, redis_list_key
-from pipeline.retry import Reason
-from pipeline.snapshot import DLQ_EVICTIONS_KEY
+from pipeline.core.events import Event
+from pipeline.core.retry import Reason
+from pipeline.http.api import create_api
+from pipeline.local.embedded import free_port
+from pipeline.messages.task import RedisMessageRenderer, redis_list_key
+from pipeline.observe.gauges import DLQ_EVICTIONS_KEY
 from tests.integration.support import (
     SLOW_TIER,
     Server,

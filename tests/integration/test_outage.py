@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from pipeline.core.retry import Reason
+from pipeline.core.state import Keys
 from pipeline.demo import DEMO_DOWNSTREAM, calls_key, down_key, fixed_key
-from pipeline.retry import Reason
-from pipeline.state import Keys
 from tests.integration.support import Stack, wait_for, write_config
 
 OUTAGE_EVENTS = 200  # demo.flaky events sent while the downstream is down
@@ -69,7 +69,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 def metric(stack: Stack, series: str) -> float:
     """One series' value as the exporter serves it."""
-    from pipeline.exporter import build_registry, scrape
+    from pipeline.observe.exporter import build_registry, scrape
 
     for line in scrape(build_registry(stack.rt)).decode().splitlines():
         if line.startswith(series + " "):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.embedded import free_port
+from pipeline.local.embedded import free_port
 from tests.integration.support import alive, wait_for
 from tests.integration.test_stack import Up, read_env_file
 

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from kombu import Connection
 
-from pipeline.dlx import DELIVERY_LIMIT_EXCEPTION, delivery_limit
-from pipeline.retry import Reason
+from pipeline.core.retry import Reason
+from pipeline.dlq.dlx import DELIVERY_LIMIT_EXCEPTION, delivery_limit
 from tests.integration.rabbit import (
     AMQP_URL,
     delete_queues,
@@ -62,7 +62,7 @@ def test_rabbitmq_tier_queues_are_quorum_queues_with_our_delivery_limit(stack: S
 
 def test_rabbitmq_worker_starts_without_native_delayed_delivery(stack: Stack) -> None:
     """The pipeline sends no countdown/ETA messages: Celery's native delayed delivery,
-    which the quorum tier queues would switch on, is left out (pipeline.consumer)."""
+    which the quorum tier queues would switch on, is left out (pipeline.worker.consumer)."""
     log = stack.workers[0].log()
     assert "ready." in log
     assert "delayed delivery" not in log.lower()
@@ -93,8 +93,8 @@ def test_rabbitmq_handler_delay_goes_through_the_retry_schedule(stack: Stack) ->
 
 def test_rabbitmq_dlq_replay_republishes_then_acks(stack: Stack) -> None:
     from pipeline.demo import fixed_key
-    from pipeline.replay import Replayer
-    from pipeline.triage import RecordFilter
+    from pipeline.dlq.replay import Replayer
+    from pipeline.dlq.triage import RecordFilter
 
     result = stack.publish("demo.fail")
     assert result.id is not None
@@ -163,8 +163,8 @@ def test_rabbitmq_past_the_delivery_limit_lands_in_the_dlq_with_its_context(
     assert any(s.count and s.exception == DELIVERY_LIMIT_EXCEPTION
                for s in stack.rt.dlq.stats())
 
-    from pipeline.replay import Replayer
-    from pipeline.triage import RecordFilter
+    from pipeline.dlq.replay import Replayer
+    from pipeline.dlq.triage import RecordFilter
 
     summary = Replayer(stack.rt).replay(RecordFilter(ids=frozenset({record.id})), by="t")
     assert summary.replayed == 1

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from kombu.exceptions import OperationalError
 
-from pipeline.enqueue import IN_FLIGHT, Enqueuer, unavailable
+from pipeline.core.state import Keys
 from pipeline.errors import BrokerUnavailable
-from pipeline.state import Keys
+from pipeline.producer.enqueue import IN_FLIGHT, Enqueuer, unavailable
 from tests.integration.rabbit import (
     AMQP_URL,
     delete_queues,
@@ -66,7 +66,7 @@ def _assert_seen_only_if_queued(stack: Stack, events: list[dict[str, Any]],
                                 results: list[Any] | None = None) -> set[str]:
     """Every event marked ``seen`` has its task on the tier queue; returns queued ids."""
     queued = set(queued_task_ids(stack.rt.settings.queue_for("bulk")))
-    from pipeline.ingest import event_task_id
+    from pipeline.producer.publisher import event_task_id
 
     for event in events:
         if _seen(stack, event) == b"1":
@@ -107,10 +107,10 @@ def test_rabbitmq_nacked_publish_mid_chunk_leaves_the_rest_free_to_resend(
 # Run in a subprocess: publish a chunk and die (os._exit) before the FAIL_AT-th publish.
 _CRASHING_PRODUCER = """
 import os, sys
-from pipeline import enqueue
+from pipeline.producer import enqueue
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.runtime import runtime_for
+from pipeline.config.load import load_settings
+from pipeline.worker.runtime import runtime_for
 import orjson
 
 enqueue.PENDING_CLAIM_TTL_S = {ttl}

@@ -6,7 +6,7 @@ The state store is a Redis this test starts (append-only file, so a graceful sto
 and a restart on the same port keep what it held), stopped while a tier worker
 (a real ``celery worker`` subprocess) still has events queued. Tasks that hit the
 outage report it (``statewatch.report_state_failure``, called by
-``pipeline.tasks.settle_or_requeue``): without that the 1 s probe alone leaves the
+``pipeline.worker.task.settle_or_requeue``): without that the 1 s probe alone leaves the
 tasks in flight a tight reject loop (16 deliveries each in 0.4 s here) until it
 pauses consumption. Over the outage (15 s, as in issue 20) the worker's CPU and
 log volume stay within the bounds below.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import EmbeddedServer, start_server
+from pipeline.local.embedded import EmbeddedServer, start_server
 from tests.integration.rabbit import (
     AMQP_URL,
     delete_queues,

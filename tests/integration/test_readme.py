@@ -34,8 +34,8 @@ import pytest
 from celery import Celery
 
 import pipeline
-from pipeline.demotraffic import DEMO_DB, DOOMED_MAX
-from pipeline.embedded import free_port
+from pipeline.local.demotraffic import DEMO_DB, DOOMED_MAX
+from pipeline.local.embedded import free_port
 from tests.integration.support import alive, descendants, wait_for
 from tests.integration.test_stack import read_env_file
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.api import create_api
-from pipeline.deadletter import DeadLetterRecord
-from pipeline.redact import MASK
-from pipeline.retry import Reason
-from pipeline.runtime import Runtime
+from pipeline.core.redact import MASK
+from pipeline.core.retry import Reason
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.http.api import create_api
+from pipeline.worker.runtime import Runtime
 from tests.integration.test_api import make_runtime
 
 TOKEN = "redaction-token-0123456789abcdef"

@@ -3,7 +3,7 @@
 Each variant starts servers of its own on free ports (a master plus a Sentinel that
 monitors it; a TLS-only server with a throwaway CA), a real tier worker, and checks
 that events are processed and that retries (the Redis retry schedule, reached
-through ``pipeline.state.connect``) end in the DLQ. Only those processes are
+through ``pipeline.core.state.connect``) end in the DLQ. Only those processes are
 stopped, by pid. The TLS variant is skipped only when the server binary lacks TLS.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.embedded import find_server_binary, free_port, start_server
-from pipeline.retry import Reason
-from pipeline.state import Keys, connect
+from pipeline.core.retry import Reason
+from pipeline.core.state import Keys, connect
+from pipeline.local.embedded import find_server_binary, free_port, start_server
 from tests.integration.support import Stack, wait_for, write_config
 
 MASTER_NAME = "mymaster"
@@ -115,7 +115,7 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         text = log.read_text()  # a build without TLS: Redis 6-7.0, then Redis 7.2+/Valkey
         if process.poll() is not None and ("Bad directive" in text or "TLS support" in text):
             pytest.skip(f"{find_server_binary()} was built without TLS: {text[-300:]}")
-        # CERT_REQUIRED: the spelling Celery documents; kombu and pipeline.state accept it.
+        # CERT_REQUIRED: the spelling Celery documents; kombu and pipeline.core.state accept it.
         url = f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=CERT_REQUIRED&ssl_ca_certs={ca}"
         client = connect(url)
         servers.callback(client.close)

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.batchledger import _BEGIN_MANY_LUA, _DONE_THEN_START_LUA
-from pipeline.inflight import CONSUMERS_KEY
-from pipeline.ledger import SETTLE_LUA, START_LUA
-from pipeline.retry import Reason
+from pipeline.core.retry import Reason
+from pipeline.worker.batchledger import _BEGIN_MANY_LUA, _DONE_THEN_START_LUA
+from pipeline.worker.inflight import CONSUMERS_KEY
+from pipeline.worker.ledger import SETTLE_LUA, START_LUA
 from tests.integration import fault_handlers
 from tests.integration.faults import ResetProxy
 from tests.integration.support import Stack, wait_for
@@ -150,7 +150,7 @@ def test_connection_resets_between_workers_and_broker_lose_and_duplicate_nothing
         time.sleep(0.5)
     chaos.join()
     assert proxy.resets > 10
-    assert stack.state.zcard(CONSUMERS_KEY) >= 2  # both workers fetch through pipeline.fetch
+    assert stack.state.zcard(CONSUMERS_KEY) >= 2  # both workers fetch through pipeline.worker.fetch
 
     def settled() -> bool:
         dead = _dead(stack)

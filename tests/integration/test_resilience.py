@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.state import Keys
+from pipeline.core.state import Keys
 from tests.integration.support import Stack, wait_for, write_config
 
 VISIBILITY_TIMEOUT_S = 6.0  # short, so redelivery after a node crash is testable

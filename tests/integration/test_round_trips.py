@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.embedded import EmbeddedServer, start_server
+from pipeline.local.embedded import EmbeddedServer, start_server
 from tests.integration.support import Stack, wait_for
 
 EVENTS = 600  # no-op events counted

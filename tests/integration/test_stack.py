@@ -22,7 +22,7 @@ import redis
 
 import pipeline.cli  # noqa: F401  (registers every command)
 from pipeline.cli.base import cli
-from pipeline.state import Keys
+from pipeline.core.state import Keys
 from tests.integration.support import alive, descendants, wait_for
 
 STARTUP_TIMEOUT_S = 60.0  # banner and every worker ready

@@ -14,9 +14,9 @@ import pytest
 import standardwebhooks
 from fastapi.testclient import TestClient
 
-from pipeline.api import create_api
 from pipeline.errors import ConfigError
-from pipeline.runtime import Runtime
+from pipeline.http.api import create_api
+from pipeline.worker.runtime import Runtime
 from tests.integration.test_api import make_runtime
 
 TOKEN = "webhook-test-token-0123456789ab"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.admission import DepthCache, admitted
+from pipeline.core.admission import DepthCache, admitted
 
 
 def test_unbounded_tier_admits_everything() -> None:

@@ -13,13 +13,13 @@ import pytest
 from celery import Celery
 from celery.concurrency import get_implementation
 
-from pipeline import adopt
 from pipeline.app import attach
-from pipeline.config import load_settings
+from pipeline.config.load import load_settings
+from pipeline.core.redisurl import same_broker
 from pipeline.errors import ConfigError
-from pipeline.redisurl import same_broker
-from pipeline.runtime import runtime_for
-from pipeline.worker import GIVEN_ATTR, apply_tier, refuse_unread_priorities
+from pipeline.worker import adopt
+from pipeline.worker.bootstep import GIVEN_ATTR, apply_tier, refuse_unread_priorities
+from pipeline.worker.runtime import runtime_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM_BROKER = "redis://:s3cret@team-redis:6379/3"
@@ -120,7 +120,7 @@ def test_importing_pipeline_and_attaching_import_no_handler_module(tmp_path: Pat
     (pkg / "celery.py").write_text(
         "from celery import Celery\n"
         "from pipeline.app import attach\n"
-        "from pipeline.config import load_settings\n"
+        "from pipeline.config.load import load_settings\n"
         "app = Celery('circ', broker='redis://127.0.0.1:1/0', set_as_current=False)\n"
         "@app.task(name='circ.job')\n"
         "def job() -> None: ...\n"
@@ -134,8 +134,8 @@ def test_importing_pipeline_and_attaching_import_no_handler_module(tmp_path: Pat
     script = (
         "from circ_team.celery import app\n"  # as a worker does: the app module first
         "import pipeline.app\n"
-        "from pipeline.handlers import registry\n"
-        "from pipeline.runtime import runtime_for\n"
+        "from pipeline.core.handlers import registry\n"
+        "from pipeline.worker.runtime import runtime_for\n"
         "assert pipeline.app._default is None, 'the default app was built'\n"
         "assert registry.for_type('circ.event') == [], 'handlers imported by attach'\n"
         "runtime_for(app).publisher\n"  # what the first publish does first

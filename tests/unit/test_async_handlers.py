@@ -9,8 +9,8 @@ import threading
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipeline.events import Event
-from pipeline.handlers import Handler, HandlerContext, current, running
+from pipeline.core.events import Event
+from pipeline.core.handlers import Handler, HandlerContext, current, running
 
 
 def make(func: object) -> Handler:

@@ -103,7 +103,7 @@ def test_check_names_a_dlq_key_that_is_not_a_fernet_key_without_its_value(
 def test_every_process_refuses_to_start_with_a_bad_dlq_key(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.app import create_app
-    from pipeline.config import load_settings
+    from pipeline.config.load import load_settings
     from pipeline.errors import ConfigError
 
     monkeypatch.setenv("PIPELINE_DLQ_KEYS", "short")
@@ -141,7 +141,7 @@ def test_check_reports_undefined_breakers_and_unbatchable_handlers_on_batch_tier
     suffix = tmp_path.name.replace("-", "_")
     (tmp_path / f"badmod_{suffix}.py").write_text(BAD_HANDLERS_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    from pipeline.handlers import registry
+    from pipeline.core.handlers import registry
 
     try:
         code, _, err = run("config", "check",

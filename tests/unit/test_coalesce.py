@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.coalesce import Coalescer
+from pipeline.producer.coalesce import Coalescer
 
 
 def run_concurrently(coalescer: Coalescer[int, str], items: list[int]) -> list[object]:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Settings, check_settings, load_settings
+from pipeline.config.load import Settings, check_settings, load_settings
+from pipeline.core.tiers import Rule, TierConfig
 from pipeline.errors import ConfigError
-from pipeline.tiers import Rule, TierConfig
 
 ONE_TIER = """
 default_tier = "only"

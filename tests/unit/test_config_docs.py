@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from pipeline.breaker import BreakerConfig
-from pipeline.config import Settings, load_settings
-from pipeline.tiers import Rule, TierConfig
-from pipeline.tokens import ApiToken
-from pipeline.webhooks import WebhookConfig
+from pipeline.config.load import Settings, load_settings
+from pipeline.core.tiers import Rule, TierConfig
+from pipeline.core.tokens import ApiToken
+from pipeline.core.webhooks import WebhookConfig
+from pipeline.worker.breaker import BreakerConfig
 from tools import docgen
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

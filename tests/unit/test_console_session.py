@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from pipeline.console.render import SPARK_HOURS, sparkline
-from pipeline.console.session import (
+from pipeline.http.console.render import SPARK_HOURS, sparkline
+from pipeline.http.console.session import (
     SESSION_MAX_AGE_S,
     csrf_ok,
     new_key,

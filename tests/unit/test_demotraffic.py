@@ -6,10 +6,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from pipeline.config import load_settings
-from pipeline.demotraffic import DOOMED, DOOMED_EVERY, DOOMED_MAX, MIX, demo_events
-from pipeline.events import Event
-from pipeline.tiers import classify
+from pipeline.config.load import load_settings
+from pipeline.core.events import Event
+from pipeline.core.tiers import classify
+from pipeline.local.demotraffic import DOOMED, DOOMED_EVERY, DOOMED_MAX, MIX, demo_events
 
 AN_HOUR_OF_EVENTS = 20 * 3600  # what the demo sends in an hour at its rate
 

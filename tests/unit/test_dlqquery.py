@@ -6,11 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from pipeline.deadletter import DeadLetterRecord
-from pipeline.dlqindex import entry_meta
-from pipeline.dlqquery import group_matches, meta_matches, record_level, stats_of_metas
-from pipeline.retry import Reason
-from pipeline.triage import RecordFilter, group_by_fingerprint
+from pipeline.core.retry import Reason
+from pipeline.dlq.index import entry_meta
+from pipeline.dlq.query import group_matches, meta_matches, record_level, stats_of_metas
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.triage import RecordFilter, group_by_fingerprint
 
 T0 = datetime(2026, 11, 30, 12, 34, 56, 789_012, tzinfo=UTC)
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.core.events import DEFAULT_MAX_PAYLOAD_BYTES, parse_event
 from pipeline.errors import EventValidationError
-from pipeline.events import DEFAULT_MAX_PAYLOAD_BYTES, parse_event
 
 
 def valid(**fields: Any) -> dict[str, Any]:

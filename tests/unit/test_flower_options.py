@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.flower import TASK_COLUMNS, auth_mode, flower_argv, parse_basic_auth
+from pipeline.observe.flower import TASK_COLUMNS, auth_mode, flower_argv, parse_basic_auth
 
 
 def test_basic_auth_accepts_several_users() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from pipeline.events import Event, parse_event
-from pipeline.handlers import Handler, Registry, current, handler, registry
+from pipeline.core.events import Event, parse_event
+from pipeline.core.handlers import Handler, Registry, current, handler, registry
 
 
 class Granted(pydantic.BaseModel):

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from pipeline.config import load_settings
-from pipeline.embedded import free_port
+from pipeline.config.load import load_settings
+from pipeline.core.redisurl import redact
 from pipeline.errors import BrokerUnavailable, EventValidationError
-from pipeline.ingest import PublishResult, event_task_id, task_id_for
-from pipeline.redisurl import redact
+from pipeline.local.embedded import free_port
+from pipeline.producer.publisher import PublishResult, event_task_id, task_id_for
 
 PASSWORD = "s3cret-pw"
 EVENT = {"type": "reward.granted", "source": "game-server", "payload": {"user_id": 7}}
@@ -32,7 +32,7 @@ def dead_broker_app(closed_port: int) -> Celery:
 
 
 def publish(app: Celery, data: dict[str, Any]) -> PublishResult:
-    from pipeline.runtime import runtime_for
+    from pipeline.worker.runtime import runtime_for
 
     return runtime_for(app).publisher.publish(data)
 

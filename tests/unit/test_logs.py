@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from pipeline import logs
+from pipeline.core import logs
 
 
 class Stream(io.StringIO):
@@ -87,7 +87,7 @@ def test_celerys_task_data_is_reduced_to_the_task_id_and_type_and_the_payload_dr
 def test_allowed_extra_fields_are_kept_and_others_dropped() -> None:
     stream = Stream(tty=False)
     logs.configure(logging.INFO, stream)
-    logging.getLogger("pipeline.tasks").error(
+    logging.getLogger("pipeline.worker.task").error(
         "dead-lettered", extra={"reason": "permanent_error", "password": "hunter2"})
     doc = json.loads(lines(stream)[0])
     assert doc["reason"] == "permanent_error"
@@ -120,7 +120,7 @@ def test_configuring_twice_keeps_one_handler_and_honours_the_level() -> None:
 def test_url_passwords_are_masked_in_every_line(tty: bool) -> None:
     stream = Stream(tty=tty)
     logs.configure(logging.INFO, stream)
-    log = logging.getLogger("pipeline.enqueue")
+    log = logging.getLogger("pipeline.producer.enqueue")
     log.error("broker %s unreachable", "redis://:hunter2@broker:6379/0")
     try:
         raise ConnectionError("cannot reach amqp://guest:s3cret@rabbit:5672//")

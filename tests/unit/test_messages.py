@@ -8,8 +8,13 @@ import orjson
 import pytest
 
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.messages import REDIS_PRIORITY_SEP, RedisMessageRenderer, TaskSpec, redis_list_key
+from pipeline.config.load import load_settings
+from pipeline.messages.task import (
+    REDIS_PRIORITY_SEP,
+    RedisMessageRenderer,
+    TaskSpec,
+    redis_list_key,
+)
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ import time
 import pytest
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
 
-from pipeline import ingestcounts, metrics
-from pipeline import rates as rates_module
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.ingest import PublishResult
-from pipeline.rates import (
+from pipeline.config.load import load_settings
+from pipeline.observe import metrics
+from pipeline.observe import outcomes as rates_module
+from pipeline.observe.outcomes import (
     FLUSH_EVERY_S,
     OutcomeRates,
     minute_of,
@@ -20,8 +19,10 @@ from pipeline.rates import (
     rate_key,
     window_keys,
 )
-from pipeline.runtime import runtime_for
-from pipeline.taskstate import DeadLettered, Deferred, RetryScheduled
+from pipeline.producer import counts as ingestcounts
+from pipeline.producer.publisher import PublishResult
+from pipeline.worker.runtime import runtime_for
+from pipeline.worker.taskstate import DeadLettered, Deferred, RetryScheduled
 
 
 @pytest.mark.parametrize(("retval", "state", "expected"), [
@@ -120,7 +121,7 @@ def test_rate_keys_name_tier_outcome_and_minute() -> None:
 
 
 def test_a_batch_result_counts_each_event_under_its_own_outcome() -> None:
-    from pipeline.batch import batch_outcomes
+    from pipeline.worker.batch import batch_outcomes
 
     retval = "batch:succeeded=97;retry_scheduled=2;dead_lettered:retries_exhausted=1"
     pairs = batch_outcomes(retval)

@@ -10,14 +10,14 @@ from celery.concurrency import get_implementation
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from pipeline import configcheck
 from pipeline.app import create_app
 from pipeline.cli import cli
-from pipeline.config import Settings, check_settings, load_settings
-from pipeline.pools import cli_pool, processes
-from pipeline.runtime import runtime_for
-from pipeline.tiers import TierConfig
-from pipeline.worker import apply_tier, pool_name, worker_argv
+from pipeline.config import checks as configcheck
+from pipeline.config.load import Settings, check_settings, load_settings
+from pipeline.core.pools import cli_pool, processes
+from pipeline.core.tiers import TierConfig
+from pipeline.worker.bootstep import apply_tier, pool_name, worker_argv
+from pipeline.worker.runtime import runtime_for
 
 IO_TIER = """
 default_tier = "io"

@@ -10,8 +10,8 @@ import click
 from fastapi import FastAPI
 
 from pipeline.cli.dlq import dlq_list, dlq_purge, dlq_replay, dlq_stats
-from pipeline.dlqapi import add_dlq_routes
-from pipeline.retry import Reason
+from pipeline.core.retry import Reason
+from pipeline.http.dlq import add_dlq_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 REASONS = {r.value for r in Reason}

@@ -9,10 +9,8 @@ import orjson
 import pytest
 
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.errors import ConfigError
-from pipeline.messages import RedisMessageRenderer, TaskSpec, args_repr
-from pipeline.redact import (
+from pipeline.config.load import load_settings
+from pipeline.core.redact import (
     MASK,
     path_problem,
     redact,
@@ -21,6 +19,8 @@ from pipeline.redact import (
     redact_text,
     secrets_in,
 )
+from pipeline.errors import ConfigError
+from pipeline.messages.task import RedisMessageRenderer, TaskSpec, args_repr
 
 EVENT = {"id": "e1", "type": "order.paid", "source": "shop",
          "payload": {"card": {"number": "4111111111111111", "exp": "12/30"},

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from pipeline.core.retry import Reason, compute_backoff, compute_deferral, decide, exception_matches
+from pipeline.core.tiers import TierConfig
 from pipeline.errors import PermanentError, RetryAfter
-from pipeline.retry import Reason, compute_backoff, compute_deferral, decide, exception_matches
-from pipeline.tiers import TierConfig
 
 ALMOST_ONE = 0.999999
 

@@ -6,8 +6,7 @@ import orjson
 import pytest
 from cryptography.fernet import Fernet
 
-from pipeline.errors import ConfigError
-from pipeline.sealing import (
+from pipeline.dlq.sealing import (
     ENCRYPTED,
     ENV_VAR,
     is_sealed,
@@ -16,6 +15,7 @@ from pipeline.sealing import (
     seal_record,
     sealer_from,
 )
+from pipeline.errors import ConfigError
 
 CARD = "4111111111111111"
 EVENT = {"id": "e1", "type": "order.paid", "source": "shop", "occurred_at": "2026-01-01T00:00Z",

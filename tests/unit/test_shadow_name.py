@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 
 from pipeline.app import create_app
-from pipeline.config import load_settings
-from pipeline.messages import RedisMessageRenderer, TaskSpec, shadow_name
+from pipeline.config.load import load_settings
+from pipeline.messages.task import RedisMessageRenderer, TaskSpec, shadow_name
 
 
 def spec(event: dict[str, object]) -> TaskSpec:

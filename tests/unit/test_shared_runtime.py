@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from pipeline import logs
-from pipeline.batch import RateGate, _rate_gate
-from pipeline.config import load_settings
-from pipeline.messages import TASK_NAME
-from pipeline.runtime import Runtime
-from pipeline.tiers import TierConfig
+from pipeline.config.load import load_settings
+from pipeline.core import logs
+from pipeline.core.tiers import TierConfig
+from pipeline.messages.task import TASK_NAME
+from pipeline.worker.batch import RateGate, _rate_gate
+from pipeline.worker.runtime import Runtime
 
 THREADS = 16  # attempts running at once in one process
 

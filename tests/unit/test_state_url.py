@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import check_settings, load_settings
+from pipeline.config.load import check_settings, load_settings
+from pipeline.core.redisurl import redact, same_redis
 from pipeline.errors import FieldProblem
-from pipeline.redisurl import redact, same_redis
 
 BROKER = "redis://:brokersecret@cache.example:6379/2"
 
@@ -97,7 +97,7 @@ def test_redact_masks_each_sentinel_password_and_query_passwords() -> None:
 
 
 def test_mask_urls_masks_every_url_in_a_text_and_leaves_the_rest() -> None:
-    from pipeline.redisurl import mask_urls
+    from pipeline.core.redisurl import mask_urls
 
     text = ("a redis://:p1@h:6379/0, b amqp://guest:p2@rabbit:5672// "
             "c rediss://h/1?password=p3&ssl_cert_reqs=required d redis://:p4@[::1:6379/0")
@@ -111,7 +111,7 @@ def test_mask_urls_masks_every_url_in_a_text_and_leaves_the_rest() -> None:
 
 
 def test_broker_unavailable_names_the_broker_without_its_password() -> None:
-    from pipeline.enqueue import unavailable
+    from pipeline.producer.enqueue import unavailable
 
     exc = unavailable("redis://:hunter2@h:6379/0",
                       OSError("Error connecting to redis://:hunter2@h:6379/0"))

@@ -7,7 +7,7 @@ import logging
 import pytest
 import redis
 
-from pipeline.statewatch import (
+from pipeline.worker.statewatch import (
     PROBE_BACKOFF_MAX_S,
     PROBE_BACKOFF_MIN_S,
     PROBE_INTERVAL_S,
@@ -62,7 +62,7 @@ def test_a_long_outage_says_so_once_per_interval_with_its_counts(
     watch = StateWatch(ping, lambda: calls.append("down"), lambda: calls.append("up"),
                        rand=lambda: 1.0, clock=lambda: now[0])
     ping.up = False
-    with caplog.at_level(logging.WARNING, logger="pipeline.statewatch"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.worker.statewatch"):
         while now[0] < 35.0:  # 35 s down, a probe every 0.5 s
             watch.probe()
             now[0] += 0.5

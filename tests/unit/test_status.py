@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import load_settings
-from pipeline.snapshot import Snapshot, TierReading, oldest_age
-from pipeline.status import build_report, format_age, render_text
-from pipeline.tiers import TierConfig
+from pipeline.config.load import load_settings
+from pipeline.core.tiers import TierConfig
+from pipeline.observe.gauges import Snapshot, TierReading, oldest_age
+from pipeline.observe.status import build_report, format_age, render_text
 
 
 def reading(tier: str, **fields: Any) -> TierReading:

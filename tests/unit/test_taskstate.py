@@ -21,9 +21,9 @@ from celery.contrib.testing.mocks import TaskMessage
 from celery.exceptions import Retry
 from celery.worker.request import Request
 
-from pipeline.batch import batch_outcomes, batch_verdict
-from pipeline.tasks import PipelineTask
-from pipeline.taskstate import (
+from pipeline.worker.batch import batch_outcomes, batch_verdict
+from pipeline.worker.task import PipelineTask
+from pipeline.worker.taskstate import (
     BatchDeadLettered,
     DeadLettered,
     Deferred,

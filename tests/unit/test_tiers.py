@@ -7,8 +7,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from pipeline.events import Event
-from pipeline.tiers import Rule, TierConfig, classify
+from pipeline.core.events import Event
+from pipeline.core.tiers import Rule, TierConfig, classify
 
 TIERS: dict[str, object] = {"critical": {}, "high": {}, "standard": {}, "bulk": {}}
 RULES = [

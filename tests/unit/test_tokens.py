@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.config import load_settings
+from pipeline.config.load import load_settings
+from pipeline.core.tokens import ALL_SCOPES, MIN_TOKEN_CHARS, Credential, credentials
 from pipeline.errors import ConfigError
-from pipeline.tokens import ALL_SCOPES, MIN_TOKEN_CHARS, Credential, credentials
 
 GOOD = "A" * MIN_TOKEN_CHARS
 BAD_TOKENS = {"empty": "", "blank": "      ", "short": "abc123", "one-char": "x",
@@ -169,7 +169,7 @@ def test_insecure_local_generates_a_token_for_the_run(monkeypatch: pytest.Monkey
 
     from pipeline.app import create_app
     from pipeline.cli import run
-    from pipeline.runtime import runtime_for
+    from pipeline.worker.runtime import runtime_for
 
     served: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda api, **kw: served.update(api=api, **kw))

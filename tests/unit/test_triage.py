@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from pipeline.deadletter import DeadLetterRecord
-from pipeline.retry import Reason
-from pipeline.triage import (
+from pipeline.core.retry import Reason
+from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.triage import (
     RecordFilter,
     fingerprint,
     group_by_fingerprint,

@@ -11,9 +11,8 @@ from datetime import UTC, datetime
 import pytest
 import standardwebhooks
 
-from pipeline.config import load_settings
-from pipeline.errors import ConfigError
-from pipeline.webhooks import (
+from pipeline.config.load import load_settings
+from pipeline.core.webhooks import (
     MappingProblem,
     WebhookConfig,
     event_from,
@@ -21,6 +20,7 @@ from pipeline.webhooks import (
     verify,
     webhook_keys,
 )
+from pipeline.errors import ConfigError
 
 # GitHub's documented example ("Validating webhook deliveries", testing the signature).
 GITHUB_SECRET = "It's a Secret to Everybody"

@@ -1,0 +1,149 @@
+"""The Redis that holds the pipeline's own state, and the key names in it.
+
+With a Redis broker this is the broker itself (so retries move onto tier queues
+atomically); with RabbitMQ it is the Redis named by ``state_url``. It holds the
+scheduled-retry sets, per-try run and settle marks, the demo's effect log, breakers
+and retry budgets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from pipeline.errors import NO_VALUE, ConfigError, FieldProblem
+
+__all__ = ["Keys", "connect"]
+
+SOCKET_TIMEOUT_S = 10.0  # a state-store call that takes longer than this fails
+CONNECT_TIMEOUT_S = 3.0  # how long to wait for the state store to accept a connection
+
+
+class Keys:
+    """Key names, all under one ``pipeline:`` prefix so operators can find them."""
+
+    prefix = "pipeline:"
+
+    @classmethod
+    def retries(cls, queue: str) -> str:
+        return f"{cls.prefix}retry:{queue}"
+
+    @classmethod
+    def running(cls, task_id: str, try_key: str) -> str:
+        """One try of a task began and has not settled: ``"<token> <host> <epoch s>"``."""
+        return f"{cls.prefix}running:{task_id}:{try_key}"
+
+    @classmethod
+    def settled(cls, task_id: str, try_key: str) -> str:
+        """One try of a task settled (its outcome written); a redelivery only acks."""
+        return f"{cls.prefix}settled:{task_id}:{try_key}"
+
+    @classmethod
+    def seen(cls, dedupe_key: str, source: str | None = None) -> str:
+        """An event id / idempotency key accepted at ingest (TTL: the idempotency window),
+        within its ``source`` when given. A source never holds ``|`` (events.py), and
+        ``seen-src:`` is no ``seen:`` key: the two key spaces cannot meet."""
+        if source is None:
+            return f"{cls.prefix}seen:{dedupe_key}"
+        return f"{cls.prefix}seen-src:{source}|{dedupe_key}"
+
+    @classmethod
+    def done(cls, task_id: str) -> str:
+        """A (event, handler) task whose handler succeeded (TTL: the idempotency window)."""
+        return f"{cls.prefix}done:{task_id}"
+
+    @classmethod
+    def breaker(cls, name: str) -> str:
+        """A downstream's circuit breaker (hash; window buckets under ``<key>:w:``)."""
+        return f"{cls.prefix}breaker:{name}"
+
+    @classmethod
+    def breaker_probes(cls, name: str) -> str:
+        """A breaker's half-open probe leases (sorted set: token scored by its expiry)."""
+        return f"{cls.breaker(name)}:probes"
+
+    @classmethod
+    def retry_budget(cls, tier: str) -> str:
+        """Prefix of a tier's retry-budget buckets; ``<prefix>exhausted`` counts refusals."""
+        return f"{cls.prefix}budget:{tier}:"
+
+    @classmethod
+    def dlq_evictions(cls) -> str:
+        """Records evicted from the DLQ by retention (a counter)."""
+        return f"{cls.prefix}dlq:evictions"
+
+    @classmethod
+    def dlq_index(cls, queue: str) -> str:
+        """Prefix of the DLQ's index keys (:mod:`pipeline.dlq.index`)."""
+        return f"{cls.prefix}dlqix:{queue}:"
+
+    @classmethod
+    def dlq_audit(cls) -> str:
+        """Audit entries of DLQ replays and purges (a list, newest first)."""
+        return f"{cls.prefix}dlq:audit"
+
+    @classmethod
+    def ingest_counts(cls) -> str:
+        """Publish outcomes by ``tier|type|outcome|reason`` (a hash of counters)."""
+        return f"{cls.prefix}ingest:counts"
+
+    @classmethod
+    def demo_effects(cls) -> str:
+        return f"{cls.prefix}demo:effects"
+
+
+def connect(url: str, transport_options: dict[str, Any] | None = None, *,
+            timeout_s: float | None = None) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``sentinel://`` hosts
+    joined by ``;``; Sentinel needs ``master_name`` in ``transport_options``).
+
+    ``timeout_s`` makes a probe client: that connect and socket timeout, and no
+    retries (redis-py otherwise retries a refused connection for seconds).
+    """
+    options = transport_options or {}
+    socket_timeout_s = SOCKET_TIMEOUT_S if timeout_s is None else timeout_s
+    connect_timeout_s = CONNECT_TIMEOUT_S if timeout_s is None else timeout_s
+    probe: dict[str, Any] = {} if timeout_s is None else {"retry": Retry(NoBackoff(), 0)}
+    if url.startswith("sentinel://"):
+        hosts = []
+        password = None
+        db = 0
+        for part in url.split(";"):
+            parsed = urlsplit(part)
+            hosts.append((parsed.hostname or "localhost", parsed.port or 26379))
+            password = parsed.password or password
+            if parsed.path.strip("/").isdigit():
+                db = int(parsed.path.strip("/"))
+        master = options.get("master_name")
+        if not master:
+            raise ConfigError([FieldProblem("broker_transport_options.master_name", NO_VALUE,
+                                           "sentinel:// needs it")])
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts,
+            socket_timeout=socket_timeout_s,
+            sentinel_kwargs=options.get("sentinel_kwargs"),
+        )
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            master, password=unquote(password) if password else None, db=db,
+            socket_timeout=socket_timeout_s, **probe,
+        )
+        return client
+    return redis.Redis.from_url(
+        _redis_py_url(url), socket_timeout=socket_timeout_s,
+        socket_connect_timeout=connect_timeout_s, **probe,
+    )
+
+
+def _redis_py_url(url: str) -> str:
+    """``url`` with ``ssl_cert_reqs=CERT_REQUIRED`` (the spelling Celery documents and
+    kombu accepts) as ``required``, the only spelling redis-py accepts."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    fixed = [(k, v.lower().removeprefix("cert_") if k == "ssl_cert_reqs" else v)
+             for k, v in query]
+    return url if fixed == query else urlunsplit(parts._replace(query=urlencode(fixed)))

@@ -1,0 +1,3 @@
+"""Publishing: validate, classify, admit, claim and enqueue events
+(:func:`pipeline.publish`, :func:`pipeline.publish_many`).
+"""

@@ -1,0 +1,213 @@
+"""Batched tiers: many events per Celery message, per-event semantics kept.
+
+Celery's per-message cost (~1 ms of worker CPU here) caps one worker near
+1,000 tasks/s. A tier with ``batch_size = N`` packs up to N events that share
+one handler into one ``pipeline.handle_batch`` message at publish time; the
+worker runs each event through the same steps as a single event
+(:class:`~pipeline.worker.attempt.Attempt`: begin, breakers, payload model, rate limit,
+handler, settle), one after the other. Each event keeps its own task id, done
+mark, attempts and DLQ record: an event that fails is retried or dead-lettered
+*alone*, as an ordinary ``pipeline.handle`` task; one that already succeeded or
+settled is skipped on a redelivery. A batch whose worker dies mid-way is
+redelivered: the events settled before are acknowledged, the one that was running
+is settled as a lost (failed) attempt and retried alone, the rest run.
+
+Packing is all-or-nothing per batch message: a Lua script claims the
+idempotency keys of its events and pushes the message only if none was a
+duplicate; otherwise it releases its claims and the publisher re-packs without
+the duplicates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery.utils.time import rate
+from kombu.utils.limits import TokenBucket
+
+from pipeline.core.pools import processes
+from pipeline.messages.task import TaskSpec
+from pipeline.worker.attempt import LIVE_CLAIMS, Attempt
+from pipeline.worker.batchledger import BatchLedger
+from pipeline.worker.runtime import runtime_for
+from pipeline.worker.task import PipelineTask, settle_or_requeue
+from pipeline.worker.taskstate import BatchDeadLettered, raise_for
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from pipeline.worker.runtime import Runtime
+
+__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "RateGate", "batch_outcomes", "batch_spec",
+           "batch_verdict", "register_batch_task"]
+
+BATCH_TASK_NAME = "pipeline.handle_batch"
+BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
+log = logging.getLogger(__name__)
+
+# ARGV: ttl_s, n, dedupe keys * n, list key, message. Returns {} when pushed, else the
+# 1-based indexes of the duplicates (claims of this call released, nothing pushed).
+PACK_LUA = """
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local claimed, dups = {}, {}
+for i = 1, n do
+  if ttl == 0 or redis.call('SET', ARGV[2 + i], '1', 'NX', 'EX', ttl) then
+    claimed[#claimed + 1] = ARGV[2 + i]
+  else
+    dups[#dups + 1] = i
+  end
+end
+if #dups > 0 then
+  if #claimed > 0 then redis.call('DEL', unpack(claimed)) end
+  return dups
+end
+redis.call('LPUSH', ARGV[3 + n], ARGV[4 + n])
+return {}
+"""
+
+
+def batch_spec(runtime: Runtime, events: Sequence[dict[str, Any]], *, handler: str, tier: str,
+               accepted_at: float) -> TaskSpec:
+    """The ``pipeline.handle_batch`` message for ``events`` (all for ``handler``)."""
+    cfg = runtime.settings.tier(tier)
+    hard_s = cfg.time_limit_s * max(1, len(events) // 10)  # a batch runs many handlers
+    return TaskSpec(
+        queue=cfg.queue_name(tier), task_id=str(uuid.uuid4()), args=[list(events)],
+        kwargs={"handler": handler, "tier": tier, "attempt": 1, "accepted_at": accepted_at,
+                "lineage": uuid.uuid4().hex[:12]},
+        time_limit_s=hard_s, soft_time_limit_s=hard_s * 0.9, task=BATCH_TASK_NAME)
+
+
+def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
+    """Each event through :meth:`Attempt.run`, as if it had its own message; the
+    per-event results counted. Every try is begun in one round trip (claimed,
+    *pending*), and each one's start and successful settle go out on a
+    :class:`~pipeline.worker.settlestream.SettleStream` without waiting; the replies are
+    read at the end. A settle that cannot reach the state store raises: the batch
+    is redelivered and its settled events are acknowledged, not re-run."""
+    outcomes: Counter[str] = Counter()
+    gate = _rate_gate(rt, str(kwargs.get("tier", "")))
+    attempts = batch_attempts(rt, events, kwargs)
+    session = BatchLedger(rt.ledger)
+    tokens = {a.token for a in attempts}
+    LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
+    try:
+        begins = session.begin_many([a.as_try() for a in attempts])
+        for attempt, begun in zip(attempts, begins, strict=True):
+            attempt.begun, attempt.batch = begun, session
+        if gate is None:  # a settle starts the next try (a rate limit may wait between)
+            for attempt, after in itertools.pairwise(attempts):
+                attempt.following = after
+        for attempt in attempts:
+            if gate is not None:
+                gate.wait()
+            outcomes[attempt.run()] += 1
+    finally:
+        LIVE_CLAIMS.difference_update(tokens)
+        for what, reply in session.close():
+            if _claim_lost(what, reply):
+                log.warning("batch: %s found its claim taken over (judged lost); the "
+                            "event may have run twice", what)
+    return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
+
+
+def _claim_lost(what: str, reply: object) -> bool:
+    """A start (alone, or second in a done-then-start reply) that found no claim."""
+    if isinstance(reply, list) and len(reply) == 2:
+        return bool(reply[1] == 0)
+    return what.startswith("start") and reply == 0
+
+
+def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
+                   kwargs: dict[str, Any]) -> list[Attempt]:
+    """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
+    from pipeline.producer.publisher import event_task_id
+
+    handler = str(kwargs.get("handler", ""))
+    scope = rt.settings.idempotency_scope
+    return [Attempt(rt, event_task_id(e, handler, scope), e, dict(kwargs)) for e in events]
+
+
+class RateGate:
+    """A token bucket that the threads (or greenlets) of one process share."""
+
+    def __init__(self, per_s: float) -> None:
+        self._bucket = TokenBucket(per_s, capacity=1)
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        """Return once this caller may go; sleeps (without the lock) until then."""
+        while True:
+            with self._lock:
+                if self._bucket.can_consume(1):
+                    return
+                pause_s = self._bucket.expected_time(1)
+            time.sleep(pause_s)
+
+
+_GATES: dict[tuple[int, str], RateGate | None] = {}  # (pid, tier) -> its rate limit
+_GATES_LOCK = threading.Lock()
+
+
+def _rate_gate(rt: Runtime, tier: str) -> RateGate | None:
+    """The tier's ``rate_limit`` shared out over the worker's processes (``concurrency``
+    under prefork, one under threads and gevent), as Celery's per-worker limit is,
+    applied per event of a batch."""
+    key = (os.getpid(), tier)
+    with _GATES_LOCK:
+        if key not in _GATES:
+            cfg = rt.settings.tiers.get(tier)
+            per_s = rate(cfg.rate_limit) if cfg is not None and cfg.rate_limit else 0.0
+            _GATES[key] = RateGate(per_s / processes(cfg.pool, cfg.concurrency)) \
+                if cfg is not None and per_s else None
+        return _GATES[key]
+
+
+def batch_verdict(result: str) -> BatchDeadLettered | None:
+    """A batch message is FAILURE when some of its events were dead-lettered in it:
+    the only place Flower sees those (its retried events show as tasks of their own)."""
+    pairs = batch_outcomes(result)
+    dead = [(r.removeprefix("dead_lettered:"), n) for r, n in pairs
+            if r.startswith("dead_lettered:")]
+    if not dead:
+        return None
+    reasons = ", ".join(f"{reason}={n}" for reason, n in dead)
+    return BatchDeadLettered(f"{sum(n for _, n in dead)} of {sum(n for _, n in pairs)} "
+                             f"events dead-lettered ({reasons}); per event: "
+                             f"{result.removeprefix(BATCH_RESULT_PREFIX)}", result)
+
+
+def batch_outcomes(retval: str) -> list[tuple[str, int]]:
+    """``[(per-event result, count)]`` from what ``pipeline.handle_batch`` returned."""
+    body = retval.removeprefix(BATCH_RESULT_PREFIX)
+    pairs = (part.rpartition("=") for part in body.split(";") if part)
+    return [(result, int(n)) for result, _, n in pairs if n.isdigit()]
+
+
+class BatchTask(PipelineTask):
+    """``pipeline.handle_batch``: a hard time limit settles the event that was running."""
+
+    def attempts(self, task_id: str, args: Any, kwargs: Any) -> list[Attempt]:
+        return batch_attempts(runtime_for(self.app), list(args[0]), dict(kwargs))
+
+
+def register_batch_task(app: Celery) -> Any:
+    @app.task(name=BATCH_TASK_NAME, bind=True, base=BatchTask, shared=False)
+    def handle_batch(self: BatchTask, /, events: list[dict[str, Any]], **kwargs: Any) -> str:
+        result = settle_or_requeue(str(self.request.id),
+                                   lambda: run_batch(runtime_for(self.app), events, kwargs),
+                                   self.app)
+        verdict = batch_verdict(result)
+        if verdict is not None:
+            raise_for(verdict)
+        return result
+
+    return handle_batch

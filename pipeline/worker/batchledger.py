@@ -1,0 +1,116 @@
+"""The ledger calls of a batch: every begin in one script call, then per event one
+call that settles it done and starts the next.
+
+The steps are the ledger's own (:mod:`pipeline.worker.ledger`: the begin and settle
+scripts, composed here, not rewritten); what changes is how many calls carry
+them. A batch's tries share their tier, attempt and budget state, so one call
+begins them all (each one to run claimed *pending*), and the done settle of one
+event carries the *start* of the next, written on the batch's
+:class:`~pipeline.worker.settlestream.SettleStream` without waiting: one short script call
+per event instead of three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.worker.ledger import (
+    BEGIN_LUA,
+    RUNNING_TTL_S,
+    SETTLE_LUA,
+    SETTLED_TTL_S,
+    START_LUA,
+    Begin,
+    Ledger,
+    Outcome,
+    Try,
+    verdict,
+)
+from pipeline.worker.settlestream import Call, SettleStream
+
+__all__ = ["BatchLedger"]
+
+# KEYS: the retry budget key prefix, then per try: done mark, settled mark, running mark.
+# ARGV: the begin's 1-8, host and pid, then one delivery token per try. Every try
+# begins pending; returns one begin verdict per try.
+_BEGIN_MANY_LUA = (
+    "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
+    """
+local out = {}
+for i = 1, (#KEYS - 1) / 3 do
+  out[i] = begin({KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1], KEYS[1]},
+                 {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+                  ARGV[9 + i], ARGV[9], '1'})
+end
+return out
+""")
+
+# KEYS: settled mark, running mark, done mark[, the next try's running mark].
+# ARGV: settled ttl_s, done ttl_s[, the next try's token, running ttl_s].
+# Returns {settled (1/0), started (1/0; -1: no next try)}.
+_DONE_THEN_START_LUA = (
+    "local function settle(KEYS, ARGV)\n" + SETTLE_LUA + "\nend\n"
+    "local function start(KEYS, ARGV)\n" + START_LUA + "\nend\n"
+    """
+local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[1]},
+                       {'done', ARGV[1], ARGV[2], '0', '', '0'})
+local started = -1
+if #KEYS == 4 then started = start({KEYS[4]}, {ARGV[3], ARGV[4]}) end
+return {settled, started}
+""")
+
+
+class BatchLedger:
+    """One batch's session with the ledger: its scripts and its stream."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.stream = SettleStream(ledger.client)
+        self._begin_many = ledger.client.register_script(_BEGIN_MANY_LUA)
+        self._done_then_start = ledger.client.register_script(_DONE_THEN_START_LUA)
+
+    def begin_many(self, tries: list[Try]) -> list[Begin]:
+        """Every try's verdict, those to run claimed pending: one call on ``stream``
+        when the tries share their tier, attempt and budget state (a batch's do),
+        else (or when that call fails) the ledger's pipelined begins."""
+        shared = {(t.tier_name, t.attempt, t.charged) for t in tries}
+        if len(shared) == 1:
+            keys: list[str] = []
+            tokens: list[str] = []
+            args: list[object] = []
+            for t in tries:
+                k, args = self.ledger.begin_call(t, pending=True)
+                keys += k[:3]
+                tokens.append(str(args[8]))
+            call = Call(self._begin_many, [k[3], *keys], [*args[:8], args[9], *tokens],
+                        what="begin")
+            replies = self.stream.begin_many([call])
+            if replies is not None:
+                return [verdict(reply) for reply in replies[0]]
+        return self.ledger.begin_many(tries)
+
+    def start(self, t: Try) -> None:
+        """Start a pending try (its handler runs next), without waiting."""
+        keys, args = self.ledger.start_call(t)
+        self.stream.send([Call(self.ledger.start_script, keys, args,
+                               what=f"start {t.ids[0]} {t.ids[1]}")])
+
+    def settle_done(self, t: Try, following: Try | None, redo: Callable[[], object]) -> None:
+        """Settle ``t`` done and start ``following`` (pending), without waiting;
+        ``redo`` settles ``t`` synchronously if the call cannot be confirmed."""
+        self.stream.send([self._done_call(t, following, redo)])
+
+    def close(self) -> list[tuple[str, object]]:
+        """Confirm (or redo) what was sent: :meth:`SettleStream.close`."""
+        return self.stream.close()
+
+    def _done_call(self, t: Try, following: Try | None, redo: Callable[[], object]) -> Call:
+        task_id, key, _ = t.ids
+        skeys, sargs = self.ledger.settle_call(task_id, key, Outcome("done"))
+        keys, args = skeys[:3], [SETTLED_TTL_S, sargs[2]]
+        if following is not None:
+            next_task, next_key, next_token = following.ids
+            keys.append(self.ledger.running_key(next_task, next_key))
+            args += [next_token, RUNNING_TTL_S]
+        return Call(self._done_then_start, keys, args, what=f"settle {task_id} {key}",
+                    redo=redo)

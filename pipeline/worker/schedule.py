@@ -1,0 +1,163 @@
+"""The scheduled-retry store: retries wait in Redis, not in worker memory.
+
+Why not Celery's ``countdown``/ETA retries: on Redis the worker fetches an ETA
+message at once and holds it unacknowledged in memory until it is due. A wait
+longer than the visibility timeout gets it redelivered (duplicates, kombu #337);
+thousands of them pile up in one worker while fresh work waits; a SIGKILL sends
+them all back through the visibility-timeout sweep. So, as Sidekiq's retry set:
+
+* a failed attempt is written to the sorted set ``pipeline:retry:<queue>``
+  scored by its due time, *then* its message is acknowledged;
+* every worker runs a mover (:class:`RetryMover`) that moves due entries onto
+  the tier queue. With a Redis broker the entry already holds the exact message
+  kombu would have pushed, and one Lua script pushes it and removes it from the
+  set atomically: never lost, never moved twice.
+* With RabbitMQ (state in a separate Redis) the mover leases entries, publishes
+  them with publisher confirms, then removes them: a mover crash between confirm
+  and removal re-sends one entry (at-least-once, like everything on AMQP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import redis
+
+from pipeline.core.state import Keys
+from pipeline.messages.task import TASK_NAME, RedisMessageRenderer, TaskSpec
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["RetryMover", "RetrySchedule"]
+
+log = logging.getLogger(__name__)
+
+LEASE_S = 30.0  # AMQP mover: a leased entry becomes due again after this long
+MOVER_ERROR_BACKOFF_MAX_S = 5.0  # longest pause of a mover whose store is unreachable
+
+# Move due members onto their list. Member = "<list key>\n<raw kombu message>".
+_MOVE_DUE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  local nl = string.find(member, '\\n', 1, true)
+  redis.call('LPUSH', string.sub(member, 1, nl - 1), string.sub(member, nl + 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+
+# Lease due members: push their score LEASE seconds ahead and return them.
+_LEASE_DUE_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), member)
+end
+return due
+"""
+
+
+class RetrySchedule:
+    """Durable schedule of retries, one sorted set per tier queue."""
+
+    def __init__(self, app: Celery, client: redis.Redis, *, atomic_move: bool,
+                 redact_paths: Sequence[str] = ()) -> None:
+        self._app = app
+        self._redact_paths = tuple(redact_paths)
+        self._client = client
+        self._atomic = atomic_move
+        self._renderer = (RedisMessageRenderer(app, redact_paths=redact_paths)
+                          if atomic_move else None)
+        self._move = client.register_script(_MOVE_DUE_LUA)
+        self._lease = client.register_script(_LEASE_DUE_LUA)
+
+    def entry(self, spec: TaskSpec) -> tuple[str, bytes]:
+        """``(sorted set, member)`` that schedules ``spec``: written by the settle step
+        (:mod:`pipeline.worker.ledger`) atomically with the try's settled mark."""
+        if self._renderer is not None:
+            list_key, payload = self._renderer.render(spec)
+            member = list_key + b"\n" + payload
+        else:
+            member = json.dumps(asdict(spec)).encode()
+        return Keys.retries(spec.queue), member
+
+    def add(self, spec: TaskSpec, due_at: float) -> None:
+        """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
+        key, member = self.entry(spec)
+        self._client.zadd(key, {member: due_at})
+
+    def pending(self, queue: str) -> int:
+        return int(self._client.zcard(Keys.retries(queue)))
+
+    def move_due(self, queue: str, *, now: float | None = None, limit: int = 1000) -> int:
+        """Enqueue up to ``limit`` due retries of ``queue``; returns how many moved."""
+        now = time.time() if now is None else now
+        key = Keys.retries(queue)
+        if self._atomic:
+            return int(self._move(keys=[key], args=[now, limit]))
+        moved = 0
+        for raw in self._lease(keys=[key], args=[now, limit, LEASE_S]):
+            spec = TaskSpec(**json.loads(raw))
+            self._app.send_task(TASK_NAME, args=spec.args, kwargs=spec.kwargs,
+                                **spec.apply_async_options(self._redact_paths))
+            self._client.zrem(key, raw)
+            moved += 1
+        return moved
+
+
+class RetryMover:
+    """A daemon thread that moves due retries of ``queues`` onto their queues."""
+
+    def __init__(self, schedule: RetrySchedule, queues: list[str], *, interval_s: float,
+                 batch: int) -> None:
+        self._schedule = schedule
+        self._queues = queues
+        self._interval_s = interval_s
+        self._batch = batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline-retry-mover", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def tick(self) -> int:
+        moved = 0
+        for queue in self._queues:
+            while True:
+                n = self._schedule.move_due(queue, limit=self._batch)
+                moved += n
+                if n < self._batch or self._stop.is_set():
+                    break
+        return moved
+
+    def _run(self) -> None:
+        pause_s = self._interval_s
+        failures = 0  # in a row: the first is logged with its traceback, the rest in one line
+        while not self._stop.wait(pause_s):
+            try:
+                moved = self.tick()
+                if moved:
+                    log.info("moved %d due retries onto %s", moved, ",".join(self._queues))
+                if failures:
+                    log.warning("retry mover works again after %d failures", failures)
+                failures = 0
+                pause_s = self._interval_s
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.exception("retry mover failed; retrying")
+                else:
+                    log.warning("retry mover failed %d times in a row (%s); retrying in %.2gs",
+                                failures, exc, min(MOVER_ERROR_BACKOFF_MAX_S, pause_s * 2))
+                pause_s = min(MOVER_ERROR_BACKOFF_MAX_S, pause_s * 2)

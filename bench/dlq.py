@@ -28,7 +28,7 @@ from bench.common import median, own_broker, write_results
 from pipeline.app import create_app
 from pipeline.config.load import load_settings
 from pipeline.core.retry import Reason
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.triage import group_by_fingerprint
 from pipeline.worker.runtime import runtime_for
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import pipeline.app as _default_app
+from pipeline.app import attach, create_app
 from pipeline.config.load import Settings, load_settings
 from pipeline.core.events import Event, parse_event
 from pipeline.core.handlers import HandlerContext, current, handler
@@ -25,6 +27,7 @@ from pipeline.errors import (
     ValidationError,
 )
 from pipeline.producer.publisher import PublishResult
+from pipeline.worker.runtime import runtime_for as _runtime_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -79,13 +82,4 @@ def publish_many(events: Iterable[Event | Mapping[str, Any] | str | bytes], *,
 
 
 def _publisher(app: Celery | None) -> Publisher:
-    from pipeline.worker.runtime import runtime_for
-
-    if app is None:
-        from pipeline.app import app as default
-
-        app = default
-    return runtime_for(app).publisher
-
-
-from pipeline.app import attach, create_app  # noqa: E402  (pipeline.app imports the above)
+    return _runtime_for(_default_app.app if app is None else app).publisher

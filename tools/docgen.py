@@ -35,12 +35,11 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from pipeline.config.model import ENV_PREFIX, Settings
+from pipeline.config.model import ENV_PREFIX, BreakerConfig, Settings
 from pipeline.config.toml import read_default_toml
 from pipeline.core.tiers import Rule, TierConfig
 from pipeline.core.tokens import ApiToken
 from pipeline.core.webhooks import WebhookConfig
-from pipeline.worker.breaker import BreakerConfig
 from tools.fielddoc import describe_type, field_comments, field_default, format_value
 
 __all__ = ["DEFAULT_PATH", "REGENERATE", "field_docs", "main", "render", "render_blocks"]

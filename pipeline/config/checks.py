@@ -22,8 +22,11 @@ import importlib
 from typing import Any
 
 from pipeline.config.model import Settings
+from pipeline.core.events import Event
+from pipeline.core.handlers import registry
 from pipeline.core.pools import gevent_installed, pool_problems
 from pipeline.core.redisurl import redact, same_redis
+from pipeline.core.tiers import classify
 from pipeline.errors import NO_VALUE, FieldProblem
 
 __all__ = ["SUPPORTED_SCHEMES", "check_settings", "config_warnings", "state_url_problem"]
@@ -163,10 +166,6 @@ def state_url_problem(broker_url: str, state_url: str) -> FieldProblem | None:
 
 def _handler_problems(settings: Settings) -> list[FieldProblem]:
     """Handlers against the config: undefined breakers, unbatchable handlers on batch tiers."""
-    from pipeline.core.events import Event
-    from pipeline.core.handlers import registry
-    from pipeline.core.tiers import classify
-
     problems = []
     modules = tuple(settings.handler_modules)
     for name in registry.names():

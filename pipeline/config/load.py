@@ -26,9 +26,10 @@ import pydantic
 from pydantic_settings import SettingsError
 
 from pipeline.config.checks import check_settings
-from pipeline.config.model import ENV_PREFIX, SECRET_FIELDS, Settings
+from pipeline.config.model import ENV_PREFIX, SECRET_FIELDS, BreakerConfig, Settings
 from pipeline.config.toml import CONFIG_ENV
-from pipeline.core.tokens import SECRET_MASK
+from pipeline.core.tiers import Rule, TierConfig
+from pipeline.core.tokens import SECRET_MASK, ApiToken
 from pipeline.errors import ConfigError, FieldProblem
 
 __all__ = ["CONFIG_ENV", "Settings", "check_settings", "load_settings"]
@@ -72,10 +73,6 @@ def _problems(exc: pydantic.ValidationError, arguments: set[str]) -> list[FieldP
 
 def _did_you_mean(loc: list[str]) -> str:
     """``; did you mean `max_retries`?`` for a key close to one its table knows."""
-    from pipeline.core.tiers import Rule, TierConfig
-    from pipeline.core.tokens import ApiToken
-    from pipeline.worker.breaker import BreakerConfig
-
     tables: dict[str, type[pydantic.BaseModel]] = {
         "tiers": TierConfig, "breakers": BreakerConfig, "api_tokens": ApiToken, "rules": Rule}
     model = tables.get(loc[0], Settings) if len(loc) > 1 else Settings

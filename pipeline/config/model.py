@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipeline.config.toml import TomlLayers
@@ -25,15 +25,41 @@ from pipeline.core.tiers import Rule, TierConfig
 from pipeline.core.tokens import ApiToken, token_problem
 from pipeline.core.webhooks import WEBHOOK_NAME_PATTERN, WebhookConfig
 from pipeline.errors import clip
-from pipeline.worker.breaker import BreakerConfig
 
-__all__ = ["DEFAULT_BROKER_URL", "ENV_PREFIX", "SECRET_FIELDS", "Settings"]
+__all__ = ["DEFAULT_BROKER_URL", "ENV_PREFIX", "SECRET_FIELDS", "BreakerConfig", "Settings"]
 
 ENV_PREFIX = "PIPELINE_"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"  # used when no broker_url is set anywhere
 VISIBILITY_FLOOR_S = 60.0  # derived visibility timeouts are never shorter than this
 VISIBILITY_MARGIN_S = 30.0  # added to the longest unacked time when deriving the timeout
 SECRET_FIELDS = ("api_token", "api_tokens")  # settings whose values no message quotes
+
+
+class BreakerConfig(BaseModel):
+    """``[breakers.NAME]``: when a downstream's breaker opens and for how long."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: open when at least `min_calls` calls in the window failed at this ratio or more.
+    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    #: calls in the window before the ratio applies.
+    min_calls: Annotated[int, Field(ge=1)] = 20
+    #: open after this many failures in a row, whatever the window says.
+    consecutive_failures: Annotated[int, Field(ge=1)] = 10
+    #: sliding window the ratio is computed over.
+    window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    #: cool-down: how long an open breaker stays open before it lets probes through.
+    open_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    #: calls let through while half-open.
+    half_open_probes: Annotated[int, Field(ge=1, le=1000)] = 2
+    #: how long a half-open probe holds its slot when its outcome is never recorded (its
+    #: worker was killed, it hit its hard time limit); then the slot is reclaimed. Keep it
+    #: above the `time_limit_s` of every tier whose handlers call this downstream: a live
+    #: probe's lease must outlast the probe, or one more probe goes through. Unset: the
+    #: longest `time_limit_s` over the tiers plus 30 s, so no live probe outlives its lease
+    #: (and a leaked slot stays taken that long).
+    probe_lease_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
+
 
 
 class Settings(BaseSettings):

@@ -35,8 +35,8 @@ import structlog
 from celery import signals
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from pipeline.core.names import TASK_NAME
 from pipeline.core.redisurl import mask_urls
-from pipeline.messages.task import TASK_NAME
 
 if TYPE_CHECKING:
     from celery import Celery

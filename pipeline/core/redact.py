@@ -72,7 +72,7 @@ def redact_record(data: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
 def failure_shown(record: Any, paths: Sequence[str]) -> dict[str, str]:
     """A DLQ record's ``message`` and ``traceback`` as views show them, masked with its
     event's values at ``paths`` (``record``: anything with ``event``, ``message`` and
-    ``traceback`` attributes, as :class:`~pipeline.dlq.queue.DeadLetterRecord`)."""
+    ``traceback`` attributes, as :class:`~pipeline.dlq.record.DeadLetterRecord`)."""
     found = secrets_in(record.event, paths)
     return {"message": mask_text(record.message, found),
             "traceback": mask_text(record.traceback, found)}

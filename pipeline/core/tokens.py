@@ -26,17 +26,14 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipeline.errors import FieldProblem
 
-if TYPE_CHECKING:
-    from pipeline.config.model import Settings
-
 __all__ = ["ALL_SCOPES", "DEFAULT_TOKEN_NAME", "MIN_TOKEN_CHARS", "TOKEN_HINT", "ApiToken",
-           "Credential", "Scope", "credentials", "find_credential", "token_notes",
+           "Credential", "Scope", "TokenSettings", "credentials", "find_credential", "token_notes",
            "token_problem"]
 
 Scope = Literal["ingest", "dlq:read", "dlq:write"]
@@ -139,7 +136,17 @@ def find_credential(known: Sequence[Credential], offered: str) -> Credential | N
     return found
 
 
-def credentials(settings: Settings, environ: Mapping[str, str] | None = None,
+class TokenSettings(Protocol):
+    """What :func:`credentials` reads of :class:`pipeline.config.model.Settings`."""
+
+    @property
+    def api_token(self) -> SecretStr | None: ...
+
+    @property
+    def api_tokens(self) -> Mapping[str, ApiToken]: ...
+
+
+def credentials(settings: TokenSettings, environ: Mapping[str, str] | None = None,
                 ) -> tuple[list[Credential], list[FieldProblem]]:
     """The settings' tokens, secrets resolved from ``environ`` (default ``os.environ``),
     and the problems that keep some from being used (values never shown)."""
@@ -175,7 +182,7 @@ def credentials(settings: Settings, environ: Mapping[str, str] | None = None,
     return found, problems
 
 
-def token_notes(settings: Settings) -> list[str]:
+def token_notes(settings: TokenSettings) -> list[str]:
     """What ``pipeline config check`` explains about tokens that limit nothing."""
     notes = []
     for name, spec in settings.api_tokens.items():

@@ -31,17 +31,15 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import FieldProblem, clip
 
-if TYPE_CHECKING:
-    from pipeline.config.model import Settings
-
 __all__ = ["DEFAULT_TOLERANCE_S", "WEBHOOK_NAME_PATTERN", "MappingProblem", "WebhookConfig",
-           "event_from", "sign_hmac", "sign_standard", "sign_stripe", "verify", "webhook_keys"]
+           "WebhookSettings", "event_from", "sign_hmac", "sign_standard", "sign_stripe", "verify",
+           "webhook_keys"]
 
 Scheme = Literal["github", "stripe", "standard", "hmac-sha256"]
 DEFAULT_TOLERANCE_S = 300  # Stripe's and Standard Webhooks' default timestamp tolerance
@@ -115,7 +113,14 @@ class WebhookConfig(BaseModel):
         return self.type if self.type is not None else f"{self.type_prefix}{{{self.type_field}}}"
 
 
-def webhook_keys(settings: Settings, environ: Mapping[str, str] | None = None,
+class WebhookSettings(Protocol):
+    """What :func:`webhook_keys` reads of :class:`pipeline.config.model.Settings`."""
+
+    @property
+    def webhooks(self) -> Mapping[str, WebhookConfig]: ...
+
+
+def webhook_keys(settings: WebhookSettings, environ: Mapping[str, str] | None = None,
                  ) -> tuple[dict[str, tuple[bytes, ...]], list[FieldProblem]]:
     """Every webhook's HMAC keys from its ``secret_env`` (default ``os.environ``), and
     the problems that keep some from being used (secrets never shown)."""

@@ -10,7 +10,7 @@ limit and a dead-letter exchange of ours, RabbitMQ 4 applies its default limit
 of 20 and *drops* the message.
 
 What arrives that way is the raw Celery task message, not a JSON
-:class:`~pipeline.dlq.queue.DeadLetterRecord`; :func:`record_from_task_message`
+:class:`~pipeline.dlq.record.DeadLetterRecord`; :func:`record_from_task_message`
 turns it into one (reason ``max_deliveries``, exception ``DeliveryLimit``) so
 every DLQ reader, stats and replay treat both alike.
 """
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.retry import Reason
-from pipeline.dlq.queue import DeadLetterRecord, record_id
+from pipeline.dlq.record import DeadLetterRecord, record_id
 
 if TYPE_CHECKING:
     from pipeline.config.load import Settings

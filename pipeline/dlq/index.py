@@ -34,7 +34,7 @@ import redis
 
 from pipeline.core.redact import redact_text
 from pipeline.core.state import Keys
-from pipeline.dlq.queue import DeadLetterRecord, decode_entry
+from pipeline.dlq.record import DeadLetterRecord, decode_entry
 from pipeline.dlq.scripts import CHECK_LUA, FETCH_LUA, SELECT_LUA
 from pipeline.dlq.triage import normalise_message, record_fingerprint
 

@@ -9,8 +9,9 @@ answers by reading every record instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipeline.dlq.index import (
     M_EID,
@@ -26,13 +27,21 @@ from pipeline.dlq.index import (
     Meta,
     raw_hash,
 )
-from pipeline.dlq.queue import DeadLetterRecord, decode_body, decode_entry
+from pipeline.dlq.record import DeadLetterRecord, decode_body, decode_entry
 from pipeline.dlq.triage import FingerprintStat, RecordFilter, find_by_id, group_by_fingerprint
 
-if TYPE_CHECKING:
-    from pipeline.dlq.queue import DeadLetterQueue
+__all__ = ["DlqQuery", "Entry", "RecordStore"]
 
-__all__ = ["DlqQuery", "Entry"]
+
+class RecordStore(Protocol):
+    """What a query reads: a :class:`pipeline.dlq.queue.DeadLetterQueue`."""
+
+    @property
+    def index(self) -> DlqIndex | None: ...
+
+    def iter_records(self, limit: int | None = None) -> Iterator[DeadLetterRecord]: ...
+
+    def entries(self, limit: int | None = None) -> Iterator[tuple[bytes, DeadLetterRecord]]: ...
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _Group = tuple[int, dict[str, str]]  # a group's count and its index hash
@@ -145,7 +154,7 @@ def stats_of_metas(metas: list[Meta], infos: dict[str, dict[str, str]]) -> list[
 class DlqQuery:
     """Groups, filtered records and lookups by id over one DLQ."""
 
-    def __init__(self, dlq: DeadLetterQueue) -> None:
+    def __init__(self, dlq: RecordStore) -> None:
         self.dlq = dlq
 
     def _index(self) -> DlqIndex | None:

@@ -1,7 +1,7 @@
 """The dead-letter queue: work that cannot succeed, with what is needed to replay it.
 
 The DLQ is a real broker queue (default ``dead_letter``) holding one JSON message
-per :class:`DeadLetterRecord`, so broker tooling sees it. Nothing consumes it:
+per :class:`~pipeline.dlq.record.DeadLetterRecord`, so broker tooling sees it. Nothing consumes it:
 records stay until an operator replays or purges them. A record is published
 *before* the failed task's message is acknowledged, so a crash in between
 yields at worst a duplicate record (same deterministic ``id``), never a loss.
@@ -15,66 +15,32 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from kombu import Connection, Exchange, Queue
-from pydantic import BaseModel, ConfigDict
 
-from pipeline.core.retry import Reason
 from pipeline.core.state import Keys
-from pipeline.dlq import sealing
+from pipeline.dlq import dlx, sealing
+from pipeline.dlq import scripts as dlqscripts
+from pipeline.dlq.index import RAW_HASH_CHARS, DlqIndex, entry_meta
+from pipeline.dlq.query import DlqQuery
+from pipeline.dlq.record import DEAD_LETTERED_AT_HEADER, DeadLetterRecord, decode_entry, read_record
+from pipeline.dlq.triage import fingerprint
 from pipeline.producer.queuedepth import passive_depth
 
 if TYPE_CHECKING:
     import redis
     from celery import Celery
 
-    from pipeline.config.load import Settings
-    from pipeline.dlq.index import DlqIndex
-    from pipeline.dlq.query import DlqQuery
+    from pipeline.config.model import Settings
 
-__all__ = ["DeadLetterQueue", "DeadLetterRecord", "dead_letter_queue", "decode_body",
-           "decode_entry", "record_id"]
+__all__ = ["DeadLetterQueue", "dead_letter_queue"]
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERED_AT_HEADER = "pipeline_dead_lettered_at"  # message header: epoch seconds
 _TRIM_BATCH = 1000  # most records one retention pass evicts
-_SEALED_MARK = f'"{sealing.SEALED_KEY}":"'.encode()  # in a record's JSON only when sealed
 _REMOVE_BATCH = 200  # records one purge step removes
-_RECORD_NAMESPACE = uuid.UUID("0b5f4a4e-8d0e-4b8e-9c55-3f1c2f7d9a10")  # uuid5 namespace for ids
-
-
-class DeadLetterRecord(BaseModel):
-    """One dead-lettered piece of work: an (event, handler) pair that gave up."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    id: str
-    event: dict[str, Any]
-    tier: str
-    handler: str
-    reason: Reason
-    attempts: int
-    exception: str
-    message: str
-    traceback: str
-    first_failed_at: datetime
-    last_failed_at: datetime
-    worker: str
-    task_id: str
-    queue: str
-
-    @property
-    def event_id(self) -> str:
-        return str(self.event.get("id", ""))
-
-
-def record_id(task_id: str, attempt: int, reason: Reason) -> str:
-    """Deterministic record id: a re-delivered failure writes the same id again."""
-    return str(uuid.uuid5(_RECORD_NAMESPACE, f"{task_id}/{attempt}/{reason.value}"))
 
 
 def dead_letter_queue(settings: Settings) -> Queue:
@@ -105,9 +71,6 @@ class DeadLetterQueue:
         self.queue = dead_letter_queue(settings)
         self.index: DlqIndex | None = None
         if state is not None and settings.broker_is_redis:
-            from pipeline.dlq import scripts as dlqscripts
-            from pipeline.dlq.index import DlqIndex  # the index builds on this module
-
             self.index = DlqIndex(state, self.queue.name, settings.redact_paths)
             self._push = state.register_script(dlqscripts.PUSH_LUA)
             self._move = state.register_script(dlqscripts.MOVE_LUA)
@@ -121,14 +84,10 @@ class DeadLetterQueue:
     @property
     def query(self) -> DlqQuery:
         """Groups, filtered records and lookups, by the index when it is usable."""
-        from pipeline.dlq.query import DlqQuery  # the query builds on this module
-
         return DlqQuery(self)
 
     def index_args(self, record: DeadLetterRecord, raw: bytes) -> tuple[str, str, str]:
         """What the settle step needs to index the entry ``raw`` of ``record``."""
-        from pipeline.dlq.index import entry_meta
-
         assert self.index is not None
         return (self.index.prefix, *entry_meta(record, raw, self._settings.redact_paths))
 
@@ -255,8 +214,6 @@ class DeadLetterQueue:
         """Evict the oldest records past ``dlq_max_records`` or ``dlq_max_age_s``;
         each eviction is counted (``pipeline:dlq:evictions``) and logged."""
         assert self.index is not None
-        from pipeline.dlq.index import RAW_HASH_CHARS
-
         s = self._settings
         evicted_raw = self._trim(
             keys=[self.queue.name, Keys.dlq_evictions()],
@@ -264,8 +221,6 @@ class DeadLetterQueue:
                   time.time() - s.dlq_max_age_s if s.dlq_max_age_s else 0, _TRIM_BATCH,
                   RAW_HASH_CHARS],
         )
-        from pipeline.dlq.triage import fingerprint  # triage builds on this module
-
         evicted = [decode_entry(raw) for raw in evicted_raw]
         for record in evicted:
             log.warning("DLQ retention evicted record %s (fingerprint %s, event %s, "
@@ -315,8 +270,6 @@ class DeadLetterQueue:
     def _amqp_record(self, message: Any) -> DeadLetterRecord:
         """A record, or a Celery task RabbitMQ dead-lettered into the DLQ
         (:mod:`pipeline.dlq.dlx`)."""
-        from pipeline.dlq import dlx  # dlx builds on this module
-
         if dlx.is_task_message(message.headers):
             return dlx.record_from_task_message(message.decode(), message.headers, self._settings)
         return self._read(message.decode())
@@ -328,35 +281,3 @@ class DeadLetterQueue:
 
     def _connection(self) -> Connection:
         return self._app.connection_for_read()
-
-
-def _body_bytes(raw: bytes) -> bytes:
-    envelope = orjson.loads(raw)
-    body = envelope["body"]
-    if envelope.get("properties", {}).get("body_encoding") == "base64":
-        body = base64.b64decode(body)
-    return body if isinstance(body, bytes) else body.encode()
-
-
-def decode_entry(raw: bytes) -> DeadLetterRecord:
-    """The record in one raw DLQ list entry (a kombu Redis message), its event opened
-    when a key of ``PIPELINE_DLQ_KEYS`` opens it."""
-    body = _body_bytes(raw)
-    return read_record(body, sealing.sealer_from(os.environ) if _SEALED_MARK in body else None)
-
-
-def read_record(data: Any, sealer: Any) -> DeadLetterRecord:
-    """A stored record (JSON bytes, or decoded) as read: its event opened when
-    ``sealer`` opens it. Bytes of a record never sealed take pydantic's JSON path."""
-    if isinstance(data, bytes):
-        if _SEALED_MARK not in data:
-            return DeadLetterRecord.model_validate_json(data)
-        data = orjson.loads(data)
-    opened = sealing.open_record(data, sealer) if isinstance(data, dict) else data
-    return DeadLetterRecord.model_validate(opened)
-
-
-def decode_body(raw: bytes) -> dict[str, Any]:
-    """The record's fields in one raw DLQ list entry, as stored (not validated: cheaper)."""
-    body: dict[str, Any] = orjson.loads(_body_bytes(raw))
-    return body

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 import pydantic
@@ -25,17 +25,16 @@ from pipeline.core.events import Event
 from pipeline.core.handlers import registry
 from pipeline.core.state import Keys
 from pipeline.dlq.query import Entry
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.queue import DeadLetterQueue
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.sealing import ENV_VAR, SEALED_KEY, is_sealed
 from pipeline.dlq.triage import RecordFilter
 from pipeline.errors import UnknownTier
 from pipeline.messages.task import TaskSpec
-from pipeline.producer.publisher import event_task_id
+from pipeline.producer.publisher import Publisher, event_task_id
+from pipeline.producer.wiring import ProducerWiring
 
-if TYPE_CHECKING:
-    from pipeline.worker.runtime import Runtime
-
-__all__ = ["ReplaySummary", "Replayer", "would_fail_again"]
+__all__ = ["ReplaySummary", "ReplayWiring", "Replayer", "would_fail_again"]
 
 AUDIT_KEEP_ENTRIES = 10_000  # newest audit entries kept
 _BATCH_MAX = 200  # records per Lua round trip when the rate allows it
@@ -96,10 +95,23 @@ def would_fail_with(stored: dict[str, Any], handler: str) -> str | None:
     return None
 
 
+class ReplayWiring(ProducerWiring, Protocol):
+    """What replay needs of its app's per-process wiring (a
+    :class:`pipeline.worker.runtime.Runtime` provides it): the DLQ and a publisher too."""
+
+    @property
+    def dlq(self) -> DeadLetterQueue: ...
+
+    @property
+    def publisher(self) -> Publisher: ...
+
+    def load_handlers(self) -> None: ...
+
+
 class Replayer:
     """DLQ replay and purge for one runtime."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ReplayWiring) -> None:
         self.rt = runtime
         runtime.load_handlers()  # validation and fan-out look handlers up
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 
 __all__ = ["FingerprintStat", "RecordFilter", "find_by_id", "fingerprint",
            "group_by_fingerprint", "normalise_message"]

@@ -17,6 +17,9 @@ import random
 import uuid
 from typing import Any
 
+import pipeline.app as default_app
+from pipeline.worker.runtime import runtime_for
+
 __all__ = ["DEMO_DB", "DEMO_RATE_PER_S", "DOOMED", "DOOMED_EVERY", "DOOMED_MAX", "MIX",
            "DemoSender", "demo_events"]
 
@@ -68,10 +71,7 @@ class DemoSender:
     """Publishes :data:`DEMO_RATE_PER_S` demo events a second, a tick at a time."""
 
     def __init__(self) -> None:
-        from pipeline.app import app
-        from pipeline.worker.runtime import runtime_for
-
-        self.publisher = runtime_for(app).publisher
+        self.publisher = runtime_for(default_app.app).publisher  # built from the stack's env
         self.rng = random.Random()
         self.sent = 0
 

@@ -178,63 +178,44 @@ def _share_metrics_dir(metrics_dir: Path, children: list[Child]) -> None:
             child.extra_env[MULTIPROC_ENV] = str(metrics_dir)
 
 
-def _command_params(name: str) -> set[str] | None:
-    """Option names of ``pipeline NAME``, or None when this install lacks the command
-    (Flower and the exporter may not be installed or not written yet)."""
-    import pipeline.cli  # noqa: F401  (registers every command on the group)
-    from pipeline.cli.base import cli
-
-    command = cli.commands.get(name)
-    if command is None:
-        return None
-    return {opt for param in command.params for opt in getattr(param, "opts", [])}
-
-
 def _services(python: str, env: dict[str, str], endpoints: Endpoints) -> list[Child]:
-    """The API, Flower and the exporter, those this install has, with their ports and
+    """The API, Flower and the exporter, each bound to loopback, with their ports and
     credentials (generated when not configured) recorded in ``env`` and ``endpoints``."""
-    found: list[Child] = []
     base = [python, "-m", "pipeline"]
-    params = _command_params("serve")
-    if params is not None:
-        port = _port(API_PORT)
-        if not env.get("PIPELINE_API_TOKEN"):
-            env["PIPELINE_API_TOKEN"] = secrets.token_urlsafe(SECRET_BYTES)
-            endpoints.generated.append("PIPELINE_API_TOKEN")
-        endpoints.values.update(PIPELINE_API_URL=f"http://{LOCAL_HOST}:{port}",
-                                PIPELINE_API_PORT=str(port),
-                                PIPELINE_API_TOKEN=env["PIPELINE_API_TOKEN"])
-        found.append(Child("api", [*base, "serve", "--host", LOCAL_HOST, "--port", str(port)],
-                           port=port))
-    params = _command_params("flower")
-    if params is not None:
-        port = _port(FLOWER_PORT)
-        if not env.get("PIPELINE_FLOWER_BASIC_AUTH"):
-            password = secrets.token_urlsafe(SECRET_BYTES)
-            env["PIPELINE_FLOWER_BASIC_AUTH"] = f"{FLOWER_USER}:{password}"
-            endpoints.generated.append("PIPELINE_FLOWER_BASIC_AUTH")
-        endpoints.values.update(PIPELINE_FLOWER_URL=f"http://{LOCAL_HOST}:{port}",
-                                PIPELINE_FLOWER_PORT=str(port),
-                                PIPELINE_FLOWER_BASIC_AUTH=env["PIPELINE_FLOWER_BASIC_AUTH"])
-        found.append(Child("flower", [*base, "flower", *_bind_args(params), "--port", str(port)],
-                           port=port))
-    params = _command_params("exporter")
-    if params is not None:
-        port = _port(EXPORTER_PORT)
-        endpoints.values.update(PIPELINE_EXPORTER_URL=f"http://{LOCAL_HOST}:{port}/metrics",
-                                PIPELINE_EXPORTER_PORT=str(port))
-        found.append(Child("exporter",
-                           [*base, "exporter", *_bind_args(params), "--port", str(port)],
-                           port=port))
-    return found
+    return [_api(base, env, endpoints), _flower(base, env, endpoints),
+            _exporter(base, endpoints)]
 
 
-def _bind_args(params: set[str]) -> list[str]:
-    """Loopback binding for a command that lets us choose its interface."""
-    for flag in ("--host", "--address"):
-        if flag in params:
-            return [flag, LOCAL_HOST]
-    return []
+def _api(base: list[str], env: dict[str, str], endpoints: Endpoints) -> Child:
+    port = _port(API_PORT)
+    if not env.get("PIPELINE_API_TOKEN"):
+        env["PIPELINE_API_TOKEN"] = secrets.token_urlsafe(SECRET_BYTES)
+        endpoints.generated.append("PIPELINE_API_TOKEN")
+    endpoints.values.update(PIPELINE_API_URL=f"http://{LOCAL_HOST}:{port}",
+                            PIPELINE_API_PORT=str(port),
+                            PIPELINE_API_TOKEN=env["PIPELINE_API_TOKEN"])
+    return Child("api", [*base, "serve", "--host", LOCAL_HOST, "--port", str(port)], port=port)
+
+
+def _flower(base: list[str], env: dict[str, str], endpoints: Endpoints) -> Child:
+    port = _port(FLOWER_PORT)
+    if not env.get("PIPELINE_FLOWER_BASIC_AUTH"):
+        password = secrets.token_urlsafe(SECRET_BYTES)
+        env["PIPELINE_FLOWER_BASIC_AUTH"] = f"{FLOWER_USER}:{password}"
+        endpoints.generated.append("PIPELINE_FLOWER_BASIC_AUTH")
+    endpoints.values.update(PIPELINE_FLOWER_URL=f"http://{LOCAL_HOST}:{port}",
+                            PIPELINE_FLOWER_PORT=str(port),
+                            PIPELINE_FLOWER_BASIC_AUTH=env["PIPELINE_FLOWER_BASIC_AUTH"])
+    return Child("flower", [*base, "flower", "--host", LOCAL_HOST, "--port", str(port)],
+                 port=port)
+
+
+def _exporter(base: list[str], endpoints: Endpoints) -> Child:
+    port = _port(EXPORTER_PORT)
+    endpoints.values.update(PIPELINE_EXPORTER_URL=f"http://{LOCAL_HOST}:{port}/metrics",
+                            PIPELINE_EXPORTER_PORT=str(port))
+    return Child("exporter", [*base, "exporter", "--host", LOCAL_HOST, "--port", str(port)],
+                 port=port)
 
 
 def _port(preferred: int) -> int:

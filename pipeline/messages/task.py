@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from pipeline.core.names import TASK_NAME
 from pipeline.core.redact import redact_args
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ __all__ = [
     "shadow_name",
 ]
 
-TASK_NAME = "pipeline.handle"
 ENQUEUED_AT_HEADER = "pipeline_enqueued_at"  # message header: epoch seconds it was queued
 REDIS_PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue and its priority sub-list
 _REPR_MAX_CHARS = 1024  # argsrepr shown by Flower; the event id comes first

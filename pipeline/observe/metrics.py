@@ -30,11 +30,12 @@ from celery import signals
 from celery.exceptions import TimeLimitExceeded
 from prometheus_client import Counter, Histogram, values
 
+from pipeline.core.names import BATCH_TASK_NAME, TASK_NAME
 from pipeline.core.retry import decide
-from pipeline.messages.task import ENQUEUED_AT_HEADER, TASK_NAME
+from pipeline.messages.task import ENQUEUED_AT_HEADER
 from pipeline.observe import outcomes as rates
 from pipeline.observe.outcomes import OutcomeRates
-from pipeline.worker.batch import BATCH_TASK_NAME, batch_outcomes
+from pipeline.worker.batch import batch_outcomes
 from pipeline.worker.runtime import Runtime, runtime_for
 from pipeline.worker.task import timeout_settled
 from pipeline.worker.taskstate import settled_result

@@ -14,14 +14,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import redis
 
 from pipeline.core.state import Keys
-
-if TYPE_CHECKING:
-    from pipeline.producer.publisher import PublishResult
 
 __all__ = ["OTHER_TYPE", "TYPE_LABELS_MAX", "add", "read", "tally"]
 
@@ -35,14 +32,27 @@ _types_seen: set[str] = set()
 Labels = tuple[str, str, str, str]  # tier, type, outcome, reason
 
 
-def tally(results: Sequence[PublishResult]) -> Counter[Labels]:
+class Counted(Protocol):
+    """What is counted of a :class:`pipeline.producer.publisher.PublishResult`."""
+
+    @property
+    def tier(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
+def tally(results: Sequence[Counted]) -> Counter[Labels]:
     """Results counted by (tier, type, outcome, reason); invalid events have no tier or
     type, and a process past :data:`TYPE_LABELS_MAX` types counts new ones as other."""
     return Counter((r.tier or "", _type_label(r.type), r.outcome, r.reason or "")
                    for r in results)
 
 
-def add(state: redis.Redis, results: Sequence[PublishResult]) -> None:
+def add(state: redis.Redis, results: Sequence[Counted]) -> None:
     """Add ``results`` to the shared counters (one round trip; never raises)."""
     if not results:
         return

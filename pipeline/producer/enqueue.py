@@ -36,21 +36,20 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
 
 from pipeline.core.events import Event
 from pipeline.core.handlers import registry
+from pipeline.core.names import TASK_NAME
 from pipeline.core.redisurl import mask_urls, redact
 from pipeline.core.state import Keys
 from pipeline.errors import BrokerUnavailable
-from pipeline.messages.task import TASK_NAME, RedisMessageRenderer, TaskSpec
-from pipeline.worker.batch import PACK_LUA
-
-if TYPE_CHECKING:
-    from pipeline.worker.runtime import Runtime
+from pipeline.messages.batch import batch_spec
+from pipeline.messages.task import RedisMessageRenderer, TaskSpec
+from pipeline.producer.wiring import ProducerWiring
 
 __all__ = ["IN_FLIGHT", "PENDING_CLAIM_TTL_S", "Claim", "Enqueuer", "Planned", "unavailable"]
 
@@ -86,6 +85,27 @@ return n
 """
 
 # ARGV: ttl_s, n_events, then per event: dedupe key, n messages, (list key, payload) * n.
+# ARGV: ttl_s, n, dedupe keys * n, list key, message. Returns {} when pushed, else the
+# 1-based indexes of the duplicates (claims of this call released, nothing pushed).
+PACK_LUA = """
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local claimed, dups = {}, {}
+for i = 1, n do
+  if ttl == 0 or redis.call('SET', ARGV[2 + i], '1', 'NX', 'EX', ttl) then
+    claimed[#claimed + 1] = ARGV[2 + i]
+  else
+    dups[#dups + 1] = i
+  end
+end
+if #dups > 0 then
+  if #claimed > 0 then redis.call('DEL', unpack(claimed)) end
+  return dups
+end
+redis.call('LPUSH', ARGV[3 + n], ARGV[4 + n])
+return {}
+"""
+
+
 _ENQUEUE_LUA = """
 local ttl = tonumber(ARGV[1])
 local i = 3
@@ -136,7 +156,7 @@ class Planned:
 class Enqueuer:
     """Claims idempotency keys and puts task messages on the broker."""
 
-    def __init__(self, runtime: Runtime, renderer: RedisMessageRenderer | None) -> None:
+    def __init__(self, runtime: ProducerWiring, renderer: RedisMessageRenderer | None) -> None:
         self.rt = runtime
         self._renderer = renderer
         on_redis = renderer is not None
@@ -181,7 +201,6 @@ class Enqueuer:
 
     def _send_packed(self, plans: list[Planned], ttl: int) -> dict[int, bool]:
         """Pack events into ``pipeline.handle_batch`` messages, one Lua call per message."""
-        from pipeline.worker.batch import batch_spec
 
         renderer = self._renderer
         assert renderer is not None  # packing is for Redis brokers
@@ -194,7 +213,7 @@ class Enqueuer:
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
                 while chunk:
-                    spec = batch_spec(self.rt, [p.specs[0].args[0] for p in chunk],
+                    spec = batch_spec(self.rt.settings, [p.specs[0].args[0] for p in chunk],
                                       handler=handler, tier=tier,
                                       accepted_at=chunk[0].specs[0].kwargs["accepted_at"])
                     key, payload = renderer.render(spec)

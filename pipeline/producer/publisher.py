@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
@@ -34,9 +34,7 @@ from pipeline.producer import counts as ingestcounts
 from pipeline.producer.coalesce import Coalescer
 from pipeline.producer.enqueue import IN_FLIGHT, Claim, Enqueuer, Planned, unavailable
 from pipeline.producer.queuedepth import passive_depth
-
-if TYPE_CHECKING:
-    from pipeline.worker.runtime import Runtime
+from pipeline.producer.wiring import ProducerWiring
 
 __all__ = ["FORBIDDEN_SOURCE", "PublishResult", "Publisher", "event_task_id", "publish_listeners",
            "task_id_for"]
@@ -98,7 +96,7 @@ def event_task_id(event: Mapping[str, Any], handler: str, scope: str) -> str:
 class Publisher:
     """Turns events into ``pipeline.handle`` tasks on their tier's queue."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ProducerWiring) -> None:
         self.rt = runtime
         settings = runtime.settings
         self._renderer = (RedisMessageRenderer(runtime.app, redact_paths=settings.redact_paths)

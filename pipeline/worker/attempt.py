@@ -42,7 +42,7 @@ from pipeline.core.handlers import HandlerContext, registry, running
 from pipeline.core.logs import attempt_fields
 from pipeline.core.redact import mask_text, secrets_in
 from pipeline.core.retry import Reason, compute_deferral, decide
-from pipeline.dlq.queue import DeadLetterRecord, record_id
+from pipeline.dlq.record import DeadLetterRecord, record_id
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.messages.task import TaskSpec
 from pipeline.worker.batchledger import BatchLedger

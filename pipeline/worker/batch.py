@@ -25,16 +25,15 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.time import rate
 from kombu.utils.limits import TokenBucket
 
+from pipeline.core.names import BATCH_TASK_NAME
 from pipeline.core.pools import processes
-from pipeline.messages.task import TaskSpec
+from pipeline.producer.publisher import event_task_id
 from pipeline.worker.attempt import LIVE_CLAIMS, Attempt
 from pipeline.worker.batchledger import BatchLedger
 from pipeline.worker.runtime import runtime_for
@@ -46,44 +45,11 @@ if TYPE_CHECKING:
 
     from pipeline.worker.runtime import Runtime
 
-__all__ = ["BATCH_TASK_NAME", "PACK_LUA", "BatchTask", "RateGate", "batch_outcomes", "batch_spec",
-           "batch_verdict", "register_batch_task"]
+__all__ = ["BatchTask", "RateGate", "batch_outcomes", "batch_verdict", "register_batch_task"]
 
-BATCH_TASK_NAME = "pipeline.handle_batch"
 BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
 log = logging.getLogger(__name__)
 
-# ARGV: ttl_s, n, dedupe keys * n, list key, message. Returns {} when pushed, else the
-# 1-based indexes of the duplicates (claims of this call released, nothing pushed).
-PACK_LUA = """
-local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local claimed, dups = {}, {}
-for i = 1, n do
-  if ttl == 0 or redis.call('SET', ARGV[2 + i], '1', 'NX', 'EX', ttl) then
-    claimed[#claimed + 1] = ARGV[2 + i]
-  else
-    dups[#dups + 1] = i
-  end
-end
-if #dups > 0 then
-  if #claimed > 0 then redis.call('DEL', unpack(claimed)) end
-  return dups
-end
-redis.call('LPUSH', ARGV[3 + n], ARGV[4 + n])
-return {}
-"""
-
-
-def batch_spec(runtime: Runtime, events: Sequence[dict[str, Any]], *, handler: str, tier: str,
-               accepted_at: float) -> TaskSpec:
-    """The ``pipeline.handle_batch`` message for ``events`` (all for ``handler``)."""
-    cfg = runtime.settings.tier(tier)
-    hard_s = cfg.time_limit_s * max(1, len(events) // 10)  # a batch runs many handlers
-    return TaskSpec(
-        queue=cfg.queue_name(tier), task_id=str(uuid.uuid4()), args=[list(events)],
-        kwargs={"handler": handler, "tier": tier, "attempt": 1, "accepted_at": accepted_at,
-                "lineage": uuid.uuid4().hex[:12]},
-        time_limit_s=hard_s, soft_time_limit_s=hard_s * 0.9, task=BATCH_TASK_NAME)
 
 
 def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
@@ -129,7 +95,6 @@ def _claim_lost(what: str, reply: object) -> bool:
 def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
                    kwargs: dict[str, Any]) -> list[Attempt]:
     """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
-    from pipeline.producer.publisher import event_task_id
 
     handler = str(kwargs.get("handler", ""))
     scope = rt.settings.idempotency_scope

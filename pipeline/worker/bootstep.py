@@ -25,10 +25,9 @@ from celery.signals import celeryd_init
 from click.core import ParameterSource
 
 from pipeline.config.load import Settings
+from pipeline.core.names import BATCH_TASK_NAME, TASK_NAME
 from pipeline.core.pools import CELERY_POOL_NAMES, green
-from pipeline.messages.task import TASK_NAME
 from pipeline.worker import adopt
-from pipeline.worker.batch import BATCH_TASK_NAME
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.schedule import RetryMover
 

@@ -31,44 +31,18 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.config.model import BreakerConfig
 from pipeline.core.state import Keys
 
-__all__ = ["BreakerConfig", "BreakerStatus", "Breakers"]
+__all__ = ["BreakerStatus", "Breakers"]
 
 WINDOW_BUCKETS = 10  # a breaker's window is counted in this many time buckets
 PROBE_LEASE_MARGIN_S = 30.0  # added to the longest tier time limit to derive probe_lease_s
 DEFAULT_TIME_LIMIT_S = 90.0  # a tier's default time_limit_s: the lease base without tiers
-
-
-class BreakerConfig(BaseModel):
-    """``[breakers.NAME]``: when a downstream's breaker opens and for how long."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    #: open when at least `min_calls` calls in the window failed at this ratio or more.
-    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
-    #: calls in the window before the ratio applies.
-    min_calls: Annotated[int, Field(ge=1)] = 20
-    #: open after this many failures in a row, whatever the window says.
-    consecutive_failures: Annotated[int, Field(ge=1)] = 10
-    #: sliding window the ratio is computed over.
-    window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    #: cool-down: how long an open breaker stays open before it lets probes through.
-    open_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
-    #: calls let through while half-open.
-    half_open_probes: Annotated[int, Field(ge=1, le=1000)] = 2
-    #: how long a half-open probe holds its slot when its outcome is never recorded (its
-    #: worker was killed, it hit its hard time limit); then the slot is reclaimed. Keep it
-    #: above the `time_limit_s` of every tier whose handlers call this downstream: a live
-    #: probe's lease must outlast the probe, or one more probe goes through. Unset: the
-    #: longest `time_limit_s` over the tiers plus 30 s, so no live probe outlives its lease
-    #: (and a leaked slot stays taken that long).
-    probe_lease_s: Annotated[float, Field(gt=0, le=86_400)] | None = None
 
 
 @dataclass(frozen=True)

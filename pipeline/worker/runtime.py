@@ -25,6 +25,7 @@ from pipeline.core import state
 from pipeline.core.handlers import import_handler_modules
 from pipeline.dlq.queue import DeadLetterQueue
 from pipeline.errors import NotAttached, StateStoreMissing
+from pipeline.producer.publisher import Publisher
 from pipeline.worker.breaker import Breakers
 from pipeline.worker.ledger import Ledger
 from pipeline.worker.schedule import RetrySchedule
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from pipeline.config.load import Settings
-    from pipeline.producer.publisher import Publisher
 
 __all__ = ["Runtime", "bind", "runtime_for"]
 
@@ -125,8 +125,6 @@ class Runtime:
         return self._once("_publisher", self._make_publisher)
 
     def _make_publisher(self) -> Publisher:
-        from pipeline.producer.publisher import Publisher
-
         self.load_handlers()  # an event becomes one task per registered handler
         return Publisher(self)
 

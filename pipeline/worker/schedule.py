@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from pipeline.core.names import TASK_NAME
 from pipeline.core.state import Keys
-from pipeline.messages.task import TASK_NAME, RedisMessageRenderer, TaskSpec
+from pipeline.messages.task import RedisMessageRenderer, TaskSpec
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -22,7 +22,7 @@ import redis
 from pipeline.app import create_app
 from pipeline.config.load import load_settings
 from pipeline.core.state import Keys
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.local.embedded import free_port
 from pipeline.producer.publisher import PublishResult
 from pipeline.worker.runtime import Runtime, runtime_for

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pipeline.worker.breaker import BreakerConfig, Breakers
+from pipeline.config.model import BreakerConfig
+from pipeline.worker.breaker import Breakers
 
 CFG = BreakerConfig(failure_ratio=0.5, min_calls=4, consecutive_failures=3, window_s=10,
                     open_s=5, half_open_probes=1)

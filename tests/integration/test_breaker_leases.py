@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from pipeline.config.model import BreakerConfig
 from pipeline.core.state import Keys
-from pipeline.worker.breaker import BreakerConfig, Breakers
+from pipeline.worker.breaker import Breakers
 
 LEASE_S = 10.0  # the probe lease these tests configure
 OPEN_S = 5.0  # cool-down of these tests' breakers

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from pipeline.core.redact import MASK
 from pipeline.core.retry import Reason
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.http.api import create_api
 from pipeline.worker.runtime import Runtime
 from tests.integration.test_api import make_runtime

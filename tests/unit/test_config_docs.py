@@ -10,10 +10,10 @@ import pytest
 from pydantic import BaseModel
 
 from pipeline.config.load import Settings, load_settings
+from pipeline.config.model import BreakerConfig
 from pipeline.core.tiers import Rule, TierConfig
 from pipeline.core.tokens import ApiToken
 from pipeline.core.webhooks import WebhookConfig
-from pipeline.worker.breaker import BreakerConfig
 from tools import docgen
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

@@ -9,7 +9,7 @@ import orjson
 from pipeline.core.retry import Reason
 from pipeline.dlq.index import entry_meta
 from pipeline.dlq.query import group_matches, meta_matches, record_level, stats_of_metas
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.triage import RecordFilter, group_by_fingerprint
 
 T0 = datetime(2026, 11, 30, 12, 34, 56, 789_012, tzinfo=UTC)

@@ -15,8 +15,8 @@ import structlog
 
 from pipeline.config.load import load_settings
 from pipeline.core import logs
+from pipeline.core.names import TASK_NAME
 from pipeline.core.tiers import TierConfig
-from pipeline.messages.task import TASK_NAME
 from pipeline.worker.batch import RateGate, _rate_gate
 from pipeline.worker.runtime import Runtime
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from pipeline.core.retry import Reason
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.triage import (
     RecordFilter,
     fingerprint,

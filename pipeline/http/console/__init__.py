@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from pipeline.core.redact import failure_shown, redact
 from pipeline.core.retry import Reason
 from pipeline.core.tokens import find_credential
-from pipeline.dlq.queue import DeadLetterRecord
+from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.replay import Replayer
 from pipeline.dlq.triage import RecordFilter, record_fingerprint
 from pipeline.http.console.render import page, parse_form, sparkline

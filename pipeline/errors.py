@@ -26,7 +26,7 @@ verdicts of :mod:`pipeline.worker.taskstate`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,16 @@ class FieldProblem:
         if self.value is NO_VALUE:
             return f"{self.field}: {self.message}"
         return f"{self.field}={clip(repr(self.value), VALUE_REPR_MAX_CHARS)}: {self.message}"
+
+    @classmethod
+    def of_pydantic(cls, err: Mapping[str, Any], value: Any, note: str = "") -> FieldProblem:
+        """One of pydantic's errors (``exc.errors()``): its location dotted, ``value`` as
+        the caller may show it, pydantic's message without its ``Value error,`` prefix
+        (for ``extra_forbidden``, "unknown setting"), then ``note``."""
+        field = ".".join(str(part) for part in err["loc"]) or "<document>"
+        message = ("unknown setting" if err["type"] == "extra_forbidden"
+                   else str(err["msg"]).removeprefix("Value error, "))
+        return cls(field, value, message + note)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form: the value clipped to :data:`VALUE_JSON_MAX_CHARS`; no

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from pipeline.config.discovery import DEFAULT_STATE_DIR, STACK_PID_KEY, adopt_stack
 from pipeline.errors import BrokerUnavailable, ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.worker.runtime import Runtime
 
 __all__ = ["EXIT_BROKER", "EXIT_CONFIG", "EXIT_REJECTED", "cli", "fail_config",
            "note_if_no_workers", "progress_bar", "runtime"]
@@ -27,7 +30,7 @@ EXIT_BROKER = 3  # broker or state store unreachable
 _state_dir: list[Path] = [DEFAULT_STATE_DIR]  # set by the group's --state-dir
 
 
-def runtime() -> Any:
+def runtime() -> Runtime:
     """The default app's runtime (imports ``pipeline.app``, which reads the config).
     With no broker configured, the stack ``pipeline up`` runs from ``--state-dir``
     is used, and said so on stderr."""
@@ -56,7 +59,7 @@ def runtime() -> Any:
     return runtime_for(app)
 
 
-def note_if_no_workers(rt: Any) -> None:
+def note_if_no_workers(rt: Runtime) -> None:
     """On stderr, which broker was read when no worker of any tier is seen there: a
     command pointed at the wrong Redis would otherwise just report an idle pipeline."""
     from pipeline.core.redisurl import redact

@@ -61,13 +61,9 @@ def _problems(exc: pydantic.ValidationError, arguments: set[str]) -> list[FieldP
     problems = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
-        field = ".".join(loc)
-        message = err["msg"].removeprefix("Value error, ")
-        source = _source_of(loc, arguments)
-        if err["type"] == "extra_forbidden":
-            message = "unknown setting" + _did_you_mean(loc)
-        problems.append(FieldProblem(field, _shown(loc, err.get("input")),
-                                     f"{message} ({source})"))
+        hint = _did_you_mean(loc) if err["type"] == "extra_forbidden" else ""
+        problems.append(FieldProblem.of_pydantic(err, _shown(loc, err.get("input")),
+                                                 f"{hint} ({_source_of(loc, arguments)})"))
     return problems
 
 

@@ -130,14 +130,10 @@ def _validate(data: Mapping[str, Any], max_payload_bytes: int) -> Event:
 
 def problems_from_pydantic(exc: pydantic.ValidationError) -> list[FieldProblem]:
     """Turn pydantic's errors into :class:`FieldProblem` s (dotted field, value, message)."""
-    problems = []
-    for err in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in err["loc"]) or "<document>"
-        message = err["msg"].removeprefix("Value error, ")
-        # A missing field's "input" is the whole enclosing object: show no value.
-        value = NO_VALUE if err["type"] == "missing" else err.get("input")
-        problems.append(FieldProblem(field, value, message))
-    return problems
+    # A missing field's "input" is the whole enclosing object: show no value.
+    return [FieldProblem.of_pydantic(err, NO_VALUE if err["type"] == "missing"
+                                     else err.get("input"))
+            for err in exc.errors(include_url=False)]
 
 
 def over_payload_cap(errors: list[dict[str, Any]]) -> bool:

@@ -19,7 +19,7 @@ from pipeline.core.tiers import TierConfig
 from pipeline.errors import PermanentError, RetryAfter, UsageError
 
 __all__ = ["Decision", "Reason", "compute_backoff", "compute_deferral", "decide",
-           "exception_matches"]
+           "exception_matches", "qualname"]
 
 DEFERRAL_SPREAD_DOUBLINGS = 2  # a deferral's jitter window stops growing at spread_s * 2**2
 
@@ -117,7 +117,7 @@ def exception_matches(exc: BaseException, names: Sequence[str]) -> bool:
         cls = _resolve(name)
         if cls is not None and isinstance(exc, cls):
             return True
-        if cls is None and any(_qualname(k) == name for k in type(exc).__mro__):
+        if cls is None and any(qualname(k) == name for k in type(exc).__mro__):
             return True
     return False
 
@@ -133,5 +133,8 @@ def _resolve(name: str) -> type[BaseException] | None:
     return obj if isinstance(obj, type) and issubclass(obj, BaseException) else None
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+def qualname(cls: type) -> str:
+    """An exception class as DLQ records store it and ``retry_on`` may name it:
+    ``ValueError`` for a builtin, else ``module.Class``."""
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -41,7 +41,7 @@ from pipeline.core.events import Event
 from pipeline.core.handlers import HandlerContext, registry, running
 from pipeline.core.logs import attempt_fields
 from pipeline.core.redact import mask_text, secrets_in
-from pipeline.core.retry import Reason, compute_deferral, decide
+from pipeline.core.retry import Reason, compute_deferral, decide, qualname
 from pipeline.dlq.record import DeadLetterRecord, record_id
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.messages.task import TaskSpec
@@ -338,18 +338,18 @@ class Attempt:
                         self.event.get("id"), self.handler, self.attempt, type(exc).__name__,
                         self.masked(str(exc)), decision.delay_s,
                         extra=attempt_fields(self, outcome="retried",
-                                             exception=_qualname(type(exc)),
+                                             exception=qualname(type(exc)),
                                              delay_s=round(decision.delay_s, 3)))
         self.verdict = RetryScheduled.of(
             attempt=self.attempt, max_attempts=tier.max_retries + 1,
-            exception=_qualname(type(exc)), message=self.masked(str(exc)),
+            exception=qualname(type(exc)), message=self.masked(str(exc)),
             due_at=now + decision.delay_s, now=now)
         self.verdict.__cause__ = masked_cause(exc, self.masked)  # its traceback: the task's
         return self.verdict.result
 
     def dead_letter_exc(self, reason: Reason, exc: BaseException) -> str:
         trace = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-        return self.dead_letter(reason, _qualname(type(exc)), str(exc), trace, cause=exc)
+        return self.dead_letter(reason, qualname(type(exc)), str(exc), trace, cause=exc)
 
     def dead_letter(self, reason: Reason, exception: str, message: str, trace: str,
                     cause: BaseException | None = None) -> str:
@@ -402,7 +402,3 @@ def _alive(pid: int) -> bool:
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
-
-def _qualname(cls: type) -> str:
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from bench.common import median, own_broker, write_results
-from bench.dlq import fill
+from bench.scenarios.dlq import fill
 from pipeline.api import create_api
 from pipeline.app import create_app
 from pipeline.config import load_settings

@@ -6,19 +6,18 @@ import argparse
 import importlib
 import sys
 
-# scenario name -> module with main(argv)
-SCENARIOS = {"ingest": "bench.ingest", "dlq": "bench.dlq", "batch": "bench.batch",
-             "isolation": "bench.isolation", "overhead": "bench.overhead",
-             "seed": "bench.seed", "report": "bench.report",
-             "console": "bench.console", "latency": "bench.latency", "io": "bench.io"}
+# each runs bench.scenarios.<name>.main(argv)
+SCENARIOS = ("batch", "console", "dlq", "ingest", "io", "isolation", "latency", "overhead",
+             "report", "seed")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     args, rest = parser.parse_known_args()
-    module = importlib.import_module(SCENARIOS[args.scenario])
+    module = importlib.import_module(f"bench.scenarios.{args.scenario}")
     return int(module.main(rest))
 
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,10 @@
-"""bench.seed_account: every sent event gets one outcome; lost means gone for good."""
+"""bench.seed.account: every sent event gets one outcome; lost means gone for good."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.seed_account import Observed, Sent, counter_totals, describe_runs, summarize
+from bench.seed.account import Observed, Sent, counter_totals, describe_runs, summarize
 
 T0 = 1000.0
 OUTAGE = (T0 + 10, T0 + 20)

@@ -18,8 +18,8 @@ import redis
 
 from bench import alerts
 from bench.common import clean_env, own_broker, start_workers, stop_worker, versions
-from bench.seed_account import Observed, Sent, counter_totals, summarize
-from bench.seed_downstream import (
+from bench.seed.account import Observed, Sent, counter_totals, summarize
+from bench.seed.downstream import (
     CALLS_KEY,
     CLASSES,
     DELIVERED_KEY,
@@ -39,7 +39,7 @@ TIERS = ("critical", "high", "standard", "bulk")
 PRIORITY_SUBQUEUES = range(1, 10)  # kombu's Redis priority sub-lists: "<queue>\x06\x16<n>"
 
 BREAKER_TOML = """\
-handler_modules = ["bench.seed_handlers"]
+handler_modules = ["bench.seed.handlers"]
 
 [breakers.partner-api]
 failure_ratio = 0.5
@@ -189,17 +189,17 @@ class _Side:
 
 
 class _Default(_Side):
-    """Celery's defaults: one queue, one worker with every slot (:mod:`bench.seed_stock`)."""
+    """Celery's defaults: one queue, one worker with every slot (:mod:`bench.seed.stock`)."""
 
     def __init__(self, url: str, args: argparse.Namespace, tmp: Path) -> None:
-        from bench.seed_stock import app
+        from bench.seed.stock import app
 
         app.conf.update(broker_url=url)
         self.app = app
         slots = sum(args.tier_slots.values())
         env = {**clean_env(), "BENCH_BROKER_URL": url,
                "SEED_STOCK_RETRY_DELAY_S": str(args.stock_retry_delay_s)}
-        self.workers = [([sys.executable, "-m", "celery", "-A", "bench.seed_stock", "worker",
+        self.workers = [([sys.executable, "-m", "celery", "-A", "bench.seed.stock", "worker",
                           "-c", str(slots), "-n", "default@%h", "-l", "INFO",
                           "--without-gossip", "--without-mingle"], env, tmp / "default.log")]
         self.queues = ["celery"]

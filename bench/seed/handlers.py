@@ -1,12 +1,12 @@
-"""The seed scenario's pipeline handler (``PIPELINE_HANDLER_MODULES='["bench.seed_handlers"]'``).
+"""The seed scenario's pipeline handler (``PIPELINE_HANDLER_MODULES='["bench.seed.handlers"]'``).
 
 One handler for every traffic class: it calls the partner API through the
-``partner-api`` circuit breaker. The stock side's twin is :mod:`bench.seed_stock`.
+``partner-api`` circuit breaker. The stock side's twin is :mod:`bench.seed.stock`.
 """
 
 from __future__ import annotations
 
-from bench.seed_downstream import call
+from bench.seed.downstream import call
 from pipeline.core.events import Event
 from pipeline.core.handlers import current, handler
 

@@ -1,6 +1,6 @@
 """The seed's before/after: a day of mixed traffic against a flaky partner API.
 
-Traffic (:data:`bench.seed_downstream.CLASSES`): reward grants 5% (critical),
+Traffic (:data:`bench.seed.downstream.CLASSES`): reward grants 5% (critical),
 game updates 20% (high), user interactions 50% (standard), analytics 25% (bulk),
 sent at ``--rate`` events/s for ``--duration-s``. Every event calls one partner
 API, which fails ``--fail-rate`` of calls (503) and is fully down — calls hang
@@ -9,7 +9,7 @@ API, which fails ``--fail-rate`` of calls (503) and is fully down — calls hang
 Two sides, one after the other on the same own broker, same events (same seed),
 same total worker slots (``--slots``):
 
-* **default**: what a team writes first (:mod:`bench.seed_stock`): one queue,
+* **default**: what a team writes first (:mod:`bench.seed.stock`): one queue,
   one worker ``-c slots``, Celery's defaults (prefetch 4, early acks) and
   ``autoretry_for`` with Celery's retry defaults (3 retries, 180 s apart); no DLQ.
 * **tiered**: the pipeline on its shipped tier defaults (``pipeline/default.toml``),
@@ -35,9 +35,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import seed_sides
 from bench.common import logs_kept_on_failure, results_dir, write_results
-from bench.seed_account import describe_runs
+from bench.seed import sides as seed_sides
+from bench.seed.account import describe_runs
 
 TARGET_CRITICAL_FAILURE_PCT = 0.01  # critical events finally failed (DLQ or lost), at most
 

@@ -101,7 +101,7 @@ def run_side(client: redis.Redis, workers: list[tuple[list[str], dict[str, str],
             stop_worker(proc)
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench latency")
     parser.add_argument("--quick", action="store_true",
                         help="100 events/s for 10 s, 1 repeat; results in bench/results/quick/")
@@ -112,69 +112,84 @@ def main(argv: list[str]) -> int:
     args.rate = args.rate or (100.0 if args.quick else 200.0)
     args.duration_s = args.duration_s or (10.0 if args.quick else 60.0)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     runs: dict[str, list[dict[str, Any]]] = {"pipeline": [], "stock": []}
     with logs_kept_on_failure(tmp), own_broker() as server:
-        url = server.url
-        base = clean_env()
-        pipeline_env = {"PIPELINE_BROKER_URL": url,
-                        "PIPELINE_HANDLER_MODULES": '["bench.handlers"]'}
-        os.environ.update(pipeline_env)
+        sides = _Sides(server.url, tmp)
+        for rep in range(args.repeats):
+            for side in ("stock", "pipeline"):
+                if side == "stock":
+                    workers, send = sides.stock_workers(rep), sides.stock_send
+                else:
+                    workers, send = sides.pipeline_workers(rep), sides.pipeline_send
+                runs[side].append(run_side(sides.client, workers, send, args))
+                r = runs[side][-1]
+                print(f"repeat {rep + 1} {side}: {r['events']:,} events, p50 "
+                      f"{r['ms']['p50']:.1f} ms, p99 {r['ms']['p99']:.1f} ms", flush=True)
+        machine = versions(server.url)
+        sides.client.close()
+    return report(args, runs, machine)
+
+
+class _Sides:
+    """Both sides on one broker: how each sends an event and which workers it runs."""
+
+    def __init__(self, url: str, tmp: Path) -> None:
+        self.url, self.tmp = url, tmp
+        self.base = clean_env()
+        self.pipeline_env = {"PIPELINE_BROKER_URL": url,
+                             "PIPELINE_HANDLER_MODULES": '["bench.handlers"]'}
+        os.environ.update(self.pipeline_env)
         from pipeline.app import create_app
         from pipeline.config.load import load_settings
         from pipeline.worker.runtime import runtime_for
 
-        settings = load_settings()
-        publisher = runtime_for(create_app(settings, main="bench-latency")).publisher
+        self.settings = load_settings()
+        self.publisher = runtime_for(create_app(self.settings, main="bench-latency")).publisher
         from bench.stock_app import app as stock
 
         stock.conf.update(broker_url=url)
-        client = redis.Redis.from_url(url)
+        self.stock = stock
+        self.client = redis.Redis.from_url(url)
 
-        def pipeline_send(event_id: str, tier: str) -> None:
-            result = publisher.publish({"id": event_id, "type": "bench.mark",
-                                        "source": "bench", "tier": tier, "payload": {}})
-            assert result.outcome == "accepted", result
+    def pipeline_send(self, event_id: str, tier: str) -> None:
+        result = self.publisher.publish({"id": event_id, "type": "bench.mark",
+                                         "source": "bench", "tier": tier, "payload": {}})
+        assert result.outcome == "accepted", result
 
-        def stock_send(event_id: str, tier: str) -> None:
-            stock.send_task("stock.mark", args=({"id": event_id},), queue=tier)
+    def stock_send(self, event_id: str, tier: str) -> None:
+        self.stock.send_task("stock.mark", args=({"id": event_id},), queue=tier)
 
-        def pipeline_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
-            specs = []
-            for tier in TIERS:
-                metrics_dir = tmp / f"metrics-{tier}"
-                shutil.rmtree(metrics_dir, ignore_errors=True)
-                metrics_dir.mkdir()
-                env = {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-                specs.append(([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
-                               "--without-gossip", "--without-mingle"], env,
-                              tmp / f"pipeline-{tier}-{rep}.log"))
-            return specs
+    def pipeline_workers(self, rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
+        specs = []
+        for tier in TIERS:
+            metrics_dir = self.tmp / f"metrics-{tier}"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            env = {**self.base, **self.pipeline_env,
+                   "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+            specs.append(([sys.executable, "-m", "pipeline", "worker", "--tier", tier,
+                           "--without-gossip", "--without-mingle"], env,
+                          self.tmp / f"pipeline-{tier}-{rep}.log"))
+        return specs
 
-        def stock_workers(rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
-            specs = []
-            for tier in TIERS:
-                conf = settings.tier(tier)
-                specs.append(([sys.executable, "-m", "celery", "-A", "bench.stock_app",
-                               "worker", "-Q", tier, "-c", str(conf.concurrency),
-                               "--prefetch-multiplier", str(conf.prefetch_multiplier),
-                               "-E", "-n", f"{tier}@%h", "-l", "INFO",
-                               "--without-gossip", "--without-mingle"],
-                              {**base, "BENCH_BROKER_URL": url},
-                              tmp / f"stock-{tier}-{rep}.log"))
-            return specs
-
-        for rep in range(args.repeats):
-            for side in ("stock", "pipeline"):
-                workers = stock_workers(rep) if side == "stock" else pipeline_workers(rep)
-                send = stock_send if side == "stock" else pipeline_send
-                runs[side].append(run_side(client, workers, send, args))
-                r = runs[side][-1]
-                print(f"repeat {rep + 1} {side}: {r['events']:,} events, p50 "
-                      f"{r['ms']['p50']:.1f} ms, p99 {r['ms']['p99']:.1f} ms", flush=True)
-        machine = versions(url)
-        client.close()
-    return report(args, runs, machine)
+    def stock_workers(self, rep: int) -> list[tuple[list[str], dict[str, str], Path]]:
+        specs = []
+        for tier in TIERS:
+            conf = self.settings.tier(tier)
+            specs.append(([sys.executable, "-m", "celery", "-A", "bench.stock_app",
+                           "worker", "-Q", tier, "-c", str(conf.concurrency),
+                           "--prefetch-multiplier", str(conf.prefetch_multiplier),
+                           "-E", "-n", f"{tier}@%h", "-l", "INFO",
+                           "--without-gossip", "--without-mingle"],
+                          {**self.base, "BENCH_BROKER_URL": self.url},
+                          self.tmp / f"stock-{tier}-{rep}.log"))
+        return specs
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],

@@ -20,7 +20,7 @@ OUTCOMES = ("delivered", "dead_lettered", "failed_logged", "unsettled")
 @dataclass(frozen=True)
 class Sent:
     event_id: str
-    cls: str  # traffic class (bench.seed_downstream.CLASSES)
+    cls: str  # traffic class (bench.seed.downstream.CLASSES)
     at: float  # epoch s, just before the send call
 
 

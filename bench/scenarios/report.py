@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.charts import render
 from bench.common import commit, results_dir, versions
-from bench.seed_account import describe_runs
+from bench.seed.account import describe_runs
 
 # scenarios in REPORT.md's order; others follow, by name
 ORDER = ["seed", "isolation", "overhead", "latency", "ingest", "batch", "dlq"]

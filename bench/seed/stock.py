@@ -5,7 +5,7 @@ worker settings (prefetch multiplier 4, early acks), and retries the shortest
 way Celery offers, ``autoretry_for``, which keeps Celery's retry defaults:
 ``max_retries=3`` and ``default_retry_delay=180`` s (no backoff, no jitter).
 An event whose retries run out is only logged: there is no dead-letter queue.
-The bench counts it in :data:`~bench.seed_downstream.FAILED_KEY` to tell "failed
+The bench counts it in :data:`~bench.seed.downstream.FAILED_KEY` to tell "failed
 and logged" from "vanished"; both are lost. ``SEED_STOCK_RETRY=backoff``
 switches to the Celery docs' ``retry_backoff=True`` recipe (1, 2, 4 s + jitter);
 ``SEED_STOCK_RETRY_DELAY_S`` replaces the 180 s (the quick run's time scale).
@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from bench.seed_downstream import FAILED_KEY, DownstreamError, call
+from bench.seed.downstream import FAILED_KEY, DownstreamError, call
 from bench.stock_client import LazyRedis
 
 app = Celery("seed-stock", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0"))

@@ -30,74 +30,30 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 
 from bench.common import (
     clean_env,
-    cpu_s,
     logs_kept_on_failure,
     median,
     own_broker,
     results_dir,
-    rss_kb,
-    start_worker,
-    stop_worker,
     versions,
     write_results,
 )
+from bench.overhead_drain import Drain, drain
 
 TARGET_RATIO = 1.0  # pipeline events/s at least bare Celery's, task events alike on both
 TARGET_CPU_RATIO = 1.0  # pipeline CPU per event at most bare Celery -E's
 TARGET_RSS_GROWTH_PCT = 10.0  # worker RSS growth between 10% and 100% of the run
 TIER = "standard"
 CHUNK = 20_000  # events per publish_many call while pre-filling
-RSS_EVERY_S = 0.5  # RSS sampling period
 FULL_RSS_EVENTS = 200_000  # 1,000,000 takes ~20 min at ~1k/s: pass --rss-events for that
-
-
-def depth(client: redis.Redis, queue: str) -> int:
-    return int(client.llen(queue)) + int(client.hlen("unacked"))
-
-
-class Drain(NamedTuple):
-    seconds: float  # from the worker's "ready" to the queue drained and acked
-    cpu_s: float  # CPU seconds meanwhile: worker main + pool processes + broker server
-    samples: list[list[float]]  # RSS: [fraction handled, main kB, children kB, seconds]
-
-
-def drain(argv: list[str], env: dict[str, str], client: redis.Redis, queue: str, log: Path,
-          total: int, broker_pid: int, sample: bool = False) -> Drain:
-    """Start a worker and time it draining ``queue``, with the CPU it and the broker
-    used, and RSS samples when ``sample``."""
-    proc = start_worker(argv, env, log)
-    samples: list[list[float]] = []
-    try:
-        cpu_before = cpu_s(proc.pid) + cpu_s(broker_pid, with_children=False)
-        started = time.perf_counter()
-        next_sample = 0.0
-        while left := depth(client, queue):
-            now = time.perf_counter() - started
-            if sample and now >= next_sample:
-                sizes = rss_kb(proc.pid)
-                main = sizes.pop(str(proc.pid), 0)
-                samples.append([(total - left) / total, main, sum(sizes.values()), now])
-                next_sample = now + RSS_EVERY_S
-            time.sleep(0.01)
-        seconds = time.perf_counter() - started
-        cpu = cpu_s(proc.pid) + cpu_s(broker_pid, with_children=False) - cpu_before
-        if sample:
-            sizes = rss_kb(proc.pid)
-            main = sizes.pop(str(proc.pid), 0)
-            samples.append([1.0, main, sum(sizes.values()), seconds])
-        return Drain(seconds, cpu, samples)
-    finally:
-        stop_worker(proc)
 
 
 def pipeline_events(n: int) -> Iterator[list[dict[str, Any]]]:
@@ -120,7 +76,7 @@ def growth(samples: list[list[float]]) -> tuple[float, float, float]:
     return before, after, (after - before) / before * 100
 
 
-def main(argv: list[str]) -> int:
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench overhead")
     parser.add_argument("--quick", action="store_true",
                         help="5,000 events a side, 1 repeat, RSS over 20,000; results in "
@@ -136,17 +92,36 @@ def main(argv: list[str]) -> int:
     args.events = args.events or (5_000 if args.quick else 20_000)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.rss_events = args.rss_events or (20_000 if args.quick else FULL_RSS_EVENTS)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
     if not args.quick and args.rss_events < 1_000_000:
         print(f"note: RSS run over {args.rss_events:,} events, not the issue's 1,000,000 "
               "(~20 min at ~1k/s; pass --rss-events 1000000 for it)")
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    rates: dict[str, list[float]] = {"stock_noop": [], "stock_noop_task_events": [],
-                                     "pipeline": [], "pipeline_no_task_events": []}
-    cpu_per_10k: dict[str, list[float]] = {k: [] for k in rates}
     with logs_kept_on_failure(tmp), own_broker() as server:
-        url = server.url
-        base = clean_env()
-        pipeline_env = {
+        run = _Drains(args, server.url, server.pid, tmp)
+        for rep in range(args.repeats):
+            run.repeat(rep)
+        rss = run.rss()
+        machine = versions(server.url)
+        run.client.close()
+    return report(args, run.rates, run.cpu_per_10k, rss, machine)
+
+
+class _Drains:
+    """Both sides' workers on one broker; ``repeat`` drains each side once and records
+    its events/s and CPU per 10,000 events, ``rss`` is the long pipeline run."""
+
+    def __init__(self, args: argparse.Namespace, url: str, broker_pid: int, tmp: Path) -> None:
+        self.args, self.url, self.broker_pid, self.tmp = args, url, broker_pid, tmp
+        self.rates: dict[str, list[float]] = {"stock_noop": [], "stock_noop_task_events": [],
+                                              "pipeline": [], "pipeline_no_task_events": []}
+        self.cpu_per_10k: dict[str, list[float]] = {k: [] for k in self.rates}
+        self.base = clean_env()
+        self.pipeline_env = {
             "PIPELINE_BROKER_URL": url,
             "PIPELINE_HANDLER_MODULES": '["pipeline.demo"]',
             f"PIPELINE_TIERS__{TIER.upper()}__CONCURRENCY": str(args.concurrency),
@@ -154,7 +129,7 @@ def main(argv: list[str]) -> int:
             f"PIPELINE_TIERS__{TIER.upper()}__BATCH_SIZE": "0",
             f"PIPELINE_TIERS__{TIER.upper()}__MAX_DEPTH": "0",
         }
-        os.environ.update(pipeline_env)
+        os.environ.update(self.pipeline_env)
         from pipeline.app import create_app
         from pipeline.config.load import load_settings
         from pipeline.worker.runtime import runtime_for
@@ -162,83 +137,92 @@ def main(argv: list[str]) -> int:
         settings = load_settings()
         assert settings.idempotency_window_s > 0, "idempotency must be on"
         assert settings.tier(TIER).batch_size <= 1, "the tier must not be batched"
-        publisher = runtime_for(create_app(settings, main="bench-overhead")).publisher
-        queue = settings.queue_for(TIER)
+        self.publisher = runtime_for(create_app(settings, main="bench-overhead")).publisher
+        self.queue = settings.queue_for(TIER)
         from bench.stock_app import app as stock
 
         stock.conf.update(broker_url=url)
-        client = redis.Redis.from_url(url)
-        stock_argv = [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker",
-                      "-Q", "stock", "-c", str(args.concurrency), "-P", "prefork",
-                      "--prefetch-multiplier", str(args.prefetch), "-l", "INFO",
-                      "--without-gossip", "--without-mingle"]
-        pipeline_argv = [sys.executable, "-m", "pipeline", "worker", "--tier", TIER,
-                         "-P", "prefork", "--without-gossip", "--without-mingle"]
+        self.stock = stock
+        self.client = redis.Redis.from_url(url)
+        self.stock_argv = [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker",
+                           "-Q", "stock", "-c", str(args.concurrency), "-P", "prefork",
+                           "--prefetch-multiplier", str(args.prefetch), "-l", "INFO",
+                           "--without-gossip", "--without-mingle"]
+        self.pipeline_argv = [sys.executable, "-m", "pipeline", "worker", "--tier", TIER,
+                              "-P", "prefork", "--without-gossip", "--without-mingle"]
 
-        def pipeline_env_fresh() -> dict[str, str]:
-            metrics_dir = tmp / "metrics"
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-            metrics_dir.mkdir()
-            return {**base, **pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    def repeat(self, rep: int) -> None:
+        self.stock_drain("stock_noop", [], self.tmp / f"stock-{rep}.log")
+        # The same with task events (-E), what the pipeline's tiers send by default.
+        self.stock_drain("stock_noop_task_events", ["-E"], self.tmp / f"stock-events-{rep}.log")
+        self.pipeline_drain("pipeline", self.pipeline_env_fresh(),
+                            self.tmp / f"pipeline-{rep}.log")
+        # The same without Celery task events (tier setting task_events = false):
+        # what Flower's live view costs the worker's main process.
+        quiet = {**self.pipeline_env_fresh(),
+                 f"PIPELINE_TIERS__{TIER.upper()}__TASK_EVENTS": "false"}
+        self.pipeline_drain("pipeline_no_task_events", quiet,
+                            self.tmp / f"pipeline-quiet-{rep}.log")
+        print(f"repeat {rep + 1}: " + ", ".join(
+            f"{k} {v[-1]:,.0f}/s" for k, v in self.rates.items()), flush=True)
 
-        def fill_pipeline(n: int) -> None:
-            for batch in pipeline_events(n):
-                assert all(r.outcome == "accepted" for r in publisher.publish_many(batch))
-
-        def record(side: str, run: Drain) -> None:
-            rates[side].append(args.events / run.seconds)
-            cpu_per_10k[side].append(run.cpu_s * 10_000 / args.events)
-
-        def stock_drain(side: str, extra_argv: list[str], log: Path) -> None:
-            """Fill the stock queue, drain it with one stock worker."""
-            client.flushdb()
-            with stock.producer_or_acquire() as producer:
-                for i in range(args.events):
-                    stock.send_task("stock.noop", args=({"n": i},), queue="stock",
-                                    producer=producer)
-            run = drain([*stock_argv, *extra_argv], {**base, "BENCH_BROKER_URL": url},
-                        client, "stock", log, args.events, server.pid)
-            handled = log.read_text(errors="replace").count("] succeeded in ")
-            assert handled == args.events, f"{log.name}: {handled} of {args.events} handled"
-            record(side, run)
-
-        for rep in range(args.repeats):
-            stock_drain("stock_noop", [], tmp / f"stock-{rep}.log")
-            # The same with task events (-E), what the pipeline's tiers send by default.
-            stock_drain("stock_noop_task_events", ["-E"], tmp / f"stock-events-{rep}.log")
-            client.flushdb()
-            fill_pipeline(args.events)
-            run = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
-                        tmp / f"pipeline-{rep}.log", args.events, server.pid)
-            handled = succeeded(client)
-            assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
-            record("pipeline", run)
-            # The same without Celery task events (tier setting task_events = false):
-            # what Flower's live view costs the worker's main process.
-            client.flushdb()
-            fill_pipeline(args.events)
-            quiet = {**pipeline_env_fresh(),
-                     f"PIPELINE_TIERS__{TIER.upper()}__TASK_EVENTS": "false"}
-            run = drain(pipeline_argv, quiet, client, queue,
-                        tmp / f"pipeline-quiet-{rep}.log", args.events, server.pid)
-            handled = succeeded(client)
-            assert handled == args.events, f"pipeline: {handled} of {args.events} handled"
-            record("pipeline_no_task_events", run)
-            print(f"repeat {rep + 1}: " + ", ".join(
-                f"{k} {v[-1]:,.0f}/s" for k, v in rates.items()), flush=True)
-
-        print(f"RSS run: {args.rss_events:,} events through one pipeline worker ...",
+    def rss(self) -> Drain:
+        print(f"RSS run: {self.args.rss_events:,} events through one pipeline worker ...",
               flush=True)
-        client.flushdb()
-        fill_pipeline(args.rss_events)
-        seconds, _, samples = drain(pipeline_argv, pipeline_env_fresh(), client, queue,
-                                    tmp / "pipeline-rss.log", args.rss_events,
-                                    server.pid, sample=True)
-        handled = succeeded(client)
-        assert handled == args.rss_events, \
-                f"RSS run: {handled} of {args.rss_events} handled"
-        machine = versions(url)
-        client.close()
+        self.client.flushdb()
+        self.fill_pipeline(self.args.rss_events)
+        run = drain(self.pipeline_argv, self.pipeline_env_fresh(), self.client, self.queue,
+                    self.tmp / "pipeline-rss.log", self.args.rss_events, self.broker_pid,
+                    sample=True)
+        handled = succeeded(self.client)
+        assert handled == self.args.rss_events, \
+                f"RSS run: {handled} of {self.args.rss_events} handled"
+        return run
+
+    def pipeline_env_fresh(self) -> dict[str, str]:
+        metrics_dir = self.tmp / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir()
+        return {**self.base, **self.pipeline_env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+
+    def fill_pipeline(self, n: int) -> None:
+        for batch in pipeline_events(n):
+            assert all(r.outcome == "accepted" for r in self.publisher.publish_many(batch))
+
+    def record(self, side: str, run: Drain) -> None:
+        self.rates[side].append(self.args.events / run.seconds)
+        self.cpu_per_10k[side].append(run.cpu_s * 10_000 / self.args.events)
+
+    def stock_drain(self, side: str, extra_argv: list[str], log: Path) -> None:
+        """Fill the stock queue, drain it with one stock worker."""
+        events = self.args.events
+        self.client.flushdb()
+        with self.stock.producer_or_acquire() as producer:
+            for i in range(events):
+                self.stock.send_task("stock.noop", args=({"n": i},), queue="stock",
+                                     producer=producer)
+        run = drain([*self.stock_argv, *extra_argv], {**self.base, "BENCH_BROKER_URL": self.url},
+                    self.client, "stock", log, events, self.broker_pid)
+        handled = log.read_text(errors="replace").count("] succeeded in ")
+        assert handled == events, f"{log.name}: {handled} of {events} handled"
+        self.record(side, run)
+
+    def pipeline_drain(self, side: str, env: dict[str, str], log: Path) -> None:
+        """Fill the tier's queue, drain it with one pipeline worker run with ``env``."""
+        events = self.args.events
+        self.client.flushdb()
+        self.fill_pipeline(events)
+        run = drain(self.pipeline_argv, env, self.client, self.queue, log, events,
+                    self.broker_pid)
+        handled = succeeded(self.client)
+        assert handled == events, f"pipeline: {handled} of {events} handled"
+        self.record(side, run)
+
+
+def report(args: argparse.Namespace, rates: dict[str, list[float]],
+           cpu_per_10k: dict[str, list[float]], rss: Drain, machine: dict[str, Any]) -> int:
+    """Medians, ratios and checks; the results file and the chart."""
+    seconds, _, samples = rss
     med = {k: median(v) for k, v in rates.items()}
     ratio = med["pipeline"] / med["stock_noop"]
     quiet_ratio = med["pipeline_no_task_events"] / med["stock_noop"]

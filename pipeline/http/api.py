@@ -15,8 +15,9 @@
 Here the app is built (:func:`create_api`). Each route is a module-level function in
 the module of its wing (:mod:`pipeline.http.ingest` for ``/events``,
 :mod:`pipeline.http.webhooks`, :mod:`pipeline.http.ops` for ``/healthz``, ``/readyz``
-and ``/metrics``; the DLQ's and the console's are still defined inside their
-``add_*_routes``), and that module's ``add_*_routes`` registers them on the app's own
+and ``/metrics``, :mod:`pipeline.http.dlq`; the console's are still defined inside
+:func:`pipeline.http.console.add_console_routes`), and that module's ``add_*_routes``
+registers them on the app's own
 ``APIRouter``: each app gets route objects of its own and a flat ``app.routes``, which
 ``include_router`` of module-wide routers no longer gives (FastAPI 0.137 keeps included
 routers as a tree). What the routes share (the runtime, the credentials, the webhook
@@ -57,7 +58,7 @@ from pipeline.core import webhooks
 from pipeline.core.tokens import DEFAULT_TOKEN_NAME, Credential, token_problem
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.http.console import add_console_routes
-from pipeline.http.deps import Problem, problem_response, require
+from pipeline.http.deps import Problem, problem_response
 from pipeline.http.dlq import add_dlq_routes
 from pipeline.http.ingest import add_ingest_routes
 from pipeline.http.ops import add_ops_routes
@@ -68,7 +69,7 @@ from pipeline.worker.runtime import Runtime
 __all__ = ["create_api"]
 
 # In this order: the served schema lists the paths in the order they were added.
-ADD_ROUTES = (add_ingest_routes, add_webhook_routes, add_ops_routes)
+ADD_ROUTES = (add_ingest_routes, add_webhook_routes, add_ops_routes, add_dlq_routes)
 
 
 def _checked(credentials: Sequence[Credential] | None, token: str | None,
@@ -107,6 +108,5 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
     api.state.metrics = exporter.build_registry(runtime)
     for add_routes in ADD_ROUTES:
         add_routes(api.router)
-    add_dlq_routes(api, runtime, require)
     add_console_routes(api, runtime)
     return api

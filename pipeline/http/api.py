@@ -15,9 +15,8 @@
 Here the app is built (:func:`create_api`). Each route is a module-level function in
 the module of its wing (:mod:`pipeline.http.ingest` for ``/events``,
 :mod:`pipeline.http.webhooks`, :mod:`pipeline.http.ops` for ``/healthz``, ``/readyz``
-and ``/metrics``, :mod:`pipeline.http.dlq`; the console's are still defined inside
-:func:`pipeline.http.console.add_console_routes`), and that module's ``add_*_routes``
-registers them on the app's own
+and ``/metrics``, :mod:`pipeline.http.dlq`, :mod:`pipeline.http.console`), and that
+module's ``add_*_routes`` registers them on the app's own
 ``APIRouter``: each app gets route objects of its own and a flat ``app.routes``, which
 ``include_router`` of module-wide routers no longer gives (FastAPI 0.137 keeps included
 routers as a tree). What the routes share (the runtime, the credentials, the webhook
@@ -58,6 +57,8 @@ from pipeline.core import webhooks
 from pipeline.core.tokens import DEFAULT_TOKEN_NAME, Credential, token_problem
 from pipeline.errors import ConfigError, FieldProblem
 from pipeline.http.console import add_console_routes
+from pipeline.http.console.access import Refused, refused_response
+from pipeline.http.console.session import new_key
 from pipeline.http.deps import Problem, problem_response
 from pipeline.http.dlq import add_dlq_routes
 from pipeline.http.ingest import add_ingest_routes
@@ -69,7 +70,8 @@ from pipeline.worker.runtime import Runtime
 __all__ = ["create_api"]
 
 # In this order: the served schema lists the paths in the order they were added.
-ADD_ROUTES = (add_ingest_routes, add_webhook_routes, add_ops_routes, add_dlq_routes)
+ADD_ROUTES = (add_ingest_routes, add_webhook_routes, add_ops_routes, add_dlq_routes,
+              add_console_routes)
 
 
 def _checked(credentials: Sequence[Credential] | None, token: str | None,
@@ -101,12 +103,13 @@ def create_api(runtime: Runtime, *, credentials: Sequence[Credential] | None = N
                          description="Events in; tiers, retries and a DLQ behind.",
                          # no spec sent to the online validator (a badge it would fetch)
                          swagger_ui_parameters={"validatorUrl": None},
-                         exception_handlers={Problem: problem_response})
+                         exception_handlers={Problem: problem_response,
+                                             Refused: refused_response})
     api.state.credentials = _checked(credentials, token, tokens)
     api.state.runtime = runtime
     api.state.webhook_keys = hook_keys
     api.state.metrics = exporter.build_registry(runtime)
+    api.state.console_key = new_key()  # per app: a restart of the API ends every session
     for add_routes in ADD_ROUTES:
         add_routes(api.router)
-    add_console_routes(api, runtime)
     return api

@@ -1,7 +1,7 @@
 """What the API's routes share, as FastAPI dependencies, and the JSON error they raise.
 
 :func:`pipeline.http.api.create_api` puts the process's objects on ``app.state``
-(``runtime``, ``credentials``, ``webhook_keys``, ``metrics``); the
+(``runtime``, ``credentials``, ``webhook_keys``, ``metrics``, ``console_key``); the
 routes reach them through dependencies that read ``request.app.state``, never through
 closures, so each route is a plain module-level function.
 

@@ -1,6 +1,6 @@
 """Signed webhooks from external APIs: verification and mapping, pure.
 
-``POST /webhooks/{name}`` (:mod:`pipeline.http.api`) takes deliveries for each
+``POST /webhooks/{name}`` (:mod:`pipeline.http.webhooks`) takes deliveries for each
 ``[webhooks.NAME]`` of the config. The signature is the credential (no bearer
 token): :func:`verify` checks it over the raw body with every active secret, in
 constant time, and a delivery that fails any check is 401 without saying which.

@@ -37,7 +37,9 @@ from pipeline.worker.inflight import CONSUMERS_KEY, LOST_AFTER_S, Heartbeat, inf
 
 __all__ = ["FETCH_MOST", "FETCH_WAIT_S", "Channel", "SentinelChannel"]
 
-log = logging.getLogger(__name__)
+# these lines keep the logger they had before they moved out of fetch.py (the JSON
+# "logger" field: log queries and alerts may select on it)
+log = logging.getLogger("pipeline.worker.fetch")
 
 FETCH_WAIT_S = 0.25  # longest wait on an empty queue before every sub-list is read again
 FETCH_MOST = 100  # most messages one fetch takes (within the prefetch credit left)

@@ -25,7 +25,9 @@ from pipeline.worker.poller import Poller
 
 __all__ = ["QoS"]
 
-log = logging.getLogger(__name__)
+# these lines keep the logger they had before they moved out of fetch.py (the JSON
+# "logger" field: log queries and alerts may select on it)
+log = logging.getLogger("pipeline.worker.fetch")
 
 
 class QoS(kredis.QoS):

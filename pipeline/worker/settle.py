@@ -34,7 +34,9 @@ from pipeline.worker.trystate import TryState
 
 __all__ = ["SETTLE_RETRY_DELAYS_S", "Settling"]
 
-log = logging.getLogger(__name__)
+# these lines keep the logger they had before they moved out of attempt.py (the JSON
+# "logger" field: log queries and alerts may select on it)
+log = logging.getLogger("pipeline.worker.attempt")
 
 SETTLE_RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # pauses between settle tries
 

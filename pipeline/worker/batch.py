@@ -33,7 +33,7 @@ from kombu.utils.limits import TokenBucket
 
 from pipeline.core.names import BATCH_TASK_NAME
 from pipeline.core.pools import processes
-from pipeline.producer.publisher import event_task_id
+from pipeline.producer.taskids import event_task_id
 from pipeline.worker.attempt import Attempt
 from pipeline.worker.batchledger import BatchLedger
 from pipeline.worker.lost import LIVE_CLAIMS

@@ -26,7 +26,7 @@ from pipeline.errors import (
     RetryAfter,
     ValidationError,
 )
-from pipeline.producer.publisher import PublishResult
+from pipeline.producer.results import PublishResult
 from pipeline.worker.runtime import runtime_for as _runtime_for
 
 if TYPE_CHECKING:

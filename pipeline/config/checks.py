@@ -38,6 +38,17 @@ SUPPORTED_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
 
 def check_settings(settings: Settings, *, import_handlers: bool = False) -> list[FieldProblem]:
     """Cross-field problems, one per entry (empty when the config is sound)."""
+    problems = _tier_problems(settings) + _pool_problems(settings)
+    problems += _broker_problems(settings)
+    if import_handlers:
+        problems += _import_problems(settings)
+        problems += _handler_problems(settings)
+    return problems
+
+
+def _tier_problems(settings: Settings) -> list[FieldProblem]:
+    """The tiers against the rest: none declared, an unknown default or rule tier, two
+    tiers on one queue or a tier on the dead-letter queue."""
     problems: list[FieldProblem] = []
     tiers = settings.tiers
     if not tiers:
@@ -65,11 +76,24 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
             problems.append(
                 FieldProblem(f"tiers.{name}.queue", queue, "same name as dead_letter_queue")
             )
+    return problems
+
+
+def _pool_problems(settings: Settings) -> list[FieldProblem]:
+    """Each tier's pool: gevent installed, an unenforced hard time limit accepted."""
+    problems: list[FieldProblem] = []
     gevent_available = gevent_installed()
-    for name, tier in tiers.items():
+    for name, tier in settings.tiers.items():
         problems += pool_problems(name, tier.pool, acknowledged=tier.accept_unenforced_time_limit,
                                   time_limit_s=tier.time_limit_s,
                                   gevent_available=gevent_available)
+    return problems
+
+
+def _broker_problems(settings: Settings) -> list[FieldProblem]:
+    """The broker and the state store: a supported scheme, a Redis state store (the
+    broker's own with a Redis broker), no key prefix, a long enough visibility timeout."""
+    problems: list[FieldProblem] = []
     scheme = settings.broker_scheme
     if scheme not in SUPPORTED_SCHEMES:
         problems.append(
@@ -95,7 +119,7 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
             "kombu's keys without the prefix; use a database of the pipeline's own instead"))
     if settings.broker_is_redis:
         vt = settings.visibility_timeout_s
-        for name, tier in tiers.items():
+        for name, tier in settings.tiers.items():
             if vt < tier.longest_unacked_s:
                 problems.append(FieldProblem(
                     "broker_visibility_timeout_s", vt,
@@ -103,15 +127,19 @@ def check_settings(settings: Settings, *, import_handlers: bool = False) -> list
                     f"{tier.longest_unacked_s:g}s (time_limit_s x (prefetch_multiplier + 1)): "
                     "running tasks would be redelivered twice",
                 ))
-    if import_handlers:
-        for i, module in enumerate(settings.handler_modules):
-            try:
-                importlib.import_module(module)
-            except Exception as exc:
-                problems.append(
-                    FieldProblem(f"handler_modules[{i}]", module, f"cannot import: {exc!r}")
-                )
-        problems += _handler_problems(settings)
+    return problems
+
+
+def _import_problems(settings: Settings) -> list[FieldProblem]:
+    """Each handler module imported: those that cannot be."""
+    problems: list[FieldProblem] = []
+    for i, module in enumerate(settings.handler_modules):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            problems.append(
+                FieldProblem(f"handler_modules[{i}]", module, f"cannot import: {exc!r}")
+            )
     return problems
 
 

@@ -31,7 +31,8 @@ from pipeline.dlq.sealing import ENV_VAR, SEALED_KEY, is_sealed
 from pipeline.dlq.triage import RecordFilter
 from pipeline.errors import UnknownTier
 from pipeline.messages.task import TaskSpec
-from pipeline.producer.publisher import Publisher, event_task_id
+from pipeline.messages.taskids import event_task_id
+from pipeline.producer.publisher import Publisher
 from pipeline.producer.wiring import ProducerWiring
 
 __all__ = ["ReplaySummary", "ReplayWiring", "Replayer", "would_fail_again"]

@@ -23,7 +23,7 @@ from pipeline.core.tokens import Credential
 from pipeline.errors import BrokerUnavailable
 from pipeline.http.deps import IngestCaller, Problem, RuntimeDep
 from pipeline.producer.enqueue import IN_FLIGHT
-from pipeline.producer.publisher import FORBIDDEN_SOURCE, PublishResult
+from pipeline.producer.results import FORBIDDEN_SOURCE, PublishResult
 from pipeline.worker.runtime import Runtime
 
 __all__ = ["EVENT_CAP_WHAT", "add_ingest_routes", "body_of", "event_cap", "not_json",

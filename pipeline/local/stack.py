@@ -33,13 +33,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from pipeline.config.discovery import read_env_file
-from pipeline.config.load import check_settings, load_settings
+from pipeline.config.load import Settings, check_settings, load_settings
 from pipeline.core.redisurl import redact
 from pipeline.core.tokens import credentials
 from pipeline.errors import ConfigError, FieldProblem
@@ -63,26 +64,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # where workers record metrics the e
 
 
 def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> int:
-    env = dict(os.environ)
-    if config_file:
-        env["PIPELINE_CONFIG"] = str(Path(config_file).resolve())
-    if with_demo:
-        modules = json.loads(env.get("PIPELINE_HANDLER_MODULES", "[]") or "[]")
-        if "pipeline.demo" not in modules:
-            env["PIPELINE_HANDLER_MODULES"] = json.dumps([*modules, "pipeline.demo"])
-    os.environ.update(env)
+    env = _stack_env(config_file, with_demo)
     try:
-        settings = load_settings()
-        problems = check_settings(settings) + credentials(settings)[1]
-        if not settings.broker_url and settings.state_url:  # the broker will be embedded
-            problems = [p for p in problems if p.field != "state_url"]
-            problems.append(FieldProblem(
-                "state_url", redact(settings.state_url),
-                "broker_url is unset, so `pipeline up` starts an embedded broker, and one "
-                "atomic step moves work between the pipeline's state and the tier queues: "
-                "both must be one Redis; unset state_url to use the broker"))
-        if problems:
-            raise ConfigError(problems)
+        settings = _checked_settings()
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         return 2
@@ -97,55 +81,121 @@ def run_stack(*, config_file: str | None, with_demo: bool, state_dir: Path) -> i
         click.echo(f"error: {exc}; it serves:\n{_running_stack(env_file)}\nstop it "
                    f"(kill {exc.pid}) or use another --state-dir", err=True)
         return 2
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
+    stopping = _Stopping()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: terminal closed
-        signal.signal(signum, on_signal)
-    server: EmbeddedServer | None = None
-    services: list[Child] = []
-    children: list[Child] = []
+        signal.signal(signum, stopping.on_signal)
+    stack = _Stack()
     try:
-        if not settings.broker_url:
-            # Its own session: a terminal's Ctrl-C must not stop the broker before the
-            # workers' warm shutdown has returned their prefetched messages to it.
-            server = start_server(state_dir / "broker", new_session=True,
-                                  preexec_fn=die_with_parent)
-            env["PIPELINE_BROKER_URL"] = _broker_url(server, with_demo)
-            os.environ["PIPELINE_BROKER_URL"] = env["PIPELINE_BROKER_URL"]
-        endpoints = Endpoints(env["PIPELINE_BROKER_URL"] if server
-                              else settings.effective_broker_url)
-        python = sys.executable
-        services = _services(python, env, endpoints)
-        children = [*services, *(Child(f"worker-{tier}", [python, "-m", "pipeline", "worker",
-                                                          "--tier", tier])
-                                 for tier in settings.tiers)]
-        if any(c.name == "exporter" for c in services) and not env.get(MULTIPROC_ENV):
-            _share_metrics_dir(state_dir / "metrics", children)
-        for child in children:
-            child.start(env, log_dir)
+        endpoints = _start(stack, settings, env, state_dir, log_dir, with_demo)
         write_env_file(env_file, env, endpoints)
-        _wait_listening(services, lambda: stopping)
-        workers = [c.name for c in children if c.name.startswith("worker-")]
-        say(banner(endpoints, workers, log_dir, env_file, embedded=server is not None,
+        _wait_listening(stack.services, stopping)
+        workers = [c.name for c in stack.children if c.name.startswith("worker-")]
+        say(banner(endpoints, workers, log_dir, env_file, embedded=stack.server is not None,
                    with_demo=with_demo, demo_loaded="pipeline.demo" in settings.handler_modules))
-        sender = DemoSender() if with_demo else None
-        while not stopping:
-            supervise(children, env, log_dir)
-            if sender is not None:
-                sender.tick(POLL_S)
-            time.sleep(POLL_S)
+        _supervise_until(stopping, stack.children, env, log_dir, with_demo)
     finally:
-        say("stopping: the API first, then warm shutdown of workers ...")
-        stop_all([c for c in services if c.name == "api"], children)
-        if server is not None:
-            server.stop()
-        env_file.unlink(missing_ok=True)
-        say("stopped")
+        _stop(stack, env_file)
     return 0
+
+
+class _Stopping:
+    """Whether SIGINT, SIGTERM or SIGHUP asked the stack to stop (a handler only sets it)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@dataclass
+class _Stack:
+    """What has been started so far: what the stop step stops, however start ended."""
+
+    server: EmbeddedServer | None = None
+    services: list[Child] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+
+
+def _stack_env(config_file: str | None, with_demo: bool) -> dict[str, str]:
+    """This process's environment for the stack (the config file, the demo handlers),
+    set in ``os.environ`` too: the children inherit it."""
+    env = dict(os.environ)
+    if config_file:
+        env["PIPELINE_CONFIG"] = str(Path(config_file).resolve())
+    if with_demo:
+        modules = json.loads(env.get("PIPELINE_HANDLER_MODULES", "[]") or "[]")
+        if "pipeline.demo" not in modules:
+            env["PIPELINE_HANDLER_MODULES"] = json.dumps([*modules, "pipeline.demo"])
+    os.environ.update(env)
+    return env
+
+
+def _checked_settings() -> Settings:
+    """The settings, checked as ``pipeline config check`` does and for an embedded
+    broker; raises :class:`ConfigError` naming every problem."""
+    settings = load_settings()
+    problems = check_settings(settings) + credentials(settings)[1]
+    if not settings.broker_url and settings.state_url:  # the broker will be embedded
+        problems = [p for p in problems if p.field != "state_url"]
+        problems.append(FieldProblem(
+            "state_url", redact(settings.state_url),
+            "broker_url is unset, so `pipeline up` starts an embedded broker, and one "
+            "atomic step moves work between the pipeline's state and the tier queues: "
+            "both must be one Redis; unset state_url to use the broker"))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _start(stack: _Stack, settings: Settings, env: dict[str, str], state_dir: Path,
+           log_dir: Path, with_demo: bool) -> Endpoints:
+    """The embedded broker (when none is configured), the services and one worker per
+    tier, each recorded in ``stack`` as it starts; their endpoints."""
+    if not settings.broker_url:
+        # Its own session: a terminal's Ctrl-C must not stop the broker before the
+        # workers' warm shutdown has returned their prefetched messages to it.
+        stack.server = start_server(state_dir / "broker", new_session=True,
+                                    preexec_fn=die_with_parent)
+        env["PIPELINE_BROKER_URL"] = _broker_url(stack.server, with_demo)
+        os.environ["PIPELINE_BROKER_URL"] = env["PIPELINE_BROKER_URL"]
+    endpoints = Endpoints(env["PIPELINE_BROKER_URL"] if stack.server
+                          else settings.effective_broker_url)
+    python = sys.executable
+    stack.services = _services(python, env, endpoints)
+    stack.children = [*stack.services,
+                      *(Child(f"worker-{tier}", [python, "-m", "pipeline", "worker",
+                                                 "--tier", tier])
+                        for tier in settings.tiers)]
+    if any(c.name == "exporter" for c in stack.services) and not env.get(MULTIPROC_ENV):
+        _share_metrics_dir(state_dir / "metrics", stack.children)
+    for child in stack.children:
+        child.start(env, log_dir)
+    return endpoints
+
+
+def _supervise_until(stopping: Callable[[], bool], children: list[Child], env: dict[str, str],
+                     log_dir: Path, with_demo: bool) -> None:
+    """Restart what dies (and send the demo mix) until a signal asks the stack to stop."""
+    sender = DemoSender() if with_demo else None
+    while not stopping():
+        supervise(children, env, log_dir)
+        if sender is not None:
+            sender.tick(POLL_S)
+        time.sleep(POLL_S)
+
+
+def _stop(stack: _Stack, env_file: Path) -> None:
+    """The API first, then everything else (warm shutdown of workers), then the broker."""
+    say("stopping: the API first, then warm shutdown of workers ...")
+    stop_all([c for c in stack.services if c.name == "api"], stack.children)
+    if stack.server is not None:
+        stack.server.stop()
+    env_file.unlink(missing_ok=True)
+    say("stopped")
 
 
 def _broker_url(server: EmbeddedServer, with_demo: bool) -> str:

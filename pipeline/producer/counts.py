@@ -33,7 +33,7 @@ Labels = tuple[str, str, str, str]  # tier, type, outcome, reason
 
 
 class Counted(Protocol):
-    """What is counted of a :class:`pipeline.producer.publisher.PublishResult`."""
+    """What is counted of a :class:`pipeline.producer.results.PublishResult`."""
 
     @property
     def tier(self) -> str | None: ...

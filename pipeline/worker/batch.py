@@ -33,9 +33,10 @@ from kombu.utils.limits import TokenBucket
 
 from pipeline.core.names import BATCH_TASK_NAME
 from pipeline.core.pools import processes
-from pipeline.producer.publisher import event_task_id
-from pipeline.worker.attempt import LIVE_CLAIMS, Attempt
+from pipeline.messages.taskids import event_task_id
+from pipeline.worker.attempt import Attempt
 from pipeline.worker.batchledger import BatchLedger
+from pipeline.worker.lost import LIVE_CLAIMS
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.task import PipelineTask, settle_or_requeue
 from pipeline.worker.taskstate import BatchDeadLettered, raise_for

@@ -1,6 +1,6 @@
 """Consumers lease their in-flight work: heartbeats, deadlines and the reaper.
 
-Each consuming channel of :mod:`pipeline.worker.fetch` has an id registered in the sorted
+Each consuming channel of :mod:`pipeline.worker.fetchchannel` has an id registered in the sorted
 set ``pipeline:consumers``, scored by a deadline that its :class:`Heartbeat` thread
 pushes ``lost_after_s`` ahead every fifth of that. Its fetched messages are recorded
 in its in-flight hash ``pipeline:inflight:<id>`` (tag -> source list and message) by

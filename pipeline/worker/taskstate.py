@@ -1,6 +1,6 @@
 """The Celery task state of a delivery tells how its try settled; it changes nothing else.
 
-When a pipeline task ends, the settle step (:mod:`pipeline.worker.attempt`) has already
+When a pipeline task ends, the settle step (:mod:`pipeline.worker.settle`) has already
 written the try's outcome durably. What the task then returns or raises only sets
 the state Celery reports in its task events (so Flower's Tasks page and API), to
 ``task_postrun``/``task_failure`` receivers and to a result backend:

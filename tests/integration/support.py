@@ -24,7 +24,7 @@ from pipeline.config.load import load_settings
 from pipeline.core.state import Keys
 from pipeline.dlq.record import DeadLetterRecord
 from pipeline.local.embedded import free_port
-from pipeline.producer.publisher import PublishResult
+from pipeline.producer.results import PublishResult
 from pipeline.worker.runtime import Runtime, runtime_for
 
 WORKER_READY_TIMEOUT_S = 30.0  # a worker that is not ready by then fails the test

@@ -22,7 +22,7 @@ from pipeline.core.retry import Reason
 from pipeline.demo import fixed_key, report
 from pipeline.dlq.record import DeadLetterRecord
 from pipeline.local.embedded import EmbeddedServer, start_server
-from pipeline.producer.publisher import task_id_for
+from pipeline.messages.taskids import task_id_for
 from tests.integration.support import Stack, wait_for, write_config
 
 RECORDS = 1000  # records replayed while the broker dies

@@ -112,7 +112,7 @@ def test_task_whose_handler_is_not_for_its_event_type_is_dead_lettered_not_run(
         stack: Stack) -> None:
     """As a crafted DLQ record or a task applied from Flower would send it."""
     from pipeline.core.events import Event
-    from pipeline.producer.publisher import task_id_for
+    from pipeline.messages.taskids import task_id_for
 
     event = Event(type="reward.granted", source="crafted", payload={"user_id": 1})
     message = event.to_message()

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from pipeline.core.events import Event
-from pipeline.producer.publisher import PublishResult
+from pipeline.producer.results import PublishResult
 from tests.integration.browser import chromium
 from tests.integration.support import (
     Server,

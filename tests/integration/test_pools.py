@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeline.core.retry import Reason
-from pipeline.producer.publisher import task_id_for
+from pipeline.messages.taskids import task_id_for
 from tests.integration.support import Stack, wait_for, write_config
 
 IO_TIER = """

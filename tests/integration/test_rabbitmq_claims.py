@@ -66,7 +66,7 @@ def _assert_seen_only_if_queued(stack: Stack, events: list[dict[str, Any]],
                                 results: list[Any] | None = None) -> set[str]:
     """Every event marked ``seen`` has its task on the tier queue; returns queued ids."""
     queued = set(queued_task_ids(stack.rt.settings.queue_for("bulk")))
-    from pipeline.producer.publisher import event_task_id
+    from pipeline.messages.taskids import event_task_id
 
     for event in events:
         if _seen(stack, event) == b"1":

@@ -12,7 +12,8 @@ from pipeline.config.load import load_settings
 from pipeline.core.redisurl import redact
 from pipeline.errors import BrokerUnavailable, EventValidationError
 from pipeline.local.embedded import free_port
-from pipeline.producer.publisher import PublishResult, event_task_id, task_id_for
+from pipeline.messages.taskids import event_task_id, task_id_for
+from pipeline.producer.results import PublishResult
 
 PASSWORD = "s3cret-pw"
 EVENT = {"type": "reward.granted", "source": "game-server", "payload": {"user_id": 7}}

@@ -20,7 +20,7 @@ from pipeline.observe.outcomes import (
     window_keys,
 )
 from pipeline.producer import counts as ingestcounts
-from pipeline.producer.publisher import PublishResult
+from pipeline.producer.results import PublishResult
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.taskstate import DeadLettered, Deferred, RetryScheduled
 

@@ -30,6 +30,7 @@ from pipeline.dlq.record import DeadLetterRecord
 from pipeline.dlq.sealing import ENV_VAR, SEALED_KEY, is_sealed
 from pipeline.dlq.triage import RecordFilter
 from pipeline.errors import UnknownTier
+from pipeline.messages.factory import MessageFactory
 from pipeline.messages.task import TaskSpec
 from pipeline.messages.taskids import event_task_id
 from pipeline.producer.publisher import Publisher
@@ -105,6 +106,9 @@ class ReplayWiring(ProducerWiring, Protocol):
 
     @property
     def publisher(self) -> Publisher: ...
+
+    @property
+    def messages(self) -> MessageFactory: ...
 
     def load_handlers(self) -> None: ...
 
@@ -188,9 +192,9 @@ class Replayer:
         task_id = record.task_id or event_task_id(record.event, record.handler,
                                                   self.rt.settings.idempotency_scope)
         # spec() starts a new lineage of tries: the settle marks of the failed run stay behind
-        return self.rt.publisher.spec(record.event, handler=record.handler, tier=tier,
-                                      task_id=task_id, attempt=1,
-                                      priority=record.event.get("priority"))
+        return self.rt.messages.spec(record.event, handler=record.handler, tier=tier,
+                                     task_id=task_id, attempt=1,
+                                     priority=record.event.get("priority"))
 
     def _move_redis(self, chosen: list[Entry], to_tier: str | None,
                     rate_per_s: float | None, summary: ReplaySummary,

@@ -11,8 +11,6 @@ and does the I/O: claim, enqueue, count, notify.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from pipeline.core.admission import DepthCache, admitted
 from pipeline.core.events import Event, parse_event
 from pipeline.core.tiers import classify
-from pipeline.messages.task import TaskSpec
+from pipeline.messages.factory import MessageFactory
 from pipeline.messages.taskids import event_task_id
 from pipeline.producer.enqueue import Planned
 from pipeline.producer.wiring import ProducerWiring
@@ -39,7 +37,7 @@ class Planner:
         self.rt = runtime
         self.depths = depths
         self._tier_cache: dict[tuple[str, str], str] = {}  # (type, source) -> tier
-        self._limits: dict[str, tuple[str, float, float]] = {}  # tier -> queue, hard, soft
+        self.messages = MessageFactory(runtime.settings)
 
     def validate(self, data: Item) -> Event:
         if isinstance(data, Event):
@@ -58,35 +56,12 @@ class Planner:
                 self._tier_cache[key] = tier
         return tier
 
-    def spec(self, event: dict[str, Any], *, handler: str, tier: str, task_id: str,
-             attempt: int, first_failed_at: str | None = None,
-             priority: int | None = None, accepted_at: float | None = None) -> TaskSpec:
-        """The task message for one attempt; ``accepted_at`` (epoch s) is carried from
-        the first publish through every retry, for end-to-end latency."""
-        queue, hard_s, soft_s = self._tier_limits(tier)
-        kwargs: dict[str, Any] = {"handler": handler, "tier": tier, "attempt": attempt,
-                                  "accepted_at": accepted_at or time.time(),
-                                  # every publish starts its own lineage of tries: settle
-                                  # marks of an earlier publish of this task never match
-                                  "lineage": uuid.uuid4().hex[:12]}
-        if first_failed_at:
-            kwargs["first_failed_at"] = first_failed_at
-        return TaskSpec(queue, task_id, [event], kwargs, priority, hard_s, soft_s)
-
-    def _tier_limits(self, tier: str) -> tuple[str, float, float]:
-        found = self._limits.get(tier)
-        if found is None:
-            cfg = self.rt.settings.tier(tier)
-            found = self._limits[tier] = (cfg.queue_name(tier), cfg.time_limit_s,
-                                          cfg.soft_time_limit_s)
-        return found
-
     def _plan(self, event: Event, tier: str, handlers: list[str]) -> Planned:
         names = handlers or [FAN_OUT_HANDLER]
         message = event.to_message()
         event_id = message["id"]
         scope = self.rt.settings.idempotency_scope
-        specs = [self.spec(message, handler=name, tier=tier,
+        specs = [self.messages.spec(message, handler=name, tier=tier,
                            task_id=event_task_id(message, name, scope),
                            attempt=1, priority=event.priority) for name in names]
         return Planned(event, event_id, tier, handlers, specs)

@@ -25,6 +25,7 @@ from pipeline.core import state
 from pipeline.core.handlers import import_handler_modules
 from pipeline.dlq.queue import DeadLetterQueue
 from pipeline.errors import NotAttached, StateStoreMissing
+from pipeline.messages.factory import MessageFactory
 from pipeline.producer.publisher import Publisher
 from pipeline.worker.breaker import Breakers
 from pipeline.worker.ledger import Ledger
@@ -52,6 +53,7 @@ class Runtime:
         self._schedule: RetrySchedule | None = None
         self._dlq: DeadLetterQueue | None = None
         self._publisher: Publisher | None = None
+        self._messages: MessageFactory | None = None
         self._ledger: Ledger | None = None
         self._breakers: Breakers | None = None
         self._handlers_loaded = False
@@ -119,6 +121,11 @@ class Runtime:
     def dlq(self) -> DeadLetterQueue:
         return self._once("_dlq", lambda: DeadLetterQueue(
             self.app, self.settings, self.state if self.settings.broker_is_redis else None))
+
+    @property
+    def messages(self) -> MessageFactory:
+        """Task messages of every try (first publish, retry, deferral, replay)."""
+        return self._once("_messages", lambda: MessageFactory(self.settings))
 
     @property
     def publisher(self) -> Publisher:

@@ -76,7 +76,7 @@ class TryState:
     def next_spec(self, *, attempt: int, deferrals: int, priority: int | None,
                   first_failed_at: str | None) -> TaskSpec:
         """The message of this task's next try (a retry or a deferral)."""
-        spec = self.rt.publisher.spec(
+        spec = self.rt.messages.spec(
             self.event, handler=self.handler, tier=self.tier, task_id=self.task_id,
             attempt=attempt, first_failed_at=first_failed_at, priority=priority,
             accepted_at=self.accepted_at)

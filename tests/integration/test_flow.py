@@ -116,7 +116,7 @@ def test_task_whose_handler_is_not_for_its_event_type_is_dead_lettered_not_run(
 
     event = Event(type="reward.granted", source="crafted", payload={"user_id": 1})
     message = event.to_message()
-    spec = stack.rt.publisher.spec(message, handler="demo.ok", tier="critical",
+    spec = stack.rt.messages.spec(message, handler="demo.ok", tier="critical",
                                    task_id=task_id_for(message["id"], "demo.ok"), attempt=1)
     stack.rt.publisher.send([spec])
     record = stack.wait_dlq(message["id"])

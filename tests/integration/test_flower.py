@@ -235,7 +235,7 @@ def test_a_duplicate_delivery_is_success_with_a_result_naming_the_skip(
     task_id = first.task_ids[0]
     stack.wait_effect(str(first.id))
     assert listed(flower, "SUCCESS", task_id)["result"] == "'succeeded'"
-    again = stack.rt.publisher.spec(message, handler="demo.ok", tier="standard",
+    again = stack.rt.messages.spec(message, handler="demo.ok", tier="standard",
                                     task_id=task_id, attempt=1)
     stack.rt.app.tasks["pipeline.handle"].apply_async(
         args=again.args, kwargs=again.kwargs, **again.apply_async_options())

@@ -166,7 +166,7 @@ def critical_backlog(stack: Stack) -> dict[str, Any]:
 
     def spec(age_s: float, priority: int | None = None) -> Any:
         message = Event(type="demo.ok", source="obs", priority=priority).to_message()
-        one = rt.publisher.spec(message, handler="demo.ok", tier="critical",
+        one = rt.messages.spec(message, handler="demo.ok", tier="critical",
                                 task_id=message["id"], attempt=1, priority=priority)
         one.enqueued_at = now - age_s
         return one

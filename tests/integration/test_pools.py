@@ -86,8 +86,8 @@ def test_two_deliveries_of_one_task_at_once_run_its_handler_once(stack: Stack) -
     publisher = stack.rt.publisher
     event = {"id": str(uuid.uuid4()), "type": "demo.slow", "source": "tests",
              "payload": {"ms": 500}}
-    spec = publisher.spec(event, handler="demo.slow", tier="io",
-                          task_id=task_id_for(event["id"], "demo.slow"), attempt=1)
+    spec = stack.rt.messages.spec(event, handler="demo.slow", tier="io",
+                                  task_id=task_id_for(event["id"], "demo.slow"), attempt=1)
     for _ in range(2):  # the same try, delivered twice (a restored message, say)
         key, payload = publisher._renderer.render(spec)
         stack.state.lpush(key, payload)

@@ -57,7 +57,10 @@ log = logging.getLogger(__name__)
 MAX_PRIORITY = 9  # the lowest of the ten priority sub-queues the app configures on Redis
 SETTLE_RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # pauses between settle tries
 RECHECK_MARGIN_S = 5.0  # beyond a try's hard time limit before its silence means it was lost
-LIVE_CLAIMS: set[str] = set()  # tokens of the batch tries this process has claimed and runs
+# tokens of the tries this process runs now (a single task's, and every try of a batch
+# it has claimed): a delivery of one of them is never judged lost here, however old
+LIVE_CLAIMS: set[str] = set()
+RECHECK_MIN_S = 1.0  # soonest look again at a try still running in this process
 
 
 class Attempt:
@@ -99,6 +102,15 @@ class Attempt:
         return self.rt.settings.queue_for(self.tier)
 
     def run(self) -> str:
+        if self.batch is not None:  # the batch lists its tries' tokens itself
+            return self._run()
+        LIVE_CLAIMS.add(self.token)  # a thread or greenlet of this process runs it
+        try:
+            return self._run()
+        finally:
+            LIVE_CLAIMS.discard(self.token)
+
+    def _run(self) -> str:
         tier = self.rt.settings.tier(self.tier)
         begin = self.begun or self.rt.ledger.begin(self.as_try())
         if begin.verdict == "lost" and begin.pending and self.previous_gone(begin):
@@ -111,7 +123,7 @@ class Attempt:
             return f"already_{begin.verdict}"
         if begin.verdict == "lost":
             if not self.previous_gone(begin):  # that delivery may still be running
-                return self.recheck(self.longest_run_s() - begin.age_s)
+                return self.recheck(max(self.longest_run_s() - begin.age_s, RECHECK_MIN_S))
             return self.was_lost(begin.previous)
         if begin.verdict == "over_budget":
             window_s = tier.retry_budget_window_s
@@ -173,10 +185,15 @@ class Attempt:
 
     def previous_gone(self, begin: Begin) -> bool:
         """Whether the delivery that left ``begin``'s mark can no longer be running:
-        its process is gone (this host) or it is older than a try can run."""
+        its process is gone (this host) or it is older than a try can run; never while
+        a thread or greenlet of this process runs it (a threads or gevent pool does
+        not stop a synchronous handler at its hard time limit)."""
         host, pid = begin.previous_process
-        if host == socket.gethostname() and pid == os.getpid() and begin.pending:
-            return begin.previous.split()[0][1:] not in LIVE_CLAIMS  # its batch has ended
+        if host == socket.gethostname() and pid == os.getpid():
+            if begin.previous.split()[0].lstrip("~") in LIVE_CLAIMS:
+                return False  # still running here: a thread or greenlet past its limit
+            if begin.pending:
+                return True  # its batch has ended
         gone = host == socket.gethostname() and pid != os.getpid() and not _alive(pid)
         return gone or begin.age_s >= self.longest_run_s()
 

@@ -55,6 +55,8 @@ def test_a_pool_that_cannot_enforce_the_hard_limit_is_refused_unless_accepted(
     (problem,) = problems(tmp_path, pool, ack=False)
     assert problem.startswith("tiers.io.accept_unenforced_time_limit=False:")
     assert "timeouts that end it before time_limit_s" in problem
+    assert "a synchronous handler" in problem
+    assert "runs until it returns, for ever if" in problem  # nothing else ends it
     assert 'pool = "prefork"' in problem
     assert problems(tmp_path, pool, ack=True) == []
 

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from celery.backends.base import DisabledBackend
 from celery.concurrency import get_implementation
 from click.testing import CliRunner
 from pydantic import ValidationError
 
 from pipeline import configcheck
 from pipeline.app import create_app
+from pipeline.batch import BATCH_TASK_NAME
 from pipeline.cli import cli
 from pipeline.config import Settings, check_settings, load_settings
+from pipeline.messages import TASK_NAME
 from pipeline.pools import cli_pool, processes
 from pipeline.runtime import runtime_for
 from pipeline.tiers import TierConfig
-from pipeline.worker import apply_tier, pool_name, worker_argv
+from pipeline.worker import apply_tier, pool_name, share_disabled_backend, worker_argv
 
 IO_TIER = """
 default_tier = "io"
@@ -145,3 +149,25 @@ def test_the_readmes_pool_block_is_a_tier_config_check_accepts(tmp_path: Path) -
     tier = settings.tier("partner-sync")
     assert (tier.pool, tier.concurrency, tier.accept_unenforced_time_limit) == ("gevent", 64, True)
     assert check_settings(settings) == []
+
+
+def test_every_thread_of_a_worker_marks_its_tasks_done_with_one_disabled_backend(
+    tmp_path: Path,
+) -> None:
+    """Under gevent each attempt is a new greenlet, with a thread-local of its own:
+    without a result backend, no attempt should build a backend of its own."""
+    app = create_app(settings_with(tmp_path, "gevent", True), main="pools-backend")
+
+    def backend_in_a_new_thread() -> object:
+        seen: list[object] = []
+        thread = threading.Thread(target=lambda: seen.append(app.tasks[TASK_NAME].backend))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    assert backend_in_a_new_thread() is not backend_in_a_new_thread()  # Celery's default
+    share_disabled_backend(app)
+    shared = app.tasks[TASK_NAME].backend
+    assert isinstance(shared, DisabledBackend)
+    assert backend_in_a_new_thread() is shared
+    assert app.tasks[BATCH_TASK_NAME].backend is shared

@@ -79,13 +79,18 @@ def pool_problems(tier: str, pool: Pool, *, acknowledged: bool, time_limit_s: fl
             f"tiers.{tier}.pool", pool,
             f"the gevent package is not installed: pip install '{GEVENT_EXTRA}'"))
     if pool != "prefork" and not acknowledged:
-        why = ("the thread pool enforces no time limit, soft or hard" if pool == "threads"
-               else "gevent raises time_limit_s only at the handler's next I/O and never "
-                    "raises soft_time_limit_s")
+        why = ("the thread pool enforces no time limit, soft or hard: a synchronous "
+               "handler runs until it returns, for ever if one of its calls never does, "
+               "holding one of the tier's threads" if pool == "threads"
+               else "gevent never raises soft_time_limit_s and raises time_limit_s only at "
+                    "the handler's next wait (I/O, sleep): a synchronous handler that "
+                    "computes without waiting runs until it returns, for ever if it never "
+                    "does, and stops every other greenlet of the worker meanwhile")
         problems.append(FieldProblem(
             f"tiers.{tier}.accept_unenforced_time_limit", False,
-            f"{why}, so a handler may run past time_limit_s ({time_limit_s:g}s) and its "
-            "try be judged lost and run again: give the handler's own calls timeouts that "
-            "end it before time_limit_s (async handlers are cancelled at soft_time_limit_s) "
-            "and set accept_unenforced_time_limit = true, or use pool = \"prefork\""))
+            f"{why}; past time_limit_s ({time_limit_s:g}s) plus a margin, a delivery of its "
+            "try in another process judges it lost and runs it again: give the handler's own calls "
+            "timeouts that end it before time_limit_s (async handlers are cancelled at "
+            "soft_time_limit_s) and set accept_unenforced_time_limit = true, or use "
+            "pool = \"prefork\""))
     return problems

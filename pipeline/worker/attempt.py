@@ -36,10 +36,12 @@ from pipeline.core.logs import attempt_fields
 from pipeline.core.retry import Reason, compute_deferral
 from pipeline.errors import PermanentError, RetryAfter
 from pipeline.worker.ledger import Begin, Outcome
-from pipeline.worker.lost import lost_message, previous_gone
+from pipeline.worker.lost import LIVE_CLAIMS, lost_message, previous_gone
 from pipeline.worker.settle import Settling
 
 __all__ = ["Attempt"]
+
+RECHECK_MIN_S = 1.0  # soonest look again at a try still running in this process
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,17 @@ class Attempt(Settling):
     """One delivery of one try: the event, the handler and where it stands."""
 
     def run(self) -> str:
-        """This delivery through begin, the checks, the handler and settle."""
+        """This delivery through begin, the checks, the handler and settle; listed in
+        :data:`LIVE_CLAIMS` while it runs (a batch lists its tries' tokens itself)."""
+        if self.batch is not None:
+            return self._run()
+        LIVE_CLAIMS.add(self.token)  # a thread or greenlet of this process runs it
+        try:
+            return self._run()
+        finally:
+            LIVE_CLAIMS.discard(self.token)
+
+    def _run(self) -> str:
         begin = self.begin()
         skipped = self.skip(begin)
         if skipped is not None:  # done, settled, lost or over the budget: not run now
@@ -78,7 +90,7 @@ class Attempt(Settling):
             return f"already_{begin.verdict}"
         if begin.verdict == "lost":
             if not self.previous_gone(begin):  # that delivery may still be running
-                return self.recheck(self.longest_run_s() - begin.age_s)
+                return self.recheck(max(self.longest_run_s() - begin.age_s, RECHECK_MIN_S))
             return self.was_lost(begin.previous)
         if begin.verdict == "over_budget":
             window_s = self.rt.settings.tier(self.tier).retry_budget_window_s

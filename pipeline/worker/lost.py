@@ -18,16 +18,22 @@ from pipeline.worker.ledger import Begin
 
 __all__ = ["LIVE_CLAIMS", "lost_message", "previous_gone", "process_alive"]
 
-LIVE_CLAIMS: set[str] = set()  # tokens of the batch tries this process has claimed and runs
+# tokens of the tries this process runs now (a single task's, and every try of a batch
+# it has claimed): a delivery of one of them is never judged lost here, however old
+LIVE_CLAIMS: set[str] = set()
 
 
 def previous_gone(begin: Begin, longest_run_s: float) -> bool:
     """Whether the delivery that left ``begin``'s mark can no longer be running:
     its process is gone (this host) or it is older than a try can run
-    (``longest_run_s``)."""
+    (``longest_run_s``); never while a thread or greenlet of this process runs it (a
+    threads or gevent pool does not stop a synchronous handler at its hard time limit)."""
     host, pid = begin.previous_process
-    if host == socket.gethostname() and pid == os.getpid() and begin.pending:
-        return begin.previous.split()[0][1:] not in LIVE_CLAIMS  # its batch has ended
+    if host == socket.gethostname() and pid == os.getpid():
+        if begin.previous.split()[0].lstrip("~") in LIVE_CLAIMS:
+            return False  # still running here: a thread or greenlet past its limit
+        if begin.pending:
+            return True  # its batch has ended
     gone = host == socket.gethostname() and pid != os.getpid() and not process_alive(pid)
     return gone or begin.age_s >= longest_run_s
 

@@ -30,7 +30,7 @@ from pipeline.core.handlers import registry
 from pipeline.worker.attempt import Attempt
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.statewatch import report_state_failure
-from pipeline.worker.taskstate import BatchDeadLettered, DeadLettered, raise_for
+from pipeline.worker.taskstate import BatchDeadLettered, DeadLettered, TaskRequest, raise_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -53,6 +53,9 @@ class PipelineTask(Task):  # type: ignore[type-arg]
     typing = False  # kwargs are validated by the envelope, not by signature binding
     # expected: Celery logs them at INFO without a traceback (the attempt logged it)
     throws = (DeadLettered, BatchDeadLettered)
+    # task-retried names the verdict under threads and gevent too (a class: Celery
+    # takes one as well as the dotted name its stubs type the attribute as)
+    Request = TaskRequest  # type: ignore[assignment]
 
     def attempts(self, task_id: str, args: Any, kwargs: Any) -> list[Attempt]:
         """The tries one message carries (one; a batch overrides)."""

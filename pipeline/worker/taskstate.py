@@ -45,12 +45,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # untyped
 from celery.exceptions import Retry
+from celery.worker.request import Request
 
 from pipeline.errors import PipelineError
 
 __all__ = ["BatchDeadLettered", "DeadLettered", "Deferred", "MaskedFailure", "RetryScheduled",
-           "Verdict", "masked_cause", "raise_for", "settled_result"]
+           "TaskRequest", "Verdict", "masked_cause", "raise_for", "settled_result"]
 
 
 def _at(timestamp: float) -> str:
@@ -139,3 +141,20 @@ def settled_result(retval: object) -> object:
     if isinstance(retval, Retry):
         retval = retval.exc
     return retval.result if isinstance(retval, Verdict) else retval
+
+
+class TaskRequest(Request):
+    """Celery's request, whose ``task-retried`` event names the verdict on every pool.
+
+    Celery sends ``repr(exc_info.exception.exc)``. A prefork child's exception info
+    reaches the main process pickled, which unwraps billiard's
+    ``ExceptionWithTraceback`` back into the ``Retry`` raised, so ``.exc`` is the
+    verdict. Under ``threads`` and ``gevent`` the info is passed as it is, still
+    wrapped: ``.exc`` was the ``Retry`` itself, and Flower showed
+    ``Retry(Retry(...), RetryScheduled('attempt 1 ...`` cut short by ``safe_repr``.
+    Unwrapped here as pickling does (``on_failure`` already unwraps)."""
+
+    def on_retry(self, exc_info: Any) -> None:
+        if isinstance(exc_info.exception, ExceptionWithTraceback):
+            exc_info.exception = exc_info.exception.exc
+        super().on_retry(exc_info)

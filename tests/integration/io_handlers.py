@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import redis
 
@@ -36,3 +37,13 @@ async def async_stuck(event: Event) -> None:
         _record(f"{event.id}:cancelled")
         raise
     _record(f"{event.id}:finished")
+
+
+@handler("io.sleep", name="io.sleep")
+def sleep_for(event: Event) -> None:
+    """A synchronous handler that waits ``payload["s"]`` seconds (``time.sleep``: a
+    cooperative wait under gevent), recording when it starts and when it finishes."""
+    _record(f"{event.id}:started")
+    time.sleep(float(event.payload["s"]))
+    _record(f"{event.id}:finished")
+    _record(str(event.id))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from celery.backends.base import DisabledBackend
 from celery.concurrency import get_implementation
 from click.testing import CliRunner
 from pydantic import ValidationError
@@ -14,9 +16,10 @@ from pipeline.app import create_app
 from pipeline.cli import cli
 from pipeline.config import checks as configcheck
 from pipeline.config.load import Settings, check_settings, load_settings
+from pipeline.core.names import BATCH_TASK_NAME, TASK_NAME
 from pipeline.core.pools import cli_pool, processes
 from pipeline.core.tiers import TierConfig
-from pipeline.worker.bootstep import apply_tier, pool_name, worker_argv
+from pipeline.worker.bootstep import apply_tier, pool_name, share_disabled_backend, worker_argv
 from pipeline.worker.runtime import runtime_for
 
 IO_TIER = """
@@ -55,6 +58,8 @@ def test_a_pool_that_cannot_enforce_the_hard_limit_is_refused_unless_accepted(
     (problem,) = problems(tmp_path, pool, ack=False)
     assert problem.startswith("tiers.io.accept_unenforced_time_limit=False:")
     assert "timeouts that end it before time_limit_s" in problem
+    assert "a synchronous handler" in problem
+    assert "runs until it returns, for ever if" in problem  # nothing else ends it
     assert 'pool = "prefork"' in problem
     assert problems(tmp_path, pool, ack=True) == []
 
@@ -143,3 +148,25 @@ def test_the_readmes_pool_block_is_a_tier_config_check_accepts(tmp_path: Path) -
     tier = settings.tier("partner-sync")
     assert (tier.pool, tier.concurrency, tier.accept_unenforced_time_limit) == ("gevent", 64, True)
     assert check_settings(settings) == []
+
+
+def test_every_thread_of_a_worker_marks_its_tasks_done_with_one_disabled_backend(
+    tmp_path: Path,
+) -> None:
+    """Under gevent each attempt is a new greenlet, with a thread-local of its own:
+    without a result backend, no attempt should build a backend of its own."""
+    app = create_app(settings_with(tmp_path, "gevent", True), main="pools-backend")
+
+    def backend_in_a_new_thread() -> object:
+        seen: list[object] = []
+        thread = threading.Thread(target=lambda: seen.append(app.tasks[TASK_NAME].backend))
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    assert backend_in_a_new_thread() is not backend_in_a_new_thread()  # Celery's default
+    share_disabled_backend(app)
+    shared = app.tasks[TASK_NAME].backend
+    assert isinstance(shared, DisabledBackend)
+    assert backend_in_a_new_thread() is shared
+    assert app.tasks[BATCH_TASK_NAME].backend is shared

@@ -20,8 +20,8 @@ import pytest
 
 from pipeline.core.retry import Reason
 from pipeline.core.state import Keys
-from pipeline.producer.publisher import task_id_for
-from pipeline.worker.attempt import RECHECK_MARGIN_S
+from pipeline.messages.taskids import task_id_for
+from pipeline.worker.trystate import RECHECK_MARGIN_S
 from tests.integration.support import Stack, wait_for, write_config
 from tests.integration.test_pools import IO_TIER
 
@@ -113,8 +113,8 @@ def test_a_restored_delivery_of_a_try_running_here_past_its_hard_limit_is_not_ru
     event = {"id": str(uuid.uuid4()), "type": "io.sleep", "source": "tests",
              "payload": {"s": run_s}}
     publisher = stack.rt.publisher
-    spec = publisher.spec(event, handler="io.sleep", tier="io",
-                          task_id=task_id_for(event["id"], "io.sleep"), attempt=1)
+    spec = stack.rt.messages.spec(event, handler="io.sleep", tier="io",
+                                  task_id=task_id_for(event["id"], "io.sleep"), attempt=1)
     key, payload = publisher._renderer.render(spec)
     stack.state.lpush(key, payload)  # the first delivery
     stack.wait_effect(f"{event['id']}:started", timeout_s=10)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.producer.publisher import PublishResult
+from pipeline.producer.results import PublishResult
 from tests.integration.support import Stack, wait_for, write_config
 
 EVENTS_TIMEOUT_S = 30.0  # a task's events have all arrived within this

@@ -11,12 +11,16 @@ SCENARIOS = ("batch", "console", "dlq", "ingest", "io", "isolation", "latency", 
              "report", "seed")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SCENARIOS:  # the scenario parses the rest, its --help included
+        module = importlib.import_module(f"bench.scenarios.{argv[0]}")
+        return int(module.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    args, rest = parser.parse_known_args()
-    module = importlib.import_module(f"bench.scenarios.{args.scenario}")
-    return int(module.main(rest))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the scenario's (--help)")
+    parser.parse_args(argv)  # exits: help, or an unknown scenario named
+    return 2
 
 
 if __name__ == "__main__":

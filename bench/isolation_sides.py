@@ -141,6 +141,8 @@ def run_side(client: redis.Redis, args: argparse.Namespace, *, fill: Callable[[]
 
 
 def stock_argv(queue: str, slots: int, prefetch: int, name: str) -> list[str]:
+    """A stock Celery worker with task events on (-E), as the pipeline's tiers send them
+    and as a team running Flower runs its workers: both sides pay for them."""
     return [sys.executable, "-m", "celery", "-A", "bench.stock_app", "worker", "-Q", queue,
             "-c", str(slots), "--prefetch-multiplier", str(prefetch), "-n", f"{name}@%h",
-            "-l", "INFO", "--without-gossip", "--without-mingle"]
+            "-l", "INFO", "-E", "--without-gossip", "--without-mingle"]

@@ -1,7 +1,8 @@
 """Head-of-line isolation: critical latency while bulk holds a large backlog.
 
 Three sides in one run, each on the same own broker (flushed in between), the
-same total worker slots (``--slots``) and the same work:
+same total worker slots (``--slots``), the same work and task events on (stock
+workers run with ``-E``, as the tiers send them):
 
 * **shared**: Celery's default layout: plain tasks, one queue, one worker with
   all the slots (default prefetch multiplier 4); critical tasks queue behind
@@ -50,7 +51,7 @@ from bench.common import (
 from bench.isolation_sides import run_side, stock_argv
 
 TARGET_VS_SHARED = 1000.0  # tiered critical p99 at least this many times better than shared
-TARGET_VS_BARE = 2.0  # tiered critical p99 at most this many times the bare task's
+TARGET_VS_BARE = 1.5  # tiered critical p99 at most this many times the bare task's (issue 14)
 SEND_CHUNK = 5000  # bulk events per publish_many call while pre-filling
 ISOLATED_WAIT_S = 60.0  # the tiered and bare sides: critical never waits behind bulk
 

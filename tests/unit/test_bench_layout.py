@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.sources import parse
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_LINES = 300
@@ -25,7 +27,7 @@ def _rel(path: Path) -> str:
 
 
 def _tree(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(), filename=str(path))
+    return parse(path)
 
 
 def test_the_walk_finds_bench() -> None:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pipeline.errors as errors
+from tests.unit.sources import parse
 
 PACKAGE = Path(errors.__file__).parent
 # pydantic turns these into its own ValidationError, which the callers report by field
@@ -32,7 +33,7 @@ def builtin_raises() -> list[str]:
     validator (a bare ``raise`` or a re-raise of a caught error is not deliberate)."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        tree = ast.parse(path.read_text())
+        tree = parse(path)
         for func in ast.walk(tree):
             if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue

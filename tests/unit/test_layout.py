@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grimp
 
+from tests.unit.sources import parse
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pipeline"
 MODULE_MAX_LINES = 300  # lines per module, docstring included
@@ -27,7 +29,7 @@ LAZY_IMPORT_WINGS = ("cli",)  # a command imports what it runs (uvicorn, Flower)
 
 def modules() -> Iterator[tuple[Path, ast.Module]]:
     for path in sorted(PACKAGE.rglob("*.py")):
-        yield path, ast.parse(path.read_text(), filename=str(path))
+        yield path, parse(path)
 
 
 def cycles(edges: Mapping[str, Set[str]]) -> list[list[str]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -29,10 +30,10 @@ CONCURRENCY = 8
 SOFT_S, HARD_S = 2.0, 3.0  # IO_TIER's soft_time_limit_s and time_limit_s
 
 
-@pytest.fixture(scope="module", params=["threads", "gevent"])
-def stack(request: pytest.FixtureRequest, redis_url: str,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    pool = request.param
+@contextmanager
+def io_stack(pool: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+             ) -> Iterator[Stack]:
+    """One ``io`` tier worker on ``pool``, with the io handlers loaded."""
     tmp = tmp_path_factory.mktemp(f"limits-{pool}")
     prefix = f"limits-{pool}-"
     config = write_config(tmp / "pipeline.toml", prefix=prefix, extra=IO_TIER.format(
@@ -48,8 +49,18 @@ def stack(request: pytest.FixtureRequest, redis_url: str,
         s.stop()
 
 
-def pool_of(stack: Stack) -> str:
-    return stack.rt.settings.tier("io").pool
+@pytest.fixture(scope="module")
+def threads_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+                  ) -> Iterator[Stack]:
+    with io_stack("threads", redis_url, tmp_path_factory) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gevent_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory,
+                 ) -> Iterator[Stack]:
+    with io_stack("gevent", redis_url, tmp_path_factory) as s:
+        yield s
 
 
 def io_log(stack: Stack) -> str:
@@ -57,10 +68,9 @@ def io_log(stack: Stack) -> str:
 
 
 def test_a_threads_worker_lets_a_sync_handler_run_past_its_hard_limit_and_settles_it_once(
-    stack: Stack,
+    threads_stack: Stack,
 ) -> None:
-    if pool_of(stack) != "threads":
-        pytest.skip("threads: gevent ends the wait at the hard limit (the next test)")
+    stack = threads_stack
     sent_at = time.monotonic()
     result = stack.publish("io.sleep", tier="io", payload={"s": HARD_S + 1.5})
     event_id = str(result.id)
@@ -75,10 +85,9 @@ def test_a_threads_worker_lets_a_sync_handler_run_past_its_hard_limit_and_settle
 
 
 def test_a_gevent_worker_ends_a_waiting_sync_handler_at_its_hard_limit_then_dead_letters_it(
-    stack: Stack,
+    gevent_stack: Stack,
 ) -> None:
-    if pool_of(stack) != "gevent":
-        pytest.skip("gevent: the thread pool enforces no limit (the test before)")
+    stack = gevent_stack
     sent_at = time.monotonic()
     result = stack.publish("io.sleep", tier="io", payload={"s": 60})
     event_id = str(result.id)
@@ -100,15 +109,13 @@ def test_a_gevent_worker_ends_a_waiting_sync_handler_at_its_hard_limit_then_dead
 
 
 def test_a_restored_delivery_of_a_try_running_here_past_its_hard_limit_is_not_run_again(
-    stack: Stack,
+    threads_stack: Stack,
 ) -> None:
     """A message restored (a connection loss, say) while its handler still runs in this
     process past ``time_limit_s`` + the recheck margin: the second delivery finds the
     try's running mark old enough to be judged lost; it must see that a thread of its
     own process runs it, and wait instead of running it again."""
-    if pool_of(stack) != "threads":
-        pytest.skip("threads: only there does a handler outlive its hard limit in a "
-                    "process that goes on taking messages")
+    stack = threads_stack
     run_s = HARD_S + RECHECK_MARGIN_S + 2.5
     event = {"id": str(uuid.uuid4()), "type": "io.sleep", "source": "tests",
              "payload": {"s": run_s}}

@@ -23,7 +23,7 @@ from kombu import Exchange, Queue
 
 from pipeline.config.discovery import DEFAULT_STATE_DIR, STACK_PID_KEY, StaleStack, adopt_stack
 from pipeline.config.load import Settings, check_settings, load_settings
-from pipeline.core import logs
+from pipeline.core import logs, softlimit
 from pipeline.core.redisurl import redact
 from pipeline.dlq import sealing
 from pipeline.dlq.dlx import tier_queue_arguments
@@ -158,6 +158,7 @@ def attach(celery: Celery, settings: Settings | None = None) -> Celery:
     celery.steps["consumer"].add(StateWatchStep)  # RabbitMQ: no reject loop while state is down
     metrics.install()  # task and publish metrics from signals (prefork: multiprocess mode)
     logs.install()  # event fields on every log line of a running task
+    softlimit.install()  # prefork soft time limits interrupt handlers only
     bind(celery, settings)
     return celery
 

@@ -22,9 +22,10 @@ Either way the coroutine runs in a copy of the attempt's context (its
 (the tier's ``soft_time_limit_s``), failing the attempt with
 ``SoftTimeLimitExceeded`` (retried as any failure). That bound holds under every
 pool, which is what a thread or gevent pool cannot give a synchronous handler.
-Nothing of an attempt outlives it: tasks it left running (or a coroutine a prefork
-soft time limit interrupted) are cancelled with their loop, and the thread's next
-async handler gets a new one.
+Prefork's own soft limit (a signal, :mod:`pipeline.core.softlimit`) does the same:
+it expires the deadline at once instead of raising inside the loop. Nothing of an
+attempt outlives it: tasks it left running are cancelled with their loop, and the
+thread's next async handler gets a new one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from pipeline.core import softlimit
 from pipeline.core.pools import green
 
 __all__ = ["run"]
@@ -48,17 +50,24 @@ _local = threading.local()  # the calling thread's runner (prefork, threads)
 
 def run(coro: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
     """Run ``coro`` to completion on this thread's loop, cancelled at ``timeout_s``."""
-    bounded = _bounded(coro, timeout_s)
+    deadline = _Deadline(timeout_s)
+    bounded = deadline.bound(coro)
     context = contextvars.copy_context()
     if green():
         return _run_on_shared_loop(bounded, context)
     runner: asyncio.Runner | None = getattr(_local, "runner", None)
     if runner is None:
         runner = _local.runner = asyncio.Runner()
+    loop = runner.get_loop()
+
+    def on_soft_limit() -> None:  # a prefork soft limit: the deadline, now; not the loop
+        loop.call_soon_threadsafe(deadline.expire)
+
     try:
-        return runner.run(bounded, context=context)
+        with softlimit.interruptible(on_soft_limit):
+            return runner.run(bounded, context=context)
     finally:
-        if asyncio.all_tasks(runner.get_loop()):  # left running: cancel, start a new loop
+        if asyncio.all_tasks(loop):  # left running: cancel, start a new loop
             _local.runner = None
             runner.close()
 
@@ -113,13 +122,35 @@ def _settle_future(task: asyncio.Task[Any], done: concurrent.futures.Future[Any]
         done.set_result(task.result())
 
 
-async def _bounded(coro: Coroutine[Any, Any, Any], timeout_s: float | None) -> Any:
-    deadline = asyncio.timeout(timeout_s)
-    try:
-        async with deadline:
-            return await coro
-    except TimeoutError as exc:
-        if not deadline.expired():  # the handler's own TimeoutError: not ours
-            raise
-        raise SoftTimeLimitExceeded(
-            f"async handler cancelled at the soft time limit ({timeout_s:g}s)") from exc
+class _Deadline:
+    """An attempt's bound: ``timeout_s`` after its coroutine starts, or sooner when
+    :meth:`expire` is called on the loop (a prefork soft limit, :mod:`softlimit`)."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.timeout_s = timeout_s
+        self._timeout: asyncio.Timeout | None = None  # while the coroutine runs
+        self._expired_early = False  # expired before the coroutine started
+
+    def expire(self) -> None:
+        """Cancel the coroutine now, as its own deadline would (called on the loop)."""
+        if self._timeout is None:
+            self._expired_early = True
+        elif not self._timeout.expired():
+            self._timeout.reschedule(asyncio.get_running_loop().time())
+
+    async def bound(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        if self._expired_early:
+            coro.close()
+            raise SoftTimeLimitExceeded("async handler not started: past its soft time limit")
+        self._timeout = asyncio.timeout(self.timeout_s)
+        try:
+            async with self._timeout:
+                return await coro
+        except TimeoutError as exc:
+            if not self._timeout.expired():  # the handler's own TimeoutError: not ours
+                raise
+            limit = "" if self.timeout_s is None else f" ({self.timeout_s:g}s)"
+            raise SoftTimeLimitExceeded(
+                f"async handler cancelled at the soft time limit{limit}") from exc
+        finally:
+            self._timeout = None

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from pipeline.core import eventloop
+from pipeline.core import eventloop, softlimit
 from pipeline.core.events import Event
 from pipeline.errors import DuplicateHandler, OutsideHandler, UsageError
 
@@ -71,13 +71,14 @@ class Handler:
     def __call__(self, event: Event, *, timeout_s: float | None = None) -> Any:
         """Run the handler; an async one's coroutine to completion, cancelled at
         ``timeout_s`` (``SoftTimeLimitExceeded``)."""
-        if self.model is None:
-            result = self.func(event)
-        else:
-            result = self.func(event, self.model.model_validate(event.payload))
-        if inspect.iscoroutine(result):
-            return eventloop.run(result, timeout_s)
-        return result
+        with softlimit.interruptible():  # a prefork soft limit raises here, not in a settle
+            if self.model is None:
+                result = self.func(event)
+            else:
+                result = self.func(event, self.model.model_validate(event.payload))
+            if inspect.iscoroutine(result):  # the limit cancels it instead
+                return eventloop.run(result, timeout_s)
+            return result
 
 
 class Registry:

@@ -47,3 +47,10 @@ def sleep_for(event: Event) -> None:
     time.sleep(float(event.payload["s"]))
     _record(f"{event.id}:finished")
     _record(str(event.id))
+
+
+@handler("io.mark", name="io.mark")
+def mark(event: Event) -> None:
+    """Records one effect per attempt: ``<event id>:<attempt>`` (a count above 1 is
+    one attempt run twice)."""
+    _record(f"{event.id}:{current().attempt}")

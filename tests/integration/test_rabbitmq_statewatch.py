@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.local.embedded import EmbeddedServer, start_server
+from pipeline.worker.settle import SETTLE_RETRY_DELAYS_S
 from tests.integration.rabbit import (
     AMQP_URL,
     delete_queues,
@@ -39,10 +40,13 @@ pytestmark = pytest.mark.rabbitmq
 EVENTS = 20  # demo.slow events queued before the outage
 HANDLER_MS = 300  # each takes this long, so most are still queued when the store stops
 OUTAGE_S = 15.0  # how long the state store stays down (the outage)
-# Bounds over the outage (measured here: 0.06 s CPU, 21 lines, 41 KB; before the pause
+IN_FLIGHT = 2  # tries running when the store stops (the standard tier's concurrency)
+# Bounds over the outage (measured here: 0.11 s CPU, 41 lines, 52 KB; before the pause
 # existed, a requeue loop at 170% CPU and ~1,000 traceback lines a second):
 MAX_OUTAGE_CPU_S = 1.5  # worker CPU, main process and pool: 10% of one core
-MAX_OUTAGE_LOG_LINES = 40  # worker log lines: the pause, one per interval, heartbeats
+# worker log lines: each in-flight try's settle retries (in its child until the hard
+# limit, then in on_failure), its time limits; the pause, heartbeats, the retry mover
+MAX_OUTAGE_LOG_LINES = IN_FLIGHT * 2 * (len(SETTLE_RETRY_DELAYS_S) + 3) + 25
 MAX_OUTAGE_LOG_BYTES = 100_000  # ... mostly the tracebacks of the tries that were in flight
 MAX_RECEIPTS = 4  # most deliveries of one message we accept over the whole test
 _RECEIVED = re.compile(r"Task pipeline\.handle(?:\[[^\]]*\])?\[([0-9a-f-]{36})\] received")

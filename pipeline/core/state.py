@@ -58,11 +58,6 @@ class Keys:
         return f"{cls.prefix}done:{task_id}"
 
     @classmethod
-    def breaker_holds(cls, name: str) -> str:
-        """Work deferred while a breaker was open: ``"<retry key>\\n<member>"`` -> due."""
-        return f"{cls.prefix}breaker:{name}:holds"
-
-    @classmethod
     def breaker(cls, name: str) -> str:
         """A downstream's circuit breaker (hash; window buckets under ``<key>:w:``)."""
         return f"{cls.prefix}breaker:{name}"

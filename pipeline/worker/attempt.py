@@ -25,11 +25,9 @@ Every exit after a breaker let the attempt through records or releases it.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pydantic
-import redis
 from billiard.exceptions import WorkerLostError
 
 from pipeline.core.events import Event
@@ -140,8 +138,7 @@ class Attempt(Settling):
                     delay_s = compute_deferral(
                         status.retry_in_s, spread_s=breakers.config(downstream).open_s,
                         deferrals=self.deferrals)
-                    return self.defer(delay_s, f"breaker_open:{downstream}",
-                                      held_by=downstream)
+                    return self.defer(delay_s, f"breaker_open:{downstream}")
                 allowed.append((downstream, status.token))
             if self.batch is not None and not self.started:  # a batch's claim starts
                 self.started = True
@@ -157,24 +154,12 @@ class Attempt(Settling):
                         breakers.record(downstream, ok=False, token=token)
                 return self.failed(exc)
             for downstream, token in allowed:
-                breakers.record(downstream, ok=True, token=token,
-                                on_recovered=functools.partial(self.release_held, downstream))
+                breakers.record(downstream, ok=True, token=token)
             self.settle(Outcome("done"))
             return "succeeded"
         finally:  # every exit gives back a probe slot it did not settle (no-op if it did)
             for downstream, token in allowed:
                 breakers.release(downstream, token)
-
-    def release_held(self, downstream: str) -> None:
-        """``downstream``'s breaker has just closed: the work it deferred is due now."""
-        try:
-            released = self.rt.schedule.release(downstream)
-        except redis.RedisError:
-            log.warning("breaker %s closed; its deferred work runs when due (release "
-                        "failed)", downstream, exc_info=True)
-            return
-        log.info("breaker %s closed: %d deferred tasks are due now", downstream, released,
-                 extra={"downstream": downstream})
 
     def previous_gone(self, begin: Begin) -> bool:
         """Whether the delivery that left ``begin``'s mark can no longer be running."""

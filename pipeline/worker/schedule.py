@@ -64,30 +64,6 @@ return due
 """
 
 
-# Bring work a breaker held back forward to now: every entry of the downstream's holds
-# still scheduled later than now (the mover may have moved it, or a retry of it may
-# have replaced it: then it is only dropped). KEYS: the holds; ARGV: now, limit.
-_RELEASE_LUA = """
-local now = tonumber(ARGV[1])
-local held = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'LIMIT', 0,
-                        tonumber(ARGV[2]))
-local released = 0
-for _, entry in ipairs(held) do
-  local nl = string.find(entry, '\\n', 1, true)
-  local key, member = string.sub(entry, 1, nl - 1), string.sub(entry, nl + 1)
-  local due = redis.call('ZSCORE', key, member)
-  if due and tonumber(due) > now then
-    redis.call('ZADD', key, 'XX', now, member)
-    released = released + 1
-  end
-  redis.call('ZREM', KEYS[1], entry)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {#held, released}
-"""
-RELEASE_CHUNK = 500  # holds released per script call (each call is atomic)
-
-
 class RetrySchedule:
     """Durable schedule of retries, one sorted set per tier queue."""
 
@@ -101,7 +77,6 @@ class RetrySchedule:
                           if atomic_move else None)
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
-        self._release = client.register_script(_RELEASE_LUA)
 
     def entry(self, spec: TaskSpec) -> tuple[str, bytes]:
         """``(sorted set, member)`` that schedules ``spec``: written by the settle step
@@ -117,30 +92,6 @@ class RetrySchedule:
         """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
         key, member = self.entry(spec)
         self._client.zadd(key, {member: due_at})
-
-    def hold(self, downstream: str, key: str, member: bytes, due_at: float) -> None:
-        """Note that the entry ``(key, member)`` waits for ``downstream``'s breaker, so
-        :meth:`release` can bring it forward when the breaker closes. Only a hint: a
-        hold lost (a crash before it is written) leaves the entry due when it was."""
-        holds = Keys.breaker_holds(downstream)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.zremrangebyscore(holds, "-inf", time.time())  # past due: the mover had them
-        pipe.zadd(holds, {key.encode() + b"\n" + member: due_at})
-        pipe.execute()
-
-    def release(self, downstream: str, *, now: float | None = None) -> int:
-        """Make the work held for ``downstream``'s breaker due now (it has just closed
-        after a successful probe); returns how many entries moved forward. The workers'
-        concurrency, not a spread, paces the calls that follow; deferred work keeps
-        queueing one priority step behind fresh events."""
-        now = time.time() if now is None else now
-        released = 0
-        while True:
-            seen, moved = self._release(keys=[Keys.breaker_holds(downstream)],
-                                        args=[now, RELEASE_CHUNK])
-            released += int(moved)
-            if int(seen) < RELEASE_CHUNK:
-                return released
 
     def pending(self, queue: str) -> int:
         return int(self._client.zcard(Keys.retries(queue)))

@@ -96,7 +96,7 @@ def test_soft_limits_at_random_moments_interrupt_only_handlers(
             done = sum(1 for t in task_ids.values() if s.state.exists(Keys.done(t)))
             return done + len(dead())
 
-        wait_for(lambda: settled() >= EVENTS, 120, "every event to settle", 0.5)
+        wait_for(lambda: settled() >= EVENTS, 240, "every event to settle", 0.5)
     finally:
         stop.set()
         sender.join()

@@ -140,45 +140,53 @@ def connect(url: str, transport_options: dict[str, Any] | None = None, *,
 
 
 class _ReplyGuard:
-    """Mixed into a client's connection class: a connection that sent a command
-    whose reply was never read is reconnected before its next command.
+    """Mixed into a client's connection class: notes whether the last command sent on
+    the connection has had its reply read (see :func:`guard_replies`)."""
 
-    An exception raised *into* a thread between a command's send and its reply (a
-    prefork soft time limit in a handler, gevent's hard limit) leaves the reply on
-    the socket, and redis-py returns the connection to its pool as it is: the next
-    command on it, the pipeline's own begin or settle included, reads that stale
-    reply as its own. redis-py already drops a connection interrupted while it
-    sends or reads; this closes the gap between the two."""
-
-    _awaiting_reply = False
+    awaiting_reply = False
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        if self._awaiting_reply:  # the last command's reply never read: interrupted
-            self.disconnect()
         super().send_packed_command(command, check_health)  # type: ignore[misc]
-        self._awaiting_reply = True
+        self.awaiting_reply = True
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             response = super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis.ResponseError:  # an error reply: read all the same
-            self._awaiting_reply = False
+            self.awaiting_reply = False
             raise
-        self._awaiting_reply = False
+        self.awaiting_reply = False
         return response
 
     def disconnect(self, *args: Any) -> None:
-        self._awaiting_reply = False
+        self.awaiting_reply = False
         super().disconnect(*args)  # type: ignore[misc]
 
 
 def guard_replies(client: redis.Redis) -> redis.Redis:
-    """``client``, its connections guarded by :class:`_ReplyGuard` (before it has
-    made any)."""
+    """``client``, whose pool closes a connection handed back with a reply unread.
+
+    An exception raised *into* a thread between a command's send and its reply (a
+    prefork soft time limit in a handler, gevent's hard limit) leaves the reply on
+    the socket, and redis-py returns the connection to its pool as it is: the next
+    command on it, the pipeline's own begin or settle included, would read that stale
+    reply as its own. redis-py already drops a connection interrupted while it sends
+    or reads; this closes the gap between the two. (A connection held for pipelined
+    sends, as the settle stream's, may send again before reading: only its return
+    to the pool is checked.)"""
     pool = client.connection_pool
     base = pool.connection_class
-    if not issubclass(base, _ReplyGuard):
-        pool.connection_class = type(f"Guarded{base.__name__}", (_ReplyGuard, base), {})
+    if issubclass(base, _ReplyGuard):
+        return client
+    pool.connection_class = type(f"Guarded{base.__name__}", (_ReplyGuard, base), {})
+    release = pool.release
+
+    def release_read(connection: Any) -> None:
+        if getattr(connection, "awaiting_reply", False):
+            connection.disconnect()
+        release(connection)
+
+    pool.release = release_read  # type: ignore[method-assign]
     return client
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,9 +32,11 @@ WORKER_READY_TIMEOUT_S = 30.0  # a worker that is not ready by then fails the te
 SERVER_READY_TIMEOUT_S = 30.0  # an exporter or Flower not answering by then fails the test
 T = TypeVar("T")
 
+IO_MODULES = ("pipeline.demo", "tests.integration.io_handlers")  # handlers of the pool tests
+
 # A test config: fast retries, short limits, demo handlers loaded.
 FAST_TOML = """
-handler_modules = ["pipeline.demo"]
+handler_modules = {modules}
 default_tier = "standard"
 broker_visibility_timeout_s = {vt}
 retry_poll_interval_s = 0.1
@@ -224,11 +227,13 @@ class Stack:
 
 
 def write_config(path: Path, *, prefix: str = "", vt: float = 30.0, soft: float = 4.0,
-                 hard: float = 5.0, budget: float = 0.0, extra: str = "") -> Path:
+                 hard: float = 5.0, budget: float = 0.0, extra: str = "",
+                 handler_modules: Sequence[str] = ("pipeline.demo",)) -> Path:
     """The test config; ``budget`` is the tiers' retry_budget_ratio (0: off, so tests that
-    fail many events on purpose are not throttled by it)."""
-    path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard, budget=budget)
-                    + extra)
+    fail many events on purpose are not throttled by it); ``handler_modules`` are the
+    modules the workers import for their handlers."""
+    path.write_text(FAST_TOML.format(prefix=prefix, vt=vt, soft=soft, hard=hard, budget=budget,
+                                     modules=json.dumps(list(handler_modules))) + extra)
     return path
 
 def descendants(pid: int) -> set[int]:

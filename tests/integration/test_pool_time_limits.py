@@ -23,7 +23,7 @@ from pipeline.core.retry import Reason
 from pipeline.core.state import Keys
 from pipeline.messages.taskids import task_id_for
 from pipeline.worker.trystate import RECHECK_MARGIN_S
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import IO_MODULES, Stack, wait_for, write_config
 from tests.integration.test_pools import IO_TIER
 
 CONCURRENCY = 8
@@ -37,10 +37,8 @@ def io_stack(pool: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
     tmp = tmp_path_factory.mktemp(f"limits-{pool}")
     prefix = f"limits-{pool}-"
     config = write_config(tmp / "pipeline.toml", prefix=prefix, extra=IO_TIER.format(
-        prefix=prefix, pool=pool, concurrency=CONCURRENCY))
-    config.write_text(config.read_text().replace(
-        'handler_modules = ["pipeline.demo"]',
-        'handler_modules = ["pipeline.demo", "tests.integration.io_handlers"]'))
+        prefix=prefix, pool=pool, concurrency=CONCURRENCY),
+        handler_modules=IO_MODULES)
     s = Stack(redis_url, config, tmp)
     try:
         s.start_worker("io")

@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from pipeline.core.retry import Reason
 from pipeline.messages.taskids import task_id_for
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import IO_MODULES, Stack, wait_for, write_config
 
 IO_TIER = """
 [tiers.io]
@@ -40,10 +40,8 @@ def stack(request: pytest.FixtureRequest, redis_url: str,
     pool = request.param
     tmp = tmp_path_factory.mktemp(f"pool-{pool}")
     config = write_config(tmp / "pipeline.toml", prefix=f"{pool}-", extra=IO_TIER.format(
-        prefix=f"{pool}-", pool=pool, concurrency=CONCURRENCY[pool]))
-    config.write_text(config.read_text().replace(
-        'handler_modules = ["pipeline.demo"]',
-        'handler_modules = ["pipeline.demo", "tests.integration.io_handlers"]'))
+        prefix=f"{pool}-", pool=pool, concurrency=CONCURRENCY[pool]),
+        handler_modules=IO_MODULES)
     metrics_dir = tmp / "metrics"
     metrics_dir.mkdir()
     s = Stack(redis_url, config, tmp, env_extra={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})

@@ -85,9 +85,6 @@ def test_rabbitmq_worker_pauses_while_the_state_store_is_down_and_loses_nothing(
     server = state_server[0]
     prefix = new_prefix()
     config = rabbit_config(tmp_path / "pipeline.toml", prefix)
-    config.write_text(config.read_text().replace(
-        'handler_modules = ["pipeline.demo"]',
-        'handler_modules = ["pipeline.demo"]'))
     stack = Stack(AMQP_URL, config, tmp_path, env_extra={"PIPELINE_STATE_URL": server.url})
     try:
         worker = stack.start_worker("standard")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from pipeline.core.state import Keys
-from tests.integration.support import Stack, Worker, wait_for, write_config
+from tests.integration.support import IO_MODULES, Stack, Worker, wait_for, write_config
 
 TIERS = """
 [tiers.single]
@@ -51,10 +51,8 @@ def stack(request: pytest.FixtureRequest, redis_url: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     tier = request.param
     tmp = tmp_path_factory.mktemp(f"softsig-{tier}")
-    config = write_config(tmp / "pipeline.toml", prefix="sig-", extra=TIERS)
-    config.write_text(config.read_text().replace(
-        'handler_modules = ["pipeline.demo"]',
-        'handler_modules = ["pipeline.demo", "tests.integration.io_handlers"]'))
+    config = write_config(tmp / "pipeline.toml", prefix="sig-", extra=TIERS,
+                          handler_modules=IO_MODULES)
     s = Stack(redis_url, config, tmp)
     try:
         s.start_worker(tier)

@@ -78,8 +78,9 @@ class TierConfig(BaseModel):
     slo_s: Annotated[float, Field(gt=0)] = 300.0
     #: retry budget: retries per window stay under this fraction of first attempts
     #: (retries beyond it are deferred, not dropped, not counted); `0` = no budget.
-    #: A steady failure rate p needs p/(1-p) retries per first attempt: 0.5 lets up
-    #: to a third of calls fail without delay and caps an outage's retries at half.
+    #: A retry that succeeds gives its charge back, so the budget holds back retries
+    #: that keep failing, not a recovered downstream's backlog: 0.5 lets up to half
+    #: of all calls fail without delay and caps an outage's retries at half.
     retry_budget_ratio: Annotated[float, Field(ge=0, le=10)] = 0.5
     #: retries always admitted per window, however few first attempts there were
     #: (10/s over the default window, Finagle's minimum): once traffic ebbs, the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pipeline.core.state import Keys
 from pipeline.worker.ledger import (
     BEGIN_LUA,
     RUNNING_TTL_S,
@@ -45,17 +46,21 @@ end
 return out
 """)
 
-# KEYS: settled mark, running mark, done mark[, the next try's running mark].
-# ARGV: settled ttl_s, done ttl_s[, the next try's token, running ttl_s].
-# Returns {settled (1/0), started (1/0; -1: no next try)}.
+# KEYS: settled mark, running mark, done mark, the next try's running mark, the retry
+#       budget bucket a retry's success gives its charge back to (KEYS[1] when unused).
+# ARGV: settled ttl_s, done ttl_s, the next try's token ('': none), running ttl_s,
+#       the budget bucket's ttl_s ('0': not a retry). Returns {settled (1/0), started
+#       (1/0; -1: no next try)}.
 _DONE_THEN_START_LUA = (
     "local function settle(KEYS, ARGV)\n" + SETTLE_LUA + "\nend\n"
     "local function start(KEYS, ARGV)\n" + START_LUA + "\nend\n"
     """
-local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[1]},
-                       {'done', ARGV[1], ARGV[2], '0', '', '0'})
+local budget = nil
+if ARGV[5] ~= '0' then budget = KEYS[5] end
+local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[1], budget},
+                       {'done', ARGV[1], ARGV[2], '0', '', '0', '', '', '', ARGV[5]})
 local started = -1
-if #KEYS == 4 then started = start({KEYS[4]}, {ARGV[3], ARGV[4]}) end
+if ARGV[3] ~= '' then started = start({KEYS[4]}, {ARGV[3], ARGV[4]}) end
 return {settled, started}
 """)
 
@@ -106,11 +111,13 @@ class BatchLedger:
 
     def _done_call(self, t: Try, following: Try | None, redo: Callable[[], object]) -> Call:
         task_id, key, _ = t.ids
-        skeys, sargs = self.ledger.settle_call(task_id, key, Outcome("done"))
-        keys, args = skeys[:3], [SETTLED_TTL_S, sargs[2]]
+        skeys, sargs = self.ledger.settle_call(task_id, key, Outcome("done"), budget=t)
+        refund = len(skeys) > 4  # a retry's success: its budget bucket and the bucket's ttl
+        keys = [*skeys[:3], skeys[0], skeys[4] if refund else skeys[0]]
+        args: list[object] = [SETTLED_TTL_S, sargs[2], "", RUNNING_TTL_S,
+                              sargs[-1] if refund else 0]
         if following is not None:
             next_task, next_key, next_token = following.ids
-            keys.append(self.ledger.running_key(next_task, next_key))
-            args += [next_token, RUNNING_TTL_S]
+            keys[3], args[2] = Keys.running(next_task, next_key), next_token
         return Call(self._done_then_start, keys, args, what=f"settle {task_id} {key}",
                     redo=redo)

@@ -37,6 +37,7 @@ Only after it returns does Celery acknowledge the message.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -47,112 +48,16 @@ import redis
 
 from pipeline.core.state import Keys
 from pipeline.core.tiers import TierConfig
-from pipeline.dlq.scripts import INDEX_LUA
+from pipeline.worker.ledgerscripts import BEGIN_LUA, SETTLE_LUA, START_LUA, TAKE_OVER_LUA
 
-__all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try", "try_key",
-           "verdict"]
+__all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try",
+           "budget_bucket", "try_key", "verdict"]
 
 RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
 SETTLED_TTL_S = 24 * 3600  # a settled try's mark outlives any redelivery of its message
 BUDGET_BUCKETS = 10  # a retry budget's window is counted in this many time buckets
 
 Verdict = Literal["run", "done", "settled", "lost", "over_budget"]
-
-# KEYS: done mark, settled mark, running mark, budget key prefix
-# ARGV: now, attempt, budget on (1/0), ratio, min per window, window_s, buckets, ttl_s,
-#       token, "<host> <pid>", pending (1/0). The running mark is
-#       "<token> <host> <pid> <server time>", "~<token> ..." while pending (claimed by a
-#       batch, not started); 'lost' returns it with its age in seconds by the server's clock.
-BEGIN_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'done'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'settled'} end
-local t = redis.call('TIME')
-local server_now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local cur = redis.call('GET', KEYS[3])
-if cur then
-  if string.sub(cur, 1, #ARGV[9] + 1) == ARGV[9] .. ' '
-     or string.sub(cur, 1, #ARGV[9] + 2) == '~' .. ARGV[9] .. ' ' then return {'run'} end
-  local began = tonumber(string.match(cur, '(%S+)$')) or 0
-  return {'lost', cur, tostring(server_now - began)}
-end
-if ARGV[3] == '1' then
-  local now, attempt = tonumber(ARGV[1]), tonumber(ARGV[2])
-  local window, buckets = tonumber(ARGV[6]), tonumber(ARGV[7])
-  local b = math.floor(now / (window / buckets))
-  local bkey = KEYS[4] .. b
-  if attempt == 1 then
-    redis.call('HINCRBY', bkey, 'first', 1)
-  else
-    local first, retried = 0, 0
-    for i = 0, buckets - 1 do
-      local c = redis.call('HMGET', KEYS[4] .. (b - i), 'first', 'retry')
-      first = first + (tonumber(c[1]) or 0)
-      retried = retried + (tonumber(c[2]) or 0)
-    end
-    if retried >= math.max(tonumber(ARGV[5]), tonumber(ARGV[4]) * first) then
-      redis.call('INCR', KEYS[4] .. 'exhausted')
-      return {'over_budget'}
-    end
-    redis.call('HINCRBY', bkey, 'retry', 1)
-  end
-  redis.call('EXPIRE', bkey, math.ceil(window * 2))
-end
-local mark = ARGV[9] .. ' ' .. ARGV[10] .. ' ' .. string.format('%.3f', server_now)
-if ARGV[11] == '1' then mark = '~' .. mark end
-redis.call('SET', KEYS[3], mark, 'EX', tonumber(ARGV[8]))
-return {'run'}
-"""
-
-# A pending try whose batch was lost before it started: clear the mark left behind
-# (if still that one) and begin afresh. KEYS, ARGV: the begin's, then the expected mark.
-TAKE_OVER_LUA = (
-    "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
-    "if redis.call('GET', KEYS[3]) == ARGV[12] then redis.call('DEL', KEYS[3]) end\n"
-    "return begin(KEYS, ARGV)\n"
-)
-
-# A batch starts a pending try: "~<token> ..." becomes "<token> ...". KEYS: running mark.
-# ARGV: token, ttl_s. Returns 0 when the mark is not this delivery's pending one.
-START_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if not cur or string.sub(cur, 1, #ARGV[1] + 2) ~= '~' .. ARGV[1] .. ' ' then return 0 end
-redis.call('SET', KEYS[1], string.sub(cur, 2), 'EX', tonumber(ARGV[2]))
-return 1
-"""
-
-# KEYS: settled mark, running mark, done mark, target (schedule zset or DLQ list)
-# ARGV: kind (done|schedule|push|none; recheck: schedule, leave the try unsettled),
-#       settled ttl_s, done ttl_s, only if running (1/0: began and not merely pending),
-#       member or message, score, push: DLQ index prefix ('' = none), index meta, group message
-SETTLE_LUA = INDEX_LUA + """
-local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
-  return 0
-end
-if ARGV[4] == '1' then
-  local cur = redis.call('GET', KEYS[2])
-  if not cur or string.sub(cur, 1, 1) == '~' then return 0 end
-end
-if kind == 'recheck' then
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
-  return 1
-end
-if kind == 'done' then
-  if done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
-elseif kind == 'schedule' then
-  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[5])
-elseif kind == 'push' then
-  redis.call('LPUSH', KEYS[4], ARGV[5])
-  if ARGV[7] ~= '' then ix_add(ARGV[7], ARGV[8], ARGV[9]) end
-end
-if kind ~= 'done' or done_ttl == 0 then
-  redis.call('SET', KEYS[1], kind, 'EX', tonumber(ARGV[2]))
-end
-redis.call('DEL', KEYS[2])
-return 1
-"""
-
 
 
 def try_key(attempt: int, deferrals: int = 0, lineage: str = "") -> str:
@@ -237,27 +142,31 @@ class Ledger:
         keys, args = self.begin_call(t)
         return verdict(self._take_over(keys=keys, args=[*args, expected]))
 
-    def running_key(self, task_id: str, key: str) -> str:
-        return Keys.running(task_id, key)
-
     def start_call(self, t: Try) -> tuple[list[str], list[Any]]:
         """Keys and args of the start script for a pending try of a batch."""
         task_id, key, token = t.ids
         return [Keys.running(task_id, key)], [token, RUNNING_TTL_S]
 
     def settle_call(self, task_id: str, key: str, outcome: Outcome,
-                    only_if_running: bool = False) -> tuple[list[str], list[Any]]:
+                    only_if_running: bool = False,
+                    budget: Try | None = None) -> tuple[list[str], list[Any]]:
         """Keys and args of the settle script (:meth:`settle`)."""
-        return ([Keys.settled(task_id, key), Keys.running(task_id, key),
-                 self._done_key(task_id), outcome.target or Keys.settled(task_id, key)],
-                [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
-                 outcome.value, outcome.score, *outcome.index])
+        settled = Keys.settled(task_id, key)
+        keys = [settled, Keys.running(task_id, key), self._done_key(task_id),
+                outcome.target or settled]
+        args = [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
+                outcome.value, outcome.score, *outcome.index]
+        if outcome.kind == "done" and budget is not None and budget.refunds:
+            keys.append(budget_bucket(budget.tier_name, budget.tier, time.time()))
+            args.append(math.ceil(budget.tier.retry_budget_window_s * 2))
+        return keys, args
 
     def settle(self, task_id: str, key: str, outcome: Outcome, *,
-               only_if_running: bool = False) -> bool:
+               only_if_running: bool = False, budget: Try | None = None) -> bool:
         """Write ``outcome`` and mark the try settled; False if it had settled already
-        (or, ``only_if_running``, had not started)."""
-        keys, args = self.settle_call(task_id, key, outcome, only_if_running)
+        (or, ``only_if_running``, had not started). A retry's success (``budget``: its
+        try) gives its retry-budget charge back."""
+        keys, args = self.settle_call(task_id, key, outcome, only_if_running, budget)
         return bool(self.settle_script(keys=keys, args=args))
 
     def budget_exhausted_total(self, tier_name: str) -> int:
@@ -273,6 +182,18 @@ class Try:
     tier_name: str
     tier: TierConfig
     charged: bool
+
+    @property
+    def refunds(self) -> bool:
+        """Whether this try's success gives a retry-budget charge back (a retry)."""
+        return self.attempt > 1 and self.tier.retry_budget_ratio > 0
+
+
+def budget_bucket(tier_name: str, tier: TierConfig, now: float) -> str:
+    """The retry budget's bucket of ``tier_name`` that counts at ``now`` (the begin
+    script derives the same names)."""
+    return Keys.retry_budget(tier_name) + str(
+        math.floor(now / (tier.retry_budget_window_s / BUDGET_BUCKETS)))
 
 
 def verdict(reply: list[Any]) -> Begin:

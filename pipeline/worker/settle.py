@@ -64,7 +64,8 @@ class Settling(TryState):
         for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
             try:
                 self.settled_now = self.rt.ledger.settle(
-                    self.task_id, self.key, outcome, only_if_running=self.only_if_running)
+                    self.task_id, self.key, outcome, only_if_running=self.only_if_running,
+                    budget=self.as_try())
                 return self.settled_now
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 if pause_s is None:

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from pipeline.core.tiers import TierConfig
+from pipeline.worker.batchledger import BatchLedger
 from pipeline.worker.ledger import Ledger, Outcome, Try, try_key
 
 TIER = TierConfig(retry_budget_ratio=0.5, retry_budget_min=1, retry_budget_window_s=60)
@@ -22,12 +23,14 @@ def ledger(redis_url: str) -> Iterator[tuple[Ledger, str]]:
 
 
 def _runs(led: Ledger, tier: str, task: str, attempt: int, *, deferrals: int = 0,
-          charged: bool = False) -> bool:
-    """Begin one try; True if it may run (admitted), settled at once as deferred."""
+          charged: bool = False, outcome: str = "none") -> bool:
+    """Begin one try; True if it may run (admitted), settled at once with ``outcome``
+    (``none``: deferred or failed)."""
     key = try_key(attempt, deferrals)
-    begin = led.begin(Try((task, key, uuid.uuid4().hex), attempt, tier, TIER, charged))
+    t = Try((task, key, uuid.uuid4().hex), attempt, tier, TIER, charged)
+    begin = led.begin(t)
     if begin.verdict == "run":
-        led.settle(task, key, Outcome("none"))
+        led.settle(task, key, Outcome(outcome), budget=t)  # type: ignore[arg-type]
     return begin.verdict == "run"
 
 
@@ -63,3 +66,38 @@ def test_a_deferred_first_attempt_counts_again_when_it_re_runs(
     # 4 first attempts in the window: ratio 0.5 admits 2 retries, 1 already spent
     assert _runs(led, tier, str(uuid.uuid4()), 2)
     assert not _runs(led, tier, str(uuid.uuid4()), 2)
+
+
+def test_a_retry_that_succeeds_gives_its_charge_back(ledger: tuple[Ledger, str]) -> None:
+    led, tier = ledger
+    for _ in range(5):  # each succeeds: the minimum of 1 is never spent
+        assert _runs(led, tier, str(uuid.uuid4()), 2, outcome="done")
+    assert _runs(led, tier, str(uuid.uuid4()), 2)  # fails: its charge stays
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)
+    assert led.budget_exhausted_total(tier) == 1
+
+
+def test_a_first_attempt_success_and_a_second_settle_give_nothing_back(
+    ledger: tuple[Ledger, str],
+) -> None:
+    led, tier = ledger
+    assert _runs(led, tier, str(uuid.uuid4()), 1, outcome="done")  # not a retry: no charge
+    task = str(uuid.uuid4())
+    assert _runs(led, tier, task, 2)  # the minimum spent
+    assert not led.settle(task, try_key(2), Outcome("done"),  # settled already: no refund
+                          budget=Try((task, try_key(2), "x"), 2, tier, TIER, False))
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)
+
+
+def test_a_batched_retry_that_succeeds_gives_its_charge_back(
+    ledger: tuple[Ledger, str],
+) -> None:
+    led, tier = ledger
+    batch = BatchLedger(led)
+    tries = [Try((str(uuid.uuid4()), try_key(2), uuid.uuid4().hex), 2, tier, TIER, False)
+             for _ in range(2)]
+    assert [b.verdict for b in batch.begin_many(tries)] == ["run", "over_budget"]
+    batch.start(tries[0])
+    batch.settle_done(tries[0], None, redo=lambda: None)
+    assert [r for what, r in batch.close() if what.startswith("settle")] == [[1, -1]]
+    assert _runs(led, tier, str(uuid.uuid4()), 2)  # the success gave the minimum back

@@ -66,6 +66,7 @@ def _one_class(items: list[Sent], seen: Observed, *, t0: float, outage: tuple[fl
     counts = dict.fromkeys(OUTCOMES, 0)
     latency: list[float] = []
     outside: list[float] = []
+    slowest: list[tuple[float, float, int]] = []  # outside the outage: (latency, sent at, calls)
     buckets: dict[int, list[float]] = defaultdict(list)
     calls: list[int] = []
     for s in items:
@@ -78,6 +79,7 @@ def _one_class(items: list[Sent], seen: Observed, *, t0: float, outage: tuple[fl
         latency.append(lat)
         if not outage[0] <= s.at < outage[1]:
             outside.append(lat)
+            slowest.append((lat, s.at - t0, seen.calls.get(s.event_id, 0)))
         buckets[int((s.at - t0) // bucket_s)].append(lat)
     n = len(items)
     lost = counts["failed_logged"] + (counts["unsettled"] if seen.broker_holds == 0 else 0)
@@ -92,7 +94,12 @@ def _one_class(items: list[Sent], seen: Observed, *, t0: float, outage: tuple[fl
         "latency_s": {"p50": percentile(latency, 0.5), "p99": percentile(latency, 0.99),
                       "max": max(latency, default=float("nan"))},
         "latency_s_outside_outage": {"p50": percentile(outside, 0.5),
-                                     "p99": percentile(outside, 0.99), "n": len(outside)},
+                                     "p99": percentile(outside, 0.99), "n": len(outside),
+                                     # the p99 and what is above it: which events miss, why
+                                     "slowest": [{"latency_s": lat, "sent_at_s": at,
+                                                  "calls": c} for lat, at, c in
+                                                 sorted(slowest, reverse=True)[
+                                                     :len(outside) // 100 + 1]]},
         # [bucket start s since t0, p50 s, p99 s, events delivered]
         "timeline": [[k * bucket_s, percentile(v, 0.5), percentile(v, 0.99), len(v)]
                      for k, v in sorted(buckets.items())],

@@ -41,6 +41,8 @@ def breaker_open(name: str) -> None:
 @breaker.command("close")
 @click.argument("name")
 def breaker_close(name: str) -> None:
-    """Lift any override and reset NAME to closed."""
-    runtime().breakers.force(name, None)
-    click.echo(f"{name}: closed")
+    """Lift any override and reset NAME to closed; the work it deferred is due now."""
+    rt = runtime()
+    rt.breakers.force(name, None)
+    released = rt.schedule.release(name)
+    click.echo(f"{name}: closed; {released} deferred task(s) due now")

@@ -58,6 +58,12 @@ class Keys:
         return f"{cls.prefix}done:{task_id}"
 
     @classmethod
+    def breaker_holds(cls, name: str) -> str:
+        """Tasks deferred while a breaker was open: task id -> accepted at (sorted set);
+        ``<key>:entries`` maps each to its ``"<retry key>\\n<member>"`` (hash)."""
+        return f"{cls.prefix}breaker:{name}:holds"
+
+    @classmethod
     def breaker(cls, name: str) -> str:
         """A downstream's circuit breaker (hash; window buckets under ``<key>:w:``)."""
         return f"{cls.prefix}breaker:{name}"

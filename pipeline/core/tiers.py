@@ -88,10 +88,10 @@ class TierConfig(BaseModel):
     retry_budget_min: Annotated[int, Field(ge=0)] = 100
     #: sliding window of the retry budget.
     retry_budget_window_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
-    #: retried and deferred work goes one priority step behind fresh events of the
-    #: same priority, so a backlog an outage leaves does not delay new events (Redis
-    #: brokers; RabbitMQ keeps the event's priority). It can wait while fresh work
-    #: fills the tier; deferrals still expire at `max_defer_age_s`.
+    #: retried work goes one priority step behind fresh events of the same priority
+    #: and deferred work two, so a backlog an outage leaves delays neither new events
+    #: nor their retries (Redis brokers; RabbitMQ keeps the event's priority). It can
+    #: wait while fresh work fills the tier; deferrals still expire at `max_defer_age_s`.
     retries_yield: bool = True
     #: deferred work (breaker open, over budget, handler asked) older than this,
     #: counted from acceptance, is dead-lettered as `expired`.

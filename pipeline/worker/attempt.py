@@ -25,9 +25,11 @@ Every exit after a breaker let the attempt through records or releases it.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pydantic
+import redis
 from billiard.exceptions import WorkerLostError
 
 from pipeline.core.events import Event
@@ -138,7 +140,8 @@ class Attempt(Settling):
                     delay_s = compute_deferral(
                         status.retry_in_s, spread_s=breakers.config(downstream).open_s,
                         deferrals=self.deferrals)
-                    return self.defer(delay_s, f"breaker_open:{downstream}")
+                    return self.defer(delay_s, f"breaker_open:{downstream}",
+                                      held_by=downstream)
                 allowed.append((downstream, status.token))
             if self.batch is not None and not self.started:  # a batch's claim starts
                 self.started = True
@@ -154,12 +157,24 @@ class Attempt(Settling):
                         breakers.record(downstream, ok=False, token=token)
                 return self.failed(exc)
             for downstream, token in allowed:
-                breakers.record(downstream, ok=True, token=token)
+                breakers.record(downstream, ok=True, token=token,
+                                on_recovered=functools.partial(self.release_held, downstream))
             self.settle(Outcome("done"))
             return "succeeded"
         finally:  # every exit gives back a probe slot it did not settle (no-op if it did)
             for downstream, token in allowed:
                 breakers.release(downstream, token)
+
+    def release_held(self, downstream: str) -> None:
+        """``downstream``'s breaker has just closed: the work it deferred is due now."""
+        try:
+            released = self.rt.schedule.release(downstream)
+        except redis.RedisError:
+            log.warning("breaker %s closed; its deferred work runs when due (release "
+                        "failed)", downstream, exc_info=True)
+            return
+        log.info("breaker %s closed: %d deferred tasks are due now", downstream, released,
+                 extra={"downstream": downstream})
 
     def previous_gone(self, begin: Begin) -> bool:
         """Whether the delivery that left ``begin``'s mark can no longer be running."""

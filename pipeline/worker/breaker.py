@@ -13,6 +13,8 @@ it returns or raises, the outcome is recorded. States:
 * ``half_open``: after the cool-down up to ``half_open_probes`` calls go through;
   a success closes the breaker with an empty window (the failures that opened it
   would otherwise reopen it on the next ordinary failure), a failure opens it again.
+  The work it deferred is then made due at once (``on_recovered``, the retry
+  schedule's ``release``) instead of waiting out its deferral.
 
 Each probe holds a *lease*: a member of the sorted set ``<key>:probes`` scored by
 its expiry. :meth:`Breakers.allow` returns its token; :meth:`Breakers.record`
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +101,7 @@ if st == 'half_open' then
     redis.call('DEL', leases)
     -- a fresh window: the failures that opened it must not reopen it on the next one
     for i = 0, buckets do redis.call('DEL', key .. ':w:' .. (b - i)) end
-    return 'closed'
+    return 'recovered'
   end
   redis.call('HSET', key, 'state', 'open', 'opened_at', now)
   redis.call('DEL', leases)
@@ -171,16 +174,22 @@ class Breakers:
                              _text(granted[0]) if granted else None)
 
     def record(self, name: str, ok: bool, *, now: float | None = None,
-               token: str | None = None) -> str:
+               token: str | None = None,
+               on_recovered: Callable[[], object] | None = None) -> str:
         """Count one call's outcome and release its probe lease ``token`` (if any);
         returns the state after it. A half-open outcome closes or reopens the breaker,
-        which voids every lease."""
+        which voids every lease; ``on_recovered`` is called when this outcome closed it
+        (exactly one caller sees that transition)."""
         cfg = self.config(name)
-        state = self._record(
+        state = _text(self._record(
             keys=[Keys.breaker(name), Keys.breaker_probes(name)],
             args=[now or time.time(), int(ok), cfg.window_s, cfg.min_calls, cfg.failure_ratio,
-                  cfg.consecutive_failures, WINDOW_BUCKETS, token or ""])
-        return _text(state)
+                  cfg.consecutive_failures, WINDOW_BUCKETS, token or ""]))
+        if state == "recovered":
+            if on_recovered is not None:
+                on_recovered()
+            return "closed"
+        return state
 
     def release(self, name: str, token: str | None) -> bool:
         """Give back a probe's slot without an outcome (allowed, but the call was not

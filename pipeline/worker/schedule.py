@@ -64,6 +64,35 @@ return due
 """
 
 
+# Bring the work a breaker held back forward, newest first: each held task (KEYS[1],
+# task id -> accepted at) whose entry (KEYS[2], task id -> "<retry key>\n<member>") is
+# still scheduled later than now becomes due, the newest accepted with the smallest
+# score, so the mover queues it first. An entry the mover moved already (or that a
+# retry of its task replaced) is only forgotten. ARGV: now, limit, rank of the first.
+_RELEASE_LUA = """
+local now, rank = tonumber(ARGV[1]), tonumber(ARGV[3])
+local held = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local released = 0
+for _, task in ipairs(held) do
+  local entry = redis.call('HGET', KEYS[2], task)
+  if entry then
+    local nl = string.find(entry, '\\n', 1, true)
+    local key, member = string.sub(entry, 1, nl - 1), string.sub(entry, nl + 1)
+    local due = redis.call('ZSCORE', key, member)
+    if due and tonumber(due) > now then
+      redis.call('ZADD', key, 'XX', now - 2 + math.min(rank + released, 100000) * 1e-5, member)
+      released = released + 1
+    end
+  end
+  redis.call('ZREM', KEYS[1], task)
+  redis.call('HDEL', KEYS[2], task)
+end
+return {#held, released}
+"""
+RELEASE_CHUNK = 500  # holds released per script call (each call is atomic)
+HOLDS_TTL_S = 7 * 24 * 3600  # a breaker's holds outlive any outage it is still open for
+
+
 class RetrySchedule:
     """Durable schedule of retries, one sorted set per tier queue."""
 
@@ -77,6 +106,7 @@ class RetrySchedule:
                           if atomic_move else None)
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
 
     def entry(self, spec: TaskSpec) -> tuple[str, bytes]:
         """``(sorted set, member)`` that schedules ``spec``: written by the settle step
@@ -92,6 +122,37 @@ class RetrySchedule:
         """Schedule ``spec`` to be enqueued at ``due_at`` (epoch seconds)."""
         key, member = self.entry(spec)
         self._client.zadd(key, {member: due_at})
+
+    def hold(self, downstream: str, task_id: str, entry: tuple[str, bytes],
+             accepted_at: float) -> None:
+        """Note that ``task_id``'s schedule ``entry`` waits for ``downstream``'s breaker,
+        so :meth:`release` can bring it forward when the breaker closes. Only a hint: a
+        hold lost (a crash before it is written) leaves the entry due when it was. One
+        per task (its latest deferral), so the holds stay as large as the backlog."""
+        holds = Keys.breaker_holds(downstream)
+        key, member = entry
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zadd(holds, {task_id: accepted_at})
+        pipe.hset(holds + ":entries", task_id, key.encode() + b"\n" + member)
+        for name in (holds, holds + ":entries"):  # an abandoned breaker's holds go
+            pipe.expire(name, HOLDS_TTL_S)
+        pipe.execute()
+
+    def release(self, downstream: str, *, now: float | None = None) -> int:
+        """Make the work held for ``downstream``'s breaker due now (it has just closed
+        after a successful probe), the latest accepted first: after an outage that is
+        the work still within its SLO, the rest has missed it either way. Returns how
+        many entries moved forward. The workers' concurrency, not a spread, paces the
+        calls that follow; deferred work keeps queueing behind fresh events."""
+        now = time.time() if now is None else now
+        holds = Keys.breaker_holds(downstream)
+        released = 0
+        while True:
+            seen, moved = self._release(keys=[holds, holds + ":entries"],
+                                        args=[now, RELEASE_CHUNK, released])
+            released += int(moved)
+            if int(seen) < RELEASE_CHUNK:
+                return released
 
     def pending(self, queue: str) -> int:
         return int(self._client.zcard(Keys.retries(queue)))

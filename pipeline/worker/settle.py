@@ -75,14 +75,24 @@ class Settling(TryState):
                 time.sleep(pause_s)
         raise AssertionError("unreachable")
 
-    def schedule(self, spec: TaskSpec, due_at: float) -> bool:
+    def schedule(self, spec: TaskSpec, due_at: float, *, held_by: str | None = None) -> bool:
         spec.enqueued_at = due_at  # its queue wait starts when it is due
         key, member = self.rt.schedule.entry(spec)
-        return self.settle(Outcome("schedule", key, member, due_at))
+        settled = self.settle(Outcome("schedule", key, member, due_at))
+        if settled and held_by is not None:
+            try:  # a hint for the breaker's recovery: without it the entry is due as set
+                self.rt.schedule.hold(held_by, self.task_id, (key, member),
+                                      self.accepted_at or time.time())
+            except redis.RedisError as exc:
+                log.warning("could not note task %s as held by breaker %s (%s); it runs "
+                            "when due", self.task_id, held_by, exc)
+        return settled
 
-    def defer(self, delay_s: float, why: str) -> str:
+    def defer(self, delay_s: float, why: str, *, held_by: str | None = None) -> str:
         """Run this same attempt again later: no attempt is consumed. Past the tier's
-        ``max_defer_age_s`` (counted from acceptance) the work is dead-lettered."""
+        ``max_defer_age_s`` (counted from acceptance) the work is dead-lettered.
+        ``held_by``: the downstream whose open breaker defers it; its recovery makes
+        the work due at once."""
         tier = self.rt.settings.tier(self.tier)
         now = time.time()
         age_s = now - (self.accepted_at or now)
@@ -92,11 +102,11 @@ class Settling(TryState):
                 f"deferred ({why}) for {age_s:.0f}s, past the tier's max_defer_age_s "
                 f"of {tier.max_defer_age_s:g}s", "")
         spec = self.next_spec(attempt=self.attempt, deferrals=self.deferrals + 1,
-                              priority=self.requeue_priority(),
+                              priority=self.requeue_priority(deferral=True),
                               first_failed_at=self.first_failed_at)
         if why != "retry_budget":  # past the budget check: its re-run is not charged again
             spec.kwargs["budget_charged"] = True
-        if self.schedule(spec, now + delay_s):
+        if self.schedule(spec, now + delay_s, held_by=held_by):
             log.info("event %s handler %s deferred %.2fs (%s)", self.event.get("id"),
                      self.handler, delay_s, why,
                      extra=attempt_fields(self, outcome="deferred", why=why))

@@ -85,15 +85,16 @@ class TryState:
         spec.kwargs.update({k: v for k, v in extra.items() if v})
         return spec
 
-    def requeue_priority(self) -> int | None:
-        """The message priority of this event's retry or deferral: one step behind
-        fresh events of its priority when the tier's ``retries_yield`` (Redis,
-        where kombu serves priority 0 first; on RabbitMQ the event's own)."""
+    def requeue_priority(self, *, deferral: bool = False) -> int | None:
+        """The message priority of this event's retry (one step behind fresh events
+        of its priority) or deferral (two: behind retries too) when the tier's
+        ``retries_yield`` (Redis, where kombu serves priority 0 first; on RabbitMQ the
+        event's own)."""
         own = self.event.get("priority")
         if not (self.rt.settings.broker_is_redis
                 and self.rt.settings.tier(self.tier).retries_yield):
             return own if isinstance(own, int) else None
-        return min(int(own or 0) + 1, MAX_PRIORITY)
+        return min(int(own or 0) + (2 if deferral else 1), MAX_PRIORITY)
 
     def longest_run_s(self) -> float:
         """How long a delivery of this try can run before its hard time limit kills it

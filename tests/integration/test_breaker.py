@@ -93,3 +93,17 @@ def test_manual_override_forces_and_close_resets(breakers: tuple[Breakers, str])
     assert b.status(name)["state"] == "forced_open"
     b.force(name, None)
     assert b.allow(name).state == "closed"
+
+
+def test_only_the_outcome_that_closes_it_is_told_of_the_recovery(
+    breakers: tuple[Breakers, str],
+) -> None:
+    b, name = breakers
+    told: list[str] = []
+    for i in range(3):
+        b.record(name, ok=False, now=100.0 + i, on_recovered=lambda: told.append("no"))
+    assert b.allow(name, now=108.0).state == "half_open"
+    assert b.record(name, ok=True, now=108.2, on_recovered=lambda: told.append("yes")) == "closed"
+    assert b.record(name, ok=True, now=108.3, on_recovered=lambda: told.append("again")) \
+        == "closed"
+    assert told == ["yes"]

@@ -179,3 +179,22 @@ def test_pipeline_up_runs_a_broker_and_tier_workers_and_leaves_nothing_behind(
     time.sleep(0.2)
     leftovers = [pid for pid in processes if alive(pid)]
     assert leftovers == [], f"processes left behind: {leftovers}"
+
+
+def test_breaker_close_releases_the_work_the_forced_open_breaker_deferred(
+    stack: Stack,
+) -> None:
+    assert run_cli(stack, "breaker", "open", "demo-api").returncode == 0
+    try:
+        event = stack.publish("demo.flaky", payload={"fail_rate": 0.0})
+        wait_for(lambda: stack.state.zcard(Keys.breaker_holds("demo-api")) >= 1, 10,
+                 "the deferral to be held")
+        (entry,) = stack.state.hvals(Keys.breaker_holds("demo-api") + ":entries")
+        key, member = bytes(entry).split(b"\n", 1)  # the deferral's schedule entry
+        due_s = float(stack.state.zscore(key, member) or 0) - time.time()
+        assert due_s > 5  # the default demo-api breaker: open_s 10, spread on top
+    finally:
+        closed = run_cli(stack, "breaker", "close", "demo-api")
+    assert closed.returncode == 0, closed.stderr
+    assert "1 deferred task(s) due now" in closed.stdout
+    stack.wait_effect(str(event.id), timeout_s=5)  # not the 5+ s it was deferred for

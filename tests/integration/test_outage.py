@@ -144,7 +144,7 @@ def test_forced_open_breaker_defers_without_calling(stack: Stack) -> None:
     stack.wait_effect(str(event.id), timeout_s=30)
 
 
-def test_deferred_work_queues_one_priority_step_behind_fresh_events(stack: Stack) -> None:
+def test_deferred_work_queues_two_priority_steps_behind_fresh_events(stack: Stack) -> None:
     stack.rt.breakers.force(DEMO_DOWNSTREAM, "open")
     try:
         events = [stack.publish("demo.flaky", payload={"fail_rate": 0.0}, priority=p)
@@ -162,9 +162,10 @@ def test_deferred_work_queues_one_priority_step_behind_fresh_events(stack: Stack
         lists = wait_for(lambda: len(scheduled_lists()) == 3 and scheduled_lists(), 10,
                          "three deferrals")
         # kombu serves a Redis queue's priority 0 first: fresh events of the same
-        # priority go ahead of the backlog; 9 is already the last sub-queue
+        # priority, then retries (one step), go ahead of the deferred backlog (two);
+        # 9 is already the last sub-queue
         assert [lists[str(e.id)] for e in events] == [
-            b"standard\x06\x161", b"standard\x06\x165", b"standard\x06\x169"]
+            b"standard\x06\x162", b"standard\x06\x166", b"standard\x06\x169"]
     finally:
         stack.rt.breakers.force(DEMO_DOWNSTREAM, None)
     for event in events:

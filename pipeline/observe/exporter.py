@@ -5,13 +5,17 @@ A scrape returns two things. The recorded metrics: with
 workers' pool processes write there); otherwise this process's own registry.
 And the broker-side gauges, read fresh on each scrape by :class:`BrokerCollector`
 through :func:`pipeline.observe.gauges.read_snapshot` (one round trip). A broker that
-does not answer gives ``pipeline_broker_up 0`` instead of a failed scrape.
+does not answer gives ``pipeline_broker_up 0`` instead of a failed scrape, and a
+metrics file a killed process left half-made (empty: prometheus_client creates it,
+then sizes it) is skipped with a warning instead of failing every scrape after it.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -151,6 +155,36 @@ class BrokerCollector(Collector):
         yield from (state, opened, exhausted, events)
 
 
+MMAP_HEADER_BYTES = 8  # a prometheus_client metrics file starts with its used size (+ pad)
+
+
+class _ProcessFiles(Collector):
+    """Every process's metrics files in ``path``, as prometheus_client's multiprocess
+    collector merges them, less any file too short to hold its header: one that a
+    process killed between creating and sizing it left empty. prometheus_client would
+    raise on it at every scrape, and Prometheus would see the whole target down."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._skipped: set[str] = set()  # warned about once each
+
+    def collect(self) -> Iterator[Metric]:
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            try:
+                size = os.path.getsize(name)
+            except FileNotFoundError:  # a dead process's file removed since the glob
+                continue
+            if size >= MMAP_HEADER_BYTES:
+                files.append(name)
+            elif name not in self._skipped:
+                self._skipped.add(name)
+                log.warning("metrics file %s is empty (its process was killed while "
+                            "creating it); skipped", name)
+        merged = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        yield from merged
+
+
 class _ThisProcess(Collector):
     """This process's default registry (ingest counters of a single-process API)."""
 
@@ -162,8 +196,9 @@ def build_registry(runtime: Runtime | None) -> CollectorRegistry:
     """Recorded metrics (multiprocess files, else this process) plus, given a
     ``runtime``, the broker gauges."""
     registry = CollectorRegistry(auto_describe=False)
-    if multiprocess_dir():
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    path = multiprocess_dir()
+    if path:
+        registry.register(_ProcessFiles(path))
     else:
         registry.register(_ThisProcess())
     if runtime is not None:

@@ -27,6 +27,9 @@ from pipeline.app import create_app
 from pipeline.config.load import load_settings
 from pipeline.worker.runtime import runtime_for
 
+# issue 14: the batched tier stays >= 25x stock Celery per worker (events/s, medians)
+TARGET_RATIO = 25.0
+
 
 def drain(argv: list[str], env: dict[str, str], url: str, queue: str, log: Path) -> float:
     """Start a worker, return seconds from ready to the queue drained and acked."""
@@ -91,12 +94,12 @@ def main(argv: list[str]) -> int:
     ratio = med["batched_tier"] / med["stock_noop"]
     print(f"\nmedian events/s per worker (-c {args.concurrency}): stock no-op "
           f"{med['stock_noop']:,.0f}, batched tier (batch_size {args.batch_size}) "
-          f"{med['batched_tier']:,.0f}: {ratio:.1f}x (target >= 10x)")
+          f"{med['batched_tier']:,.0f}: {ratio:.1f}x (target >= {TARGET_RATIO:g}x)")
     path = write_results("batch", {"stock_events": args.stock_events,
                                    "batch_events": args.batch_events,
                                    "batch_size": args.batch_size,
                                    "concurrency": args.concurrency, "repeats": args.repeats,
                                    "events_per_s_median": med, "ratio": ratio,
-                                   "target_ratio": 10.0, "events_per_s": rates})
+                                   "target_ratio": TARGET_RATIO, "events_per_s": rates})
     print(f"results: {path}")
     return 0

@@ -34,7 +34,7 @@ def test_a_begin_resent_by_the_same_delivery_runs_and_another_delivery_finds_it_
     assert lost.verdict == "lost"
     assert lost.previous.startswith("a ")
     assert lost.previous_process[1] > 0
-    assert 0 <= lost.age_s < 5
+    assert -0.001 <= lost.age_s < 5  # the mark keeps the server time to the millisecond, rounded
 
 
 def test_settle_is_idempotent_and_a_redelivery_of_a_settled_try_is_not_run(

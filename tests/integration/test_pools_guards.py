@@ -115,8 +115,10 @@ def test_a_burst_of_failures_is_held_to_the_retry_budget(stack: Stack) -> None:
     time.sleep(3)
     made = calls(stack, "demo.fail") - before
     # Without a budget: 300 x 3 attempts in well under 3 s. With it: firsts, <= 20%
-    # of them and the minimum per window, and what was in flight when it ran out.
-    assert made <= BURST_EVENTS * 1.2 + 2 * 3 + CONCURRENCY, made
+    # of them and the minimum per window, and what was in flight when it ran out; plus
+    # the charges the previous test's successful retries gave back in this window
+    # (at most the attempts that failed before its breaker opened).
+    assert made <= BURST_EVENTS * 1.2 + 2 * 3 + CONCURRENCY + (CONCURRENCY + 5), made
     assert stack.rt.ledger.budget_exhausted_total("guarded") > exhausted_before
     assert stack.state.zcard(Keys.retries(stack.rt.settings.tier("guarded").queue)) > 0
 

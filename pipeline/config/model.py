@@ -50,7 +50,8 @@ class BreakerConfig(BaseModel):
     window_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
     #: cool-down: how long an open breaker stays open before it lets probes through.
     open_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
-    #: calls let through while half-open.
+    #: calls let through at once while half-open. The first success closes the breaker;
+    #: it opens again only when this many probes failed (a failed probe frees its slot).
     half_open_probes: Annotated[int, Field(ge=1, le=1000)] = 2
     #: how long a half-open probe holds its slot when its outcome is never recorded (its
     #: worker was killed, it hit its hard time limit); then the slot is reclaimed. Keep it

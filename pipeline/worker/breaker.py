@@ -10,10 +10,13 @@ it returns or raises, the outcome is recorded. States:
 * ``open``: for ``open_s`` no call is made: the task is *deferred* to the retry
   schedule without consuming an attempt, so an outage burns neither retries nor
   DLQ records.
-* ``half_open``: after the cool-down up to ``half_open_probes`` calls go through;
-  a success closes the breaker with an empty window (the failures that opened it
-  would otherwise reopen it on the next ordinary failure), a failure opens it again.
-  The work it deferred is then made due at once (``on_recovered``, the retry
+* ``half_open``: after the cool-down up to ``half_open_probes`` calls go through at
+  once; the first success closes the breaker with an empty window (the failures that
+  opened it would otherwise reopen it on the next ordinary failure). The probes are
+  judged as a group: the breaker opens again only when ``half_open_probes`` of them
+  failed, so one ordinary failure of a downstream that is back (one in five, say)
+  does not cost another whole cool-down. A failed probe frees its slot for the next.
+  The work it deferred is made due at once on the close (``on_recovered``, the retry
   schedule's ``release``) instead of waiting out its deferral.
 
 Each probe holds a *lease*: a member of the sorted set ``<key>:probes`` scored by
@@ -69,7 +72,7 @@ local st = redis.call('HGET', key, 'state') or 'closed'
 if st == 'open' then
   local since = now - tonumber(redis.call('HGET', key, 'opened_at') or now)
   if since < open_s then return {0, 'open', tostring(open_s - since)} end
-  redis.call('HSET', key, 'state', 'half_open')
+  redis.call('HSET', key, 'state', 'half_open', 'probe_fails', 0)
   redis.call('DEL', leases)
   st = 'half_open'
 end
@@ -85,11 +88,13 @@ return {1, st, '0'}
 """
 
 # KEYS: the breaker's hash, its probe leases
-# ARGV: now, ok (1/0), window_s, min_calls, failure_ratio, consecutive_max, buckets, token
+# ARGV: now, ok (1/0), window_s, min_calls, failure_ratio, consecutive_max, buckets, token,
+#       half_open_probes
 _RECORD_LUA = """
 local key, leases, now, ok = KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2] == '1'
 local window, min_calls, ratio = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local consecutive_max, buckets, token = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local probes = tonumber(ARGV[9])
 if token ~= '' then redis.call('ZREM', leases, token) end
 local st = redis.call('HGET', key, 'state') or 'closed'
 if redis.call('HGET', key, 'forced') then return st end
@@ -103,6 +108,8 @@ if st == 'half_open' then
     for i = 0, buckets do redis.call('DEL', key .. ':w:' .. (b - i)) end
     return 'recovered'
   end
+  -- the probes are judged together: reopen once all of them failed
+  if redis.call('HINCRBY', key, 'probe_fails', 1) < probes then return 'half_open' end
   redis.call('HSET', key, 'state', 'open', 'opened_at', now)
   redis.call('DEL', leases)
   redis.call('HINCRBY', key, 'opened_total', 1)
@@ -184,7 +191,8 @@ class Breakers:
         state = _text(self._record(
             keys=[Keys.breaker(name), Keys.breaker_probes(name)],
             args=[now or time.time(), int(ok), cfg.window_s, cfg.min_calls, cfg.failure_ratio,
-                  cfg.consecutive_failures, WINDOW_BUCKETS, token or ""]))
+                  cfg.consecutive_failures, WINDOW_BUCKETS, token or "",
+                  cfg.half_open_probes]))
         if state == "recovered":
             if on_recovered is not None:
                 on_recovered()

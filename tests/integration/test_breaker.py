@@ -107,3 +107,39 @@ def test_only_the_outcome_that_closes_it_is_told_of_the_recovery(
     assert b.record(name, ok=True, now=108.3, on_recovered=lambda: told.append("again")) \
         == "closed"
     assert told == ["yes"]
+
+
+def test_probes_are_judged_together_one_failure_among_them_does_not_reopen(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    b = Breakers(client, {name: CFG.model_copy(update={"half_open_probes": 3})})
+    for i in range(3):
+        b.record(name, ok=False, now=100.0 + i)
+    probes = [b.allow(name, now=108.0 + i / 10) for i in range(3)]
+    assert [p.retry_in_s for p in probes] == [0, 0, 0]
+    assert b.allow(name, now=108.4).retry_in_s > 0  # three at once, no more
+    assert b.record(name, ok=False, now=108.5, token=probes[0].token) == "half_open"
+    refill = b.allow(name, now=108.6)  # a failed probe frees its slot for the next
+    assert refill.retry_in_s == 0
+    assert b.record(name, ok=True, now=108.7, token=probes[1].token) == "closed"
+    client.close()
+
+
+def test_every_probe_failing_opens_it_again_and_a_new_half_open_counts_afresh(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    name = f"api-{uuid.uuid4().hex[:6]}"
+    b = Breakers(client, {name: CFG.model_copy(update={"half_open_probes": 2})})
+    for i in range(3):
+        b.record(name, ok=False, now=100.0 + i)
+    first, second = b.allow(name, now=108.0), b.allow(name, now=108.1)
+    assert b.record(name, ok=False, now=108.2, token=first.token) == "half_open"
+    assert b.record(name, ok=False, now=108.3, token=second.token) == "open"
+    assert b.allow(name, now=110.0).retry_in_s == pytest.approx(3.3)
+    # The next half-open period starts with no failed probe: one failure is not enough.
+    again = b.allow(name, now=113.4)
+    assert b.record(name, ok=False, now=113.5, token=again.token) == "half_open"
+    client.close()

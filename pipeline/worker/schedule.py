@@ -89,6 +89,29 @@ for _, task in ipairs(held) do
 end
 return {#held, released}
 """
+
+# Hold a deferred task's entry for its breaker's release (KEYS: holds, entries, the
+# breaker's hash; ARGV: task id, accepted at, "<retry key>\n<member>", ttl_s, now),
+# unless the breaker is closed by now: then it closed after the deferral and its
+# release may have run already, so the entry is made due at once. Returns 1 if held.
+_HOLD_LUA = """
+local forced = redis.call('HGET', KEYS[3], 'forced')
+local st = redis.call('HGET', KEYS[3], 'state') or 'closed'
+if forced == 'closed' or (not forced and st == 'closed') then
+  local nl = string.find(ARGV[3], '\\n', 1, true)
+  local key, member = string.sub(ARGV[3], 1, nl - 1), string.sub(ARGV[3], nl + 1)
+  local due = redis.call('ZSCORE', key, member)
+  if due and tonumber(due) > tonumber(ARGV[5]) then
+    redis.call('ZADD', key, 'XX', tonumber(ARGV[5]), member)
+  end
+  return 0
+end
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+return 1
+"""
 RELEASE_CHUNK = 500  # holds released per script call (each call is atomic)
 HOLDS_TTL_S = 7 * 24 * 3600  # a breaker's holds outlive any outage it is still open for
 
@@ -107,6 +130,7 @@ class RetrySchedule:
         self._move = client.register_script(_MOVE_DUE_LUA)
         self._lease = client.register_script(_LEASE_DUE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self._hold = client.register_script(_HOLD_LUA)
 
     def entry(self, spec: TaskSpec) -> tuple[str, bytes]:
         """``(sorted set, member)`` that schedules ``spec``: written by the settle step
@@ -124,19 +148,19 @@ class RetrySchedule:
         self._client.zadd(key, {member: due_at})
 
     def hold(self, downstream: str, task_id: str, entry: tuple[str, bytes],
-             accepted_at: float) -> None:
+             accepted_at: float, *, now: float | None = None) -> bool:
         """Note that ``task_id``'s schedule ``entry`` waits for ``downstream``'s breaker,
-        so :meth:`release` can bring it forward when the breaker closes. Only a hint: a
-        hold lost (a crash before it is written) leaves the entry due when it was. One
-        per task (its latest deferral), so the holds stay as large as the backlog."""
+        so :meth:`release` can bring it forward when the breaker closes; if it has
+        closed since the work was deferred (its release may be over), the entry is made
+        due now instead. Only a hint: a hold lost (a crash before it is written) leaves
+        the entry due when it was. One per task (its latest deferral), so the holds stay
+        as large as the backlog. Returns whether it was held."""
         holds = Keys.breaker_holds(downstream)
         key, member = entry
-        pipe = self._client.pipeline(transaction=False)
-        pipe.zadd(holds, {task_id: accepted_at})
-        pipe.hset(holds + ":entries", task_id, key.encode() + b"\n" + member)
-        for name in (holds, holds + ":entries"):  # an abandoned breaker's holds go
-            pipe.expire(name, HOLDS_TTL_S)
-        pipe.execute()
+        return bool(self._hold(
+            keys=[holds, holds + ":entries", Keys.breaker(downstream)],
+            args=[task_id, accepted_at, key.encode() + b"\n" + member, HOLDS_TTL_S,
+                  time.time() if now is None else now]))
 
     def release(self, downstream: str, *, now: float | None = None) -> int:
         """Make the work held for ``downstream``'s breaker due now (it has just closed

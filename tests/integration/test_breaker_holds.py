@@ -23,7 +23,9 @@ NOW = time.time() + 3600  # "now" for release: an hour ahead of the clock the ho
 def schedule(redis_url: str) -> Iterator[tuple[RetrySchedule, redis.Redis, str]]:
     client = redis.Redis.from_url(redis_url)
     app = create_app(load_settings(None, broker_url=redis_url), main="holds-test")
-    yield RetrySchedule(app, client, atomic_move=True), client, f"api-{uuid.uuid4().hex[:6]}"
+    downstream = f"api-{uuid.uuid4().hex[:6]}"
+    client.hset(Keys.breaker(downstream), "state", "open")  # work is held while it is
+    yield RetrySchedule(app, client, atomic_move=True), client, downstream
     client.close()
 
 
@@ -113,6 +115,28 @@ def test_a_hold_for_another_downstream_is_not_released(
 ) -> None:
     s, client, downstream = schedule
     key = Keys.retries(f"q-{downstream}")
+    client.hset(Keys.breaker(downstream + "-other"), "state", "open")
     scheduled(client, key, b"other", NOW + 30, s, downstream + "-other")
     assert s.release(downstream, now=NOW) == 0
     assert client.zscore(key, b"other") == NOW + 30
+
+
+@pytest.mark.parametrize("closed_by", ["probe", "operator"])
+def test_work_deferred_just_before_the_breaker_closed_is_due_at_once_not_held(
+    schedule: tuple[RetrySchedule, redis.Redis, str], closed_by: str,
+) -> None:
+    s, client, downstream = schedule
+    key = Keys.retries(f"q-{downstream}")
+    client.zadd(key, {b"early": NOW + 30})
+    assert s.hold(downstream, "early", (key, b"early"), time.time(), now=NOW) is True
+    # the breaker closes and releases its holds; then the settle of a deferral its
+    # half-open state (or the forced open) decided a moment before writes its hold
+    if closed_by == "probe":
+        client.hset(Keys.breaker(downstream), "state", "closed")
+    else:
+        client.hset(Keys.breaker(downstream), "forced", "closed")
+    assert s.release(downstream, now=NOW) == 1
+    client.zadd(key, {b"late": NOW + 30})
+    assert s.hold(downstream, "late", (key, b"late"), time.time(), now=NOW) is False
+    assert client.zscore(key, b"late") == NOW  # due now: no release is coming for it
+    assert client.zcard(Keys.breaker_holds(downstream)) == 0

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import pydantic
-import redis
 from billiard.exceptions import WorkerLostError
 
 from pipeline.core.events import Event
@@ -63,20 +63,27 @@ class Attempt(Settling):
             LIVE_CLAIMS.discard(self.token)
 
     def _run(self) -> str:
-        begin = self.begin()
+        checked = self.check()  # no I/O: what the begin asks the breakers depends on it
+        begin = self.begin(checked[1] if isinstance(checked, tuple) else None)
         skipped = self.skip(begin)
         if skipped is not None:  # done, settled, lost or over the budget: not run now
             return skipped
-        checked = self.check()
-        if isinstance(checked, str):  # settled without running (dead letter, fan-out)
-            return checked
+        if not isinstance(checked, tuple):  # settled without running (dead letter, fan-out)
+            return checked()
         event, entry = checked
-        return self.invoke(event, entry)
+        return self.invoke(event, entry, begin)
 
-    def begin(self) -> Begin:
-        """This try's begin (a batch's was done for all its tries); a claim pending in
-        a batch whose delivery is gone is taken over."""
-        begin = self.begun or self.rt.ledger.begin(self.as_try())
+    def begin(self, entry: Handler | None = None) -> Begin:
+        """This try's begin (a batch's was done for all its tries), asking ``entry``'s
+        breakers in the same script; a claim pending in a batch whose delivery is gone
+        is taken over."""
+        if self.begun is not None:
+            begin = self.begun
+        else:
+            gates = None if entry is None or not entry.downstreams else [
+                self.rt.breakers.allow_call(d, token=self.breaker_token(d))
+                for d in entry.downstreams]
+            begin = self.rt.ledger.begin(self.as_try(), gates)
         if begin.verdict == "lost" and begin.pending and self.previous_gone(begin):
             begin = self.rt.ledger.take_over(self.as_try(), begin.previous)
         return begin
@@ -100,49 +107,54 @@ class Attempt(Settling):
                                                deferrals=self.deferrals), "retry_budget")
         return None
 
-    def check(self) -> tuple[Event, Handler] | str:
-        """The event and its handler, or the outcome when they cannot run together: the
-        envelope or payload invalid, no such handler, or the event fanned out."""
+    def check(self) -> tuple[Event, Handler] | Callable[[], str]:
+        """The event and its handler, or (when they cannot run together: the envelope
+        or payload invalid, no such handler, the event to fan out) the step that settles
+        the try instead, to take once the begin lets it."""
         try:
             event = Event.model_validate(self.event)
         except pydantic.ValidationError as exc:
-            return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+            return functools.partial(self.dead_letter_exc, Reason.INVALID_PAYLOAD, exc)
         if not self.handler:
-            return self.fan_out(event)
+            return functools.partial(self.fan_out, event)
         entry = registry.get(self.handler)
         if entry is None:
-            return self.dead_letter(Reason.NO_HANDLER, "LookupError",
-                                    f"no handler named {self.handler!r} on this worker", "")
+            return functools.partial(self.dead_letter, Reason.NO_HANDLER, "LookupError",
+                                     f"no handler named {self.handler!r} on this worker", "")
         if not entry.handles(event.type):  # a crafted DLQ record or a task applied by hand
-            return self.dead_letter(Reason.INVALID_PAYLOAD, "TypeError",
-                                    f"handler {self.handler!r} handles {entry.pattern!r}, not "
-                                    f"event type {event.type!r}; not run", "")
+            return functools.partial(
+                self.dead_letter, Reason.INVALID_PAYLOAD, "TypeError",
+                f"handler {self.handler!r} handles {entry.pattern!r}, not event type "
+                f"{event.type!r}; not run", "")
         if entry.model is not None:
             try:
                 entry.model.model_validate(event.payload)
             except pydantic.ValidationError as exc:
-                return self.dead_letter_exc(Reason.INVALID_PAYLOAD, exc)
+                return functools.partial(self.dead_letter_exc, Reason.INVALID_PAYLOAD, exc)
         return event, entry
 
-    def invoke(self, event: Event, entry: Handler) -> str:
+    def invoke(self, event: Event, entry: Handler, begin: Begin) -> str:
         """Past the downstreams' breakers (else deferred), the handler on ``event``,
-        then its outcome settled and the breakers told."""
+        then its outcome settled, the breakers told in the same script."""
         tier = self.rt.settings.tier(self.tier)
         ctx = HandlerContext(task_id=self.task_id, handler=self.handler, tier=self.tier,
                              attempt=self.attempt, max_attempts=tier.max_retries + 1,
                              state=self.rt.state)
-        breakers = self.rt.breakers
-        allowed: list[tuple[str, str | None]] = []  # (downstream, probe lease) let through
+        leases: list[tuple[str, str | None]] = []  # let through by a breaker asked here
         try:
-            for downstream in entry.downstreams:
-                status = breakers.allow(downstream, token=self.breaker_token(downstream))
-                if status.retry_in_s > 0:
-                    delay_s = compute_deferral(
-                        status.retry_in_s, spread_s=breakers.config(downstream).open_s,
-                        deferrals=self.deferrals)
-                    return self.defer(delay_s, f"breaker_open:{downstream}",
-                                      held_by=downstream)
-                allowed.append((downstream, status.token))
+            if begin.gated:  # the begin asked them
+                if begin.denied_by:
+                    return self.denied(entry.downstreams[begin.denied_by - 1],
+                                       begin.retry_in_s)
+                allowed = list(entry.downstreams)
+            else:  # a batch's try, or one taken over: asked one by one
+                for downstream in entry.downstreams:
+                    status = self.rt.breakers.allow(downstream,
+                                                    token=self.breaker_token(downstream))
+                    if status.retry_in_s > 0:
+                        return self.denied(downstream, status.retry_in_s)
+                    leases.append((downstream, status.token))
+                allowed = [downstream for downstream, _ in leases]
             if self.batch is not None and not self.started:  # a batch's claim starts
                 self.started = True
                 self.batch.start(self.as_try())
@@ -150,31 +162,40 @@ class Attempt(Settling):
                 with running(ctx):
                     entry(event, timeout_s=tier.soft_time_limit_s)
             except RetryAfter as exc:  # the handler asks for a delay: not a failure
+                self.calls(allowed, None)
                 return self.defer(exc.delay_s, "requested")
             except Exception as exc:
-                if not isinstance(exc, PermanentError):
-                    for downstream, token in allowed:
-                        breakers.record(downstream, ok=False, token=token)
+                self.calls(allowed, None if isinstance(exc, PermanentError) else False)
                 return self.failed(exc)
-            for downstream, token in allowed:
-                breakers.record(downstream, ok=True, token=token,
-                                on_recovered=functools.partial(self.release_held, downstream))
+            self.calls(allowed, True)
             self.settle(Outcome("done"))
             return "succeeded"
         finally:  # every exit gives back a probe slot it did not settle (no-op if it did)
-            for downstream, token in allowed:
-                breakers.release(downstream, token)
+            for downstream, token in leases:
+                self.rt.breakers.release(downstream, token)
+            for downstream, _ in self.records:  # its settle failed: no outcome counted
+                self.rt.breakers.release(downstream, self.breaker_token(downstream))
+            self.records = []
 
-    def release_held(self, downstream: str) -> None:
-        """``downstream``'s breaker has just closed: the work it deferred is due now."""
-        try:
-            released = self.rt.schedule.release(downstream)
-        except redis.RedisError:
-            log.warning("breaker %s closed; its deferred work runs when due (release "
-                        "failed)", downstream, exc_info=True)
+    def calls(self, downstreams: list[str], ok: bool | None) -> None:
+        """The outcome of the handler's calls to ``downstreams`` (None: not counted):
+        recorded by the settle that follows, or (a batch's done settles stream) now."""
+        if self.batch is None:
+            self.records = [(downstream, ok) for downstream in downstreams]
             return
-        log.info("breaker %s closed: %d deferred tasks are due now", downstream, released,
-                 extra={"downstream": downstream})
+        if ok is None:
+            return
+        for downstream in downstreams:
+            self.rt.breakers.record(downstream, ok=ok, token=self.breaker_token(downstream),
+                                    on_recovered=functools.partial(self.release_held,
+                                                                   downstream))
+
+    def denied(self, downstream: str, retry_in_s: float) -> str:
+        """``downstream``'s breaker let no call through: the same attempt, later."""
+        delay_s = compute_deferral(retry_in_s,
+                                   spread_s=self.rt.breakers.config(downstream).open_s,
+                                   deferrals=self.deferrals)
+        return self.defer(delay_s, f"breaker_open:{downstream}", held_by=downstream)
 
     def previous_gone(self, begin: Begin) -> bool:
         """Whether the delivery that left ``begin``'s mark can no longer be running."""

@@ -26,6 +26,11 @@ that never does either (its process was killed, it hit its hard time limit) lose
 its slot when the lease expires: the allow script reclaims expired leases before it
 counts, so a breaker can no longer stay half-open with every slot leaked.
 
+The ledger folds both steps into its own scripts (:mod:`pipeline.worker.ledgerscripts`):
+a try's begin asks its handler's breakers (:meth:`Breakers.allow_call`), its settle
+records the outcome (:meth:`Breakers.record_call`), so a call behind a breaker costs
+no round trip of its own.
+
 ``pipeline breaker open|close NAME`` forces a state until the next ``close``.
 State lives in the pipeline's Redis (the broker itself with a Redis broker; the
 ``state_url`` Redis on RabbitMQ deployments). Each transition is one Lua script.
@@ -44,11 +49,14 @@ import redis
 from pipeline.config.model import BreakerConfig
 from pipeline.core.state import Keys
 
-__all__ = ["BreakerStatus", "Breakers"]
+__all__ = ["ALLOW_LUA", "RECORD_LUA", "BreakerStatus", "Breakers", "ScriptCall"]
 
 WINDOW_BUCKETS = 10  # a breaker's window is counted in this many time buckets
 PROBE_LEASE_MARGIN_S = 30.0  # added to the longest tier time limit to derive probe_lease_s
 DEFAULT_TIME_LIMIT_S = 90.0  # a tier's default time_limit_s: the lease base without tiers
+
+
+ScriptCall = tuple[list[str], list[Any]]  # a script's keys and args
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class BreakerStatus:
 
 # KEYS: the breaker's hash, its probe leases (sorted set: token -> expiry)
 # ARGV: now, open_s, half_open_probes, probe_lease_s, token
-_ALLOW_LUA = """
+ALLOW_LUA = """
 local key, leases = KEYS[1], KEYS[2]
 local now, open_s, probes = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local lease_s, token = tonumber(ARGV[4]), ARGV[5]
@@ -90,7 +98,7 @@ return {1, st, '0'}
 # KEYS: the breaker's hash, its probe leases
 # ARGV: now, ok (1/0), window_s, min_calls, failure_ratio, consecutive_max, buckets, token,
 #       half_open_probes
-_RECORD_LUA = """
+RECORD_LUA = """
 local key, leases, now, ok = KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2] == '1'
 local window, min_calls, ratio = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local consecutive_max, buckets, token = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
@@ -152,8 +160,8 @@ class Breakers:
         self._configs = configs
         self._derived_lease_s = (longest_time_limit_s or DEFAULT_TIME_LIMIT_S) \
             + PROBE_LEASE_MARGIN_S
-        self._allow = client.register_script(_ALLOW_LUA)
-        self._record = client.register_script(_RECORD_LUA)
+        self._allow = client.register_script(ALLOW_LUA)
+        self._record = client.register_script(RECORD_LUA)
 
     def config(self, name: str) -> BreakerConfig:
         return self._configs.get(name) or BreakerConfig()
@@ -172,11 +180,8 @@ class Breakers:
         when the call is not made. ``token`` chooses it (e.g. task id, attempt and
         downstream, so a process other than the caller can settle it); default random.
         """
-        cfg = self.config(name)
-        allowed, state, retry_in, *granted = self._allow(
-            keys=[Keys.breaker(name), Keys.breaker_probes(name)],
-            args=[now or time.time(), cfg.open_s, cfg.half_open_probes,
-                  self.probe_lease_s(name), token or uuid.uuid4().hex])
+        keys, args = self.allow_call(name, token=token or uuid.uuid4().hex, now=now)
+        allowed, state, retry_in, *granted = self._allow(keys=keys, args=args)
         return BreakerStatus(name, _text(state), 0.0 if allowed else float(_text(retry_in)),
                              _text(granted[0]) if granted else None)
 
@@ -187,17 +192,31 @@ class Breakers:
         returns the state after it. A half-open outcome closes or reopens the breaker,
         which voids every lease; ``on_recovered`` is called when this outcome closed it
         (exactly one caller sees that transition)."""
-        cfg = self.config(name)
-        state = _text(self._record(
-            keys=[Keys.breaker(name), Keys.breaker_probes(name)],
-            args=[now or time.time(), int(ok), cfg.window_s, cfg.min_calls, cfg.failure_ratio,
-                  cfg.consecutive_failures, WINDOW_BUCKETS, token or "",
-                  cfg.half_open_probes]))
+        keys, args = self.record_call(name, ok, token=token, now=now)
+        state = _text(self._record(keys=keys, args=args))
         if state == "recovered":
             if on_recovered is not None:
                 on_recovered()
             return "closed"
         return state
+
+    def allow_call(self, name: str, *, token: str, now: float | None = None) -> ScriptCall:
+        """Keys and args of :data:`ALLOW_LUA` for ``name`` (a probe's lease: ``token``)."""
+        cfg = self.config(name)
+        return ([Keys.breaker(name), Keys.breaker_probes(name)],
+                [now or time.time(), cfg.open_s, cfg.half_open_probes,
+                 self.probe_lease_s(name), token])
+
+    def record_call(self, name: str, ok: bool | None, *, token: str | None = None,
+                    now: float | None = None) -> ScriptCall:
+        """Keys and args of :data:`RECORD_LUA`: ``ok`` the call's outcome (``None``: no
+        outcome, only the lease ``token`` given back; the ledger's settle script alone
+        reads that)."""
+        cfg = self.config(name)
+        return ([Keys.breaker(name), Keys.breaker_probes(name)],
+                [now or time.time(), "-" if ok is None else int(ok), cfg.window_s,
+                 cfg.min_calls, cfg.failure_ratio, cfg.consecutive_failures, WINDOW_BUCKETS,
+                 token or "", cfg.half_open_probes])
 
     def release(self, name: str, token: str | None) -> bool:
         """Give back a probe's slot without an outcome (allowed, but the call was not

@@ -41,6 +41,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,7 +49,16 @@ import redis
 
 from pipeline.core.state import Keys
 from pipeline.core.tiers import TierConfig
-from pipeline.worker.ledgerscripts import BEGIN_LUA, SETTLE_LUA, START_LUA, TAKE_OVER_LUA
+from pipeline.worker.breaker import ScriptCall
+from pipeline.worker.ledgerscripts import (
+    BEGIN_ARGS,
+    BEGIN_GATED_LUA,
+    BEGIN_LUA,
+    SETTLE_LUA,
+    SETTLE_RECORDED_LUA,
+    START_LUA,
+    TAKE_OVER_LUA,
+)
 
 __all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try",
            "budget_bucket", "try_key", "verdict"]
@@ -70,6 +80,9 @@ class Begin:
     verdict: Verdict
     previous: str = ""  # lost: the running mark "<token> <host> <pid> <epoch s>" left behind
     age_s: float = 0.0  # lost: how long ago that delivery began
+    gated: bool = False  # run: the handler's breakers were asked in the same script
+    denied_by: int = 0  # gated run: the first downstream (1-based) whose breaker denied
+    retry_in_s: float = 0.0  # denied: how long until that breaker may allow a call
 
     @property
     def pending(self) -> bool:
@@ -103,6 +116,8 @@ class Ledger:
         self._take_over = client.register_script(TAKE_OVER_LUA)
         self.start_script = client.register_script(START_LUA)
         self.settle_script = client.register_script(SETTLE_LUA)
+        self._begin_gated = client.register_script(BEGIN_GATED_LUA)
+        self._settle_recorded = client.register_script(SETTLE_RECORDED_LUA)
         self._host = socket.gethostname()
 
     @property
@@ -122,10 +137,17 @@ class Ledger:
                  t.tier.retry_budget_min, t.tier.retry_budget_window_s, BUDGET_BUCKETS,
                  RUNNING_TTL_S, token, f"{self._host} {os.getpid()}", int(pending)])
 
-    def begin(self, t: Try) -> Begin:
-        """The verdict for one delivery of a try (``t.ids``' token names the delivery)."""
+    def begin(self, t: Try, gates: list[ScriptCall] | None = None) -> Begin:
+        """The verdict for one delivery of a try (``t.ids``' token names the delivery);
+        with ``gates`` (the breakers' allow calls, :meth:`Breakers.allow_call`) a
+        ``run`` also says whether each of them let the call through."""
         keys, args = self.begin_call(t)
-        return verdict(self.begin_script(keys=keys, args=args))
+        if gates is None:
+            return verdict(self.begin_script(keys=keys, args=args))
+        for gate_keys, gate_args in gates:
+            keys, args = [*keys, *gate_keys], [*args, *gate_args]
+        assert len(args) == BEGIN_ARGS + 5 * len(gates)
+        return verdict(self._begin_gated(keys=keys, args=args))
 
     def begin_many(self, tries: list[Try]) -> list[Begin]:
         """The verdicts of a batch's tries in one round trip (pipelined); those to
@@ -166,8 +188,24 @@ class Ledger:
         """Write ``outcome`` and mark the try settled; False if it had settled already
         (or, ``only_if_running``, had not started). A retry's success (``budget``: its
         try) gives its retry-budget charge back."""
+        return self.settle_recorded(task_id, key, outcome, only_if_running=only_if_running,
+                                    budget=budget)[0]
+
+    def settle_recorded(self, task_id: str, key: str, outcome: Outcome, *,
+                        only_if_running: bool = False, budget: Try | None = None,
+                        records: Sequence[ScriptCall] = ()) -> tuple[bool, list[str]]:
+        """:meth:`settle`, and in the same script the breakers' record calls
+        (:meth:`Breakers.record_call`), counted only if this settle wrote; returns
+        whether it wrote and each breaker's state after it (``recovered``: this
+        outcome closed it)."""
         keys, args = self.settle_call(task_id, key, outcome, only_if_running, budget)
-        return bool(self.settle_script(keys=keys, args=args))
+        if not records:
+            return bool(self.settle_script(keys=keys, args=args)), []
+        head = [len(keys), len(args)]
+        for record_keys, record_args in records:
+            keys, args = [*keys, *record_keys], [*args, *record_args]
+        written, *states = self._settle_recorded(keys=keys, args=[*head, *args])
+        return bool(written), [s.decode() if isinstance(s, bytes) else str(s) for s in states]
 
     def budget_exhausted_total(self, tier_name: str) -> int:
         return int(self._client.get(Keys.retry_budget(tier_name) + "exhausted") or 0)
@@ -199,4 +237,7 @@ def budget_bucket(tier_name: str, tier: TierConfig, now: float) -> str:
 def verdict(reply: list[Any]) -> Begin:
     parts = [p.decode(errors="replace") if isinstance(p, bytes) else str(p) for p in reply]
     age_s = float(parts[2]) if len(parts) > 2 else 0.0
+    if len(parts) > 3:  # a gated run: the breakers' answer
+        return Begin("run", gated=True, denied_by=int(parts[3]),
+                     retry_in_s=float(parts[5]) if len(parts) > 5 else 0.0)
     return Begin(parts[0], parts[1] if len(parts) > 1 else "", age_s)  # type: ignore[arg-type]

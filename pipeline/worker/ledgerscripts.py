@@ -2,15 +2,22 @@
 
 Each runs atomically in the state store's Redis; :mod:`pipeline.worker.ledger`
 says what they decide and :mod:`pipeline.worker.batchledger` composes them for
-batches. The retry budget is counted here in buckets of ``window / buckets``
-seconds (``<budget prefix><bucket>``: ``first``, ``retry``, ``ok`` counts).
+batches. :data:`BEGIN_GATED_LUA` and :data:`SETTLE_RECORDED_LUA` fold the circuit
+breakers' steps (:mod:`pipeline.worker.breaker`) into a single try's begin and settle:
+one round trip before the handler, one after. The retry budget is counted here in
+buckets of ``window / buckets`` seconds (``<budget prefix><bucket>``: ``first``,
+``retry``, ``ok`` counts).
 """
 
 from __future__ import annotations
 
 from pipeline.dlq.scripts import INDEX_LUA
+from pipeline.worker.breaker import ALLOW_LUA, RECORD_LUA
 
-__all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "TAKE_OVER_LUA"]
+__all__ = ["BEGIN_ARGS", "BEGIN_GATED_LUA", "BEGIN_LUA", "SETTLE_LUA", "SETTLE_RECORDED_LUA",
+           "START_LUA", "TAKE_OVER_LUA"]
+
+BEGIN_ARGS = 11  # how many ARGV the begin script takes (the gated one appends after them)
 
 # KEYS: done mark, settled mark, running mark, budget key prefix
 # ARGV: now, attempt, budget on (1/0), ratio, min per window, window_s, buckets, ttl_s,
@@ -114,3 +121,51 @@ end
 redis.call('DEL', KEYS[2])
 return 1
 """
+
+# The begin, then (if it says 'run') the breakers of the handler's downstreams, in
+# order. KEYS: the begin's 4, then per downstream its breaker hash and probe leases.
+# ARGV: the begin's 11, then per downstream the allow script's 5. Returns the begin's
+# reply; a 'run' carries {'run', '', '0', i, state, retry_in}: i the first downstream
+# that denied (1-based; '0': every one allowed), and the leases granted before it are
+# given back.
+BEGIN_GATED_LUA = (
+    "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
+    "local function allow(KEYS, ARGV)\n" + ALLOW_LUA + "\nend\n" + """
+local v = begin({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, {unpack(ARGV, 1, 11)})
+if v[1] ~= 'run' then return v end
+local granted = {}
+for i = 1, (#KEYS - 4) / 2 do
+  local k = {KEYS[3 + 2 * i], KEYS[4 + 2 * i]}
+  local a = allow(k, {unpack(ARGV, 7 + 5 * i, 11 + 5 * i)})
+  if a[1] == 0 then
+    for _, g in ipairs(granted) do redis.call('ZREM', g[1], g[2]) end
+    return {'run', '', '0', tostring(i), a[2], a[3]}
+  end
+  if a[4] then granted[#granted + 1] = {k[2], a[4]} end
+end
+return {'run', '', '0', '0'}
+""")
+
+# The settle, then the outcome of each downstream call the handler made, recorded only
+# when this settle wrote (a settle retried after a lost reply records nothing twice);
+# otherwise, or for an outcome of '-' (no call counted), only the probe lease is given
+# back. KEYS: the settle's (ARGV[1] of them), then per downstream its breaker hash and
+# probe leases. ARGV: the settle's count of keys and of args, the settle's args, then
+# per downstream the record script's 9. Returns {written (0/1), state per downstream}.
+SETTLE_RECORDED_LUA = (
+    "local function settle(KEYS, ARGV)\n" + SETTLE_LUA + "\nend\n"
+    "local function record(KEYS, ARGV)\n" + RECORD_LUA + "\nend\n" + """
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local written = settle({unpack(KEYS, 1, nk)}, {unpack(ARGV, 3, 2 + na)})
+local out = {written}
+for i = 1, (#KEYS - nk) / 2 do
+  local k = {KEYS[nk + 2 * i - 1], KEYS[nk + 2 * i]}
+  local a = {unpack(ARGV, 3 + na + 9 * (i - 1), 2 + na + 9 * i)}
+  if written == 1 and a[2] ~= '-' then out[#out + 1] = record(k, a)
+  else
+    if a[8] ~= '' then redis.call('ZREM', k[2], a[8]) end
+    out[#out + 1] = ''
+  end
+end
+return out
+""")

@@ -60,12 +60,20 @@ class Settling(TryState):
         return self.settle_now(outcome)
 
     def settle_now(self, outcome: Outcome) -> bool:
-        """:meth:`settle`, waiting for the reply."""
+        """:meth:`settle`, waiting for the reply; the breakers' :attr:`records` go in
+        the same script, and a breaker it closed releases the work it held."""
+        records = [self.rt.breakers.record_call(downstream, ok,
+                                                token=self.breaker_token(downstream))
+                   for downstream, ok in self.records]
         for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
             try:
-                self.settled_now = self.rt.ledger.settle(
+                self.settled_now, states = self.rt.ledger.settle_recorded(
                     self.task_id, self.key, outcome, only_if_running=self.only_if_running,
-                    budget=self.as_try())
+                    budget=self.as_try(), records=records)
+                recorded, self.records = self.records, []
+                for (downstream, _), state in zip(recorded, states, strict=True):
+                    if state == "recovered":
+                        self.release_held(downstream)
                 return self.settled_now
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 if pause_s is None:
@@ -74,6 +82,17 @@ class Settling(TryState):
                             self.task_id, self.key, pause_s, extra={"task_id": self.task_id})
                 time.sleep(pause_s)
         raise AssertionError("unreachable")
+
+    def release_held(self, downstream: str) -> None:
+        """``downstream``'s breaker has just closed: the work it deferred is due now."""
+        try:
+            released = self.rt.schedule.release(downstream)
+        except redis.RedisError:
+            log.warning("breaker %s closed; its deferred work runs when due (release "
+                        "failed)", downstream, exc_info=True)
+            return
+        log.info("breaker %s closed: %d deferred tasks are due now", downstream, released,
+                 extra={"downstream": downstream})
 
     def schedule(self, spec: TaskSpec, due_at: float, *, held_by: str | None = None) -> bool:
         spec.enqueued_at = due_at  # its queue wait starts when it is due

@@ -72,12 +72,10 @@ class PipelineTask(Task):  # type: ignore[type-arg]
         try:
             for attempt in self.attempts(task_id, args, kwargs):
                 attempt.only_if_running = True  # settled or never begun: left alone
-                attempt.failed(exc)
                 entry = registry.get(attempt.handler)
-                if attempt.settled_now and entry is not None:  # its calls count as failed
-                    for downstream in entry.downstreams:
-                        attempt.rt.breakers.record(downstream, ok=False,
-                                                   token=attempt.breaker_token(downstream))
+                if entry is not None:  # its calls count as failed if this settle writes
+                    attempt.records = [(downstream, False) for downstream in entry.downstreams]
+                attempt.failed(exc)
             _timeouts_settled[task_id] = True
             while len(_timeouts_settled) > TIMEOUTS_REMEMBERED:  # nobody read the oldest
                 _timeouts_settled.popitem(last=False)

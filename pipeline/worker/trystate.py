@@ -53,6 +53,9 @@ class TryState:
         self.following: TryState | None = None  # a batch's next try, started by this settle
         self.begun: Begin | None = None  # this try's begin, done for the whole batch
         self.verdict: Verdict | None = None  # how it settled if not as a success (task state)
+        # the handler's downstream calls, each with its outcome (None: not counted, the
+        # probe lease only given back), recorded by the settle script that settles it
+        self.records: list[tuple[str, bool | None]] = []
 
     def masked(self, text: str) -> str:
         """``text`` (failure text) with this event's ``redact_paths`` values masked: what

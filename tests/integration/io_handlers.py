@@ -54,3 +54,8 @@ def mark(event: Event) -> None:
     """Records one effect per attempt: ``<event id>:<attempt>`` (a count above 1 is
     one attempt run twice)."""
     _record(f"{event.id}:{current().attempt}")
+
+
+@handler("io.guarded_noop", name="io.guarded_noop", downstreams=["noop-api"])
+def guarded_noop(event: Event) -> None:
+    """Does nothing, behind the "noop-api" circuit breaker: what the breaker costs."""

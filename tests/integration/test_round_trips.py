@@ -3,8 +3,10 @@ adds one to every attempt fails here, not only in a benchmark.
 
 One no-op event costs, with task events off: the fetch (one Lua call that also
 carries earlier acks and may take several messages), the begin and the settle (one
-Lua call each). Commands a Lua script runs inside the server are not round trips
-and are not counted (MONITOR tags them ``lua``).
+Lua call each), whether or not its handler calls a downstream behind a circuit
+breaker (the begin asks the breaker, the settle records the outcome). Commands a
+Lua script runs inside the server are not round trips and are not counted (MONITOR
+tags them ``lua``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ EVENTS = 600  # no-op events counted
 MAX_ROUND_TRIPS_PER_EVENT = 3.5  # fetch (<= 1), begin, settle; heartbeats and movers aside
 
 CONFIG = """
-handler_modules = ["pipeline.demo"]
+handler_modules = ["pipeline.demo", "tests.integration.io_handlers"]
 default_tier = "standard"
 retry_poll_interval_s = 0.25
 
@@ -75,8 +77,9 @@ class _Monitor:
         return self.counts
 
 
+@pytest.mark.parametrize("event_type", ["demo.noop", "io.guarded_noop"])
 def test_an_event_costs_at_most_three_and_a_half_round_trips(
-    server: EmbeddedServer, tmp_path: Path,
+    server: EmbeddedServer, tmp_path: Path, event_type: str,
 ) -> None:
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG)
@@ -90,7 +93,7 @@ def test_an_event_costs_at_most_three_and_a_half_round_trips(
         monitor = _Monitor(server.url)
         started = time.monotonic()
         results = stack.rt.publisher.publish_many(
-            [{"type": "demo.noop", "source": "count"} for _ in range(EVENTS)])
+            [{"type": event_type, "source": "count"} for _ in range(EVENTS)])
         assert all(r.outcome == "accepted" for r in results)
         wait_for(lambda: stack.state.llen("standard") == 0 and stack.state.hlen("unacked") == 0,
                  60, "every event handled and acknowledged", 0.05)

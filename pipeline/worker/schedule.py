@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -113,6 +113,7 @@ redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return 1
 """
 RELEASE_CHUNK = 500  # holds released per script call (each call is atomic)
+RELEASE_RETRY_DELAYS_S = (0.05, 0.25, 1.0)  # pauses before a chunk cut by a reset is re-sent
 HOLDS_TTL_S = 7 * 24 * 3600  # a breaker's holds outlive any outage it is still open for
 
 
@@ -172,11 +173,23 @@ class RetrySchedule:
         holds = Keys.breaker_holds(downstream)
         released = 0
         while True:
-            seen, moved = self._release(keys=[holds, holds + ":entries"],
-                                        args=[now, RELEASE_CHUNK, released])
+            seen, moved = self._release_chunk([holds, holds + ":entries"],
+                                              [now, RELEASE_CHUNK, released])
             released += int(moved)
             if int(seen) < RELEASE_CHUNK:
                 return released
+
+    def _release_chunk(self, keys: list[str], args: list[Any]) -> list[Any]:
+        """One chunk of :meth:`release`, sent again after a connection error: a chunk
+        that ran moves nothing twice (its holds are gone, its entries due already)."""
+        for pause_s in (*RELEASE_RETRY_DELAYS_S, None):
+            try:
+                return list(self._release(keys=keys, args=args))
+            except (redis.ConnectionError, redis.TimeoutError):
+                if pause_s is None:
+                    raise
+                time.sleep(pause_s)
+        raise AssertionError("unreachable")
 
     def pending(self, queue: str) -> int:
         return int(self._client.zcard(Keys.retries(queue)))

@@ -236,6 +236,21 @@ def write_config(path: Path, *, prefix: str = "", vt: float = 30.0, soft: float 
                                      modules=json.dumps(list(handler_modules))) + extra)
     return path
 
+
+def breaker_toml(open_s: float, name: str = "demo-api") -> str:
+    """A breaker the tests can open quickly: 5 failures in a row (or half of 10 calls
+    in 10 s); one probe after ``open_s``."""
+    return f"""
+[breakers.{name}]
+consecutive_failures = 5
+min_calls = 10
+failure_ratio = 0.5
+window_s = 10
+open_s = {open_s}
+half_open_probes = 1
+"""
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (from /proc), to check none outlives a stop."""
     found: set[int] = set()

@@ -11,18 +11,10 @@ import pytest
 
 from pipeline.core.state import Keys
 from pipeline.demo import DEMO_DOWNSTREAM, down_key
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import Stack, breaker_toml, wait_for, write_config
 
 OPEN_S = 5.0  # the breaker's cool-down: deferrals spread over up to 4x this
-BREAKER = f"""
-[breakers.demo-api]
-consecutive_failures = 5
-min_calls = 10
-failure_ratio = 0.5
-window_s = 10
-open_s = {OPEN_S}
-half_open_probes = 1
-"""
+BREAKER = breaker_toml(OPEN_S)
 EVENTS = 100  # demo.flaky events sent while the downstream is down
 OUTAGE_S = 8.0  # how long it stays down after they are sent
 AFTER_CLOSE_S = 8.0  # every event done this soon after the breaker closes (spread: 20 s)

@@ -11,22 +11,14 @@ import pytest
 from pipeline.core.retry import Reason
 from pipeline.core.state import Keys
 from pipeline.demo import DEMO_DOWNSTREAM, calls_key, down_key, fixed_key
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import Stack, breaker_toml, wait_for, write_config
 
 DEAD_LETTERS_MAX = 6  # of 100 events failing 20% of calls, 3 attempts each (see below)
 
 OUTAGE_EVENTS = 200  # demo.flaky events sent while the downstream is down
 BURST_EVENTS = 300  # demo.fail events in the retry-budget burst
 
-EXTRA = """
-[breakers.demo-api]
-consecutive_failures = 5
-min_calls = 10
-failure_ratio = 0.5
-window_s = 10
-open_s = 1.5
-half_open_probes = 1
-
+EXTRA = breaker_toml(open_s=1.5) + """
 [tiers.budgeted]
 concurrency = 2
 prefetch_multiplier = 4

@@ -14,17 +14,9 @@ import pytest
 from pipeline.core.retry import Reason
 from pipeline.core.state import Keys
 from pipeline.demo import DEMO_DOWNSTREAM, calls_key, down_key, fixed_key, report
-from tests.integration.support import Stack, wait_for, write_config
+from tests.integration.support import Stack, breaker_toml, wait_for, write_config
 
 TIERS = """
-[breakers.demo-api]
-consecutive_failures = 5
-min_calls = 10
-failure_ratio = 0.5
-window_s = 10
-open_s = 1.5
-half_open_probes = 1
-
 [tiers.guarded]
 queue = "{pool}-guarded"
 pool = "{pool}"
@@ -67,7 +59,7 @@ def stack(request: pytest.FixtureRequest, redis_url: str,
     pool = request.param
     tmp = tmp_path_factory.mktemp(f"guards-{pool}")
     config = write_config(tmp / "pipeline.toml", prefix=f"{pool}-",
-                          extra=TIERS.format(pool=pool))
+                          extra=breaker_toml(open_s=1.5) + TIERS.format(pool=pool))
     s = Stack(redis_url, config, tmp)
     s.rt.breakers.force(DEMO_DOWNSTREAM, None)  # the other pool's run left it as it was
     try:

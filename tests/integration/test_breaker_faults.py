@@ -1,0 +1,110 @@
+"""Connection resets around the steps that carry the circuit breakers: a try's gated
+begin, its recorded settle, and a breaker's release of the work it held. Real
+workers reach Redis through a proxy that resets the connection that sends a
+given script, before the script runs or after it ran (its reply lost)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from pipeline.app import create_app
+from pipeline.config.load import load_settings
+from pipeline.core.state import Keys
+from pipeline.demo import DEMO_DOWNSTREAM, calls_key
+from pipeline.worker import schedule as schedule_module
+from pipeline.worker.ledgerscripts import BEGIN_GATED_LUA, SETTLE_RECORDED_LUA
+from pipeline.worker.schedule import RELEASE_CHUNK, RetrySchedule
+from tests.integration.faults import ResetProxy
+from tests.integration.support import Stack, breaker_toml, write_config
+
+EVENTS = 60  # demo.flaky events (fail_rate 0) behind the demo-api breaker
+RESETS = 4  # connections reset on each script, half before and half after it ran
+HELD = RELEASE_CHUNK * 2 + 7  # entries a release moves, in three chunks
+
+
+def sha(lua: str) -> bytes:
+    return hashlib.sha1(lua.encode()).hexdigest().encode()  # what EVALSHA sends
+
+
+@pytest.fixture(scope="module")
+def proxy(redis_url: str) -> Iterator[ResetProxy]:
+    p = ResetProxy(int(redis_url.rsplit(":", 1)[1].split("/", 1)[0]))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, proxy: ResetProxy,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("breaker-faults")
+    db = int(redis_url.rsplit("/", 1)[1])
+    s = Stack(redis_url, write_config(tmp / "pipeline.toml", extra=breaker_toml(open_s=5)),
+              tmp, env_extra={"PIPELINE_BROKER_URL": proxy.url(db)})
+    try:
+        s.start_worker("standard")
+        yield s
+    finally:
+        s.stop()
+
+
+def window_calls(client: redis.Redis, name: str) -> int:
+    """The calls ``name``'s breaker counted in its window."""
+    return sum(int(client.hget(key, "calls") or 0)
+               for key in client.scan_iter(f"{Keys.breaker(name)}:w:*"))
+
+
+def test_resets_around_the_gated_begin_and_recorded_settle_lose_and_double_nothing(
+    stack: Stack, proxy: ResetProxy,
+) -> None:
+    for marker in (sha(BEGIN_GATED_LUA), sha(SETTLE_RECORDED_LUA)):
+        proxy.drop_on(marker, times=RESETS // 2)
+        proxy.drop_on(marker, times=RESETS // 2, after_forward=True)
+    resets_before = proxy.resets
+    events = [stack.publish("demo.flaky", payload={"fail_rate": 0.0}) for _ in range(EVENTS)]
+    for e in events:
+        stack.wait_effect(str(e.id), timeout_s=60)
+    assert proxy.resets - resets_before >= 2 * RESETS  # every planned reset happened
+    assert {stack.effects(str(e.id)) for e in events} == {1}  # each ran once
+    assert int(stack.state.get(calls_key(DEMO_DOWNSTREAM)) or 0) == EVENTS
+    # each call counted once by the breaker: a settle re-sent after its reply was
+    # lost found the try settled and recorded nothing again
+    assert window_calls(stack.state, DEMO_DOWNSTREAM) == EVENTS
+    assert stack.rt.breakers.status(DEMO_DOWNSTREAM)["state"] == "closed"
+    assert stack.state.zcard(Keys.breaker_probes(DEMO_DOWNSTREAM)) == 0
+
+
+@pytest.mark.parametrize("after_forward", [False, True], ids=["before-it-ran", "reply-lost"])
+def test_a_release_cut_by_resets_still_makes_every_held_entry_due_once(
+    redis_url: str, proxy: ResetProxy, after_forward: bool,
+) -> None:
+    db = int(redis_url.rsplit("/", 1)[1])
+    direct = redis.Redis.from_url(redis_url)
+    through_proxy = redis.Redis.from_url(proxy.url(db))  # redis-py retries a reset command
+    app = create_app(load_settings(None, broker_url=redis_url), main="release-faults")
+    writer = RetrySchedule(app, direct, atomic_move=True)
+    releaser = RetrySchedule(app, through_proxy, atomic_move=True)
+    downstream = f"api-{uuid.uuid4().hex[:6]}"
+    key = Keys.retries(f"q-{downstream}")
+    direct.hset(Keys.breaker(downstream), "state", "open")
+    later = time.time() + 3600
+    for i in range(HELD):
+        member = f"m{i}".encode()
+        direct.zadd(key, {member: later})
+        writer.hold(downstream, f"t{i}", (key, member), time.time() - i)
+    direct.hset(Keys.breaker(downstream), "state", "closed")
+    proxy.drop_on(sha(schedule_module._RELEASE_LUA), times=2, after_forward=after_forward)
+    resets_before = proxy.resets
+    now = time.time()
+    releaser.release(downstream, now=now)
+    assert proxy.resets - resets_before == 2
+    assert direct.zcard(key) == HELD  # one entry per task, none added or lost
+    assert direct.zcount(key, "-inf", now) == HELD  # every one due now
+    assert direct.zcard(Keys.breaker_holds(downstream)) == 0
+    direct.close()
+    through_proxy.close()

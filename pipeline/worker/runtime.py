@@ -40,6 +40,15 @@ __all__ = ["Runtime", "bind", "runtime_for"]
 
 T = TypeVar("T")
 _RUNTIMES: weakref.WeakKeyDictionary[Celery, Runtime] = weakref.WeakKeyDictionary()
+_forks = 0  # forks this process descends from: os.getpid() per access was a syscall each
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Runtime:
@@ -48,7 +57,7 @@ class Runtime:
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self._pid = -1
+        self._forks = -1  # the process's fork count when its shared objects were made
         self._state: redis.Redis | None = None
         self._schedule: RetrySchedule | None = None
         self._dlq: DeadLetterQueue | None = None
@@ -80,9 +89,9 @@ class Runtime:
         return value  # type: ignore[no-any-return]
 
     def _check_fork(self) -> None:
-        if self._pid != os.getpid():
+        if self._forks != _forks:  # new, or inherited through a fork: nothing is shared
             self._lock = threading.RLock()  # a lock held at fork time stays held in the child
-            self._pid = os.getpid()
+            self._forks = _forks
             self._state = None
             self._schedule = None
             self._dlq = None

@@ -4,17 +4,18 @@ A single-event message (``pipeline.handle``) is one :class:`Attempt`; a batch
 message (``pipeline.handle_batch``) is one per event, run one after the other
 through the same :meth:`Attempt.run`:
 
-1. **begin** (:meth:`pipeline.worker.ledger.Ledger.begin`): already done or settled ->
+1. **checks**, without I/O: the event envelope, the handler (or fan out), that the
+   handler is registered for the event's type and the handler's payload model (both
+   ``invalid_payload``); what fails is settled only once the begin lets it;
+2. **begin** (:meth:`pipeline.worker.ledger.Ledger.begin`): already done or settled ->
    acknowledge without running; an earlier delivery of this try was lost -> settle
    it as a failed attempt (``WorkerLostError``) without running (:mod:`pipeline.worker.lost`);
-   over the retry budget -> defer;
-2. **checks**: the event envelope, the handler (or fan out), that the handler is
-   registered for the event's type and the handler's payload model (both
-   ``invalid_payload``), the downstreams' circuit breakers (defer);
+   over the retry budget -> defer; in the same script, the handler's downstreams'
+   circuit breakers (denied -> defer; a batch's tries ask them one by one instead);
 3. **the handler**;
-4. **settle** exactly one outcome, atomically with the try's settled mark: the done
-   mark, a retry or deferral in the schedule, or a DLQ record
-   (:mod:`pipeline.worker.settle`).
+4. **settle** exactly one outcome, atomically with the try's settled mark and the
+   breakers' record of the handler's calls: the done mark, a retry or deferral in
+   the schedule, or a DLQ record (:mod:`pipeline.worker.settle`).
 
 :meth:`Attempt.run` returns the outcome as a string (what the metrics label) and
 leaves in :attr:`Attempt.verdict` what the task raises afterwards to give Celery's

@@ -10,6 +10,7 @@ import contextlib
 import os
 import time
 from functools import cache
+from uuid import UUID
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
@@ -28,11 +29,11 @@ def effects() -> redis.Redis:
     return _client(os.getpid(), os.environ["FAULT_EFFECTS_URL"])
 
 
-def runs_key(event_id: str) -> str:
+def runs_key(event_id: UUID | str) -> str:
     return f"fault:runs:{event_id}"
 
 
-def starts_key(event_id: str) -> str:
+def starts_key(event_id: UUID | str) -> str:
     return f"fault:starts:{event_id}"
 
 

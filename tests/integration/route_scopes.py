@@ -8,12 +8,12 @@ without someone saying which credential it checks (and the tests then checking i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from starlette.routing import Mount, Route
 
-from pipeline.core.tokens import ALL_SCOPES, Credential
+from pipeline.core.tokens import ALL_SCOPES, Credential, Scope
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # every other method changes state
 
@@ -25,7 +25,7 @@ class Need:
     ``scope``: what a bearer token or session must hold (None: any valid token)."""
 
     kind: str
-    scope: str | None = None
+    scope: Scope | None = None
 
 
 OPEN, SIGNED, LOGIN = Need("open"), Need("signed"), Need("login")
@@ -73,7 +73,7 @@ def app_routes(api: FastAPI | Any) -> set[tuple[str, str]]:
         if isinstance(route, Mount):
             found.add(("*", route.path))
         elif isinstance(route, Route) or hasattr(route, "methods"):
-            found |= {(method, route.path) for method in route.methods or ()}
+            found |= {(method, cast(Route, route).path) for method in route.methods or ()}
     return found
 
 

@@ -104,7 +104,7 @@ time_limit_s = 1.5
 """
 
 
-def wait_for(predicate: Callable[[], T], timeout_s: float, what: str,
+def wait_for(predicate: Callable[[], T | None], timeout_s: float, what: str,
              interval_s: float = 0.05) -> T:
     deadline = time.monotonic() + timeout_s
     while True:

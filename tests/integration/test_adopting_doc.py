@@ -19,9 +19,10 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -82,7 +83,7 @@ def ok(event: Event) -> None:
 
 def doc_block(first_line: str) -> str:
     """The doc's python block that starts with ``first_line``."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     return next(b for b in blocks if b.startswith(first_line + "\n"))
 
 
@@ -119,7 +120,7 @@ class Team:
         return subprocess.run([sys.executable, "-c", script], env={**self.env, **(env or {})},
                               cwd=self.cwd, capture_output=True, text=True, timeout=timeout_s)
 
-    def publish(self, events: list[dict[str, object]]) -> None:
+    def publish(self, events: Sequence[Mapping[str, object]]) -> None:
         """Run the doc's "Publish" block with these ``events``."""
         script = (f"import json\nevents = json.loads({json.dumps(json.dumps(events))})\n"
                   + doc_block("from pipeline import publish, publish_many"))
@@ -129,7 +130,7 @@ class Team:
     def effects(self) -> dict[str, int]:
         """Runs by key. On Redis the state store the workers' handlers wrote to is the
         app's broker: no URL for it was given to them."""
-        raw = self.stack.state.hgetall(EFFECTS)
+        raw = cast(dict[bytes, bytes], self.stack.state.hgetall(EFFECTS))
         return {k.decode(): int(v) for k, v in raw.items()}
 
 

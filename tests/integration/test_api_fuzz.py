@@ -64,6 +64,7 @@ def api_schema(api: FastAPI) -> Any:
     for route in api.routes:
         if isinstance(route, APIRoute):
             route.include_in_schema = True  # fuzz what /openapi.json leaves out too
+            assert route.methods is not None  # an APIRoute's are set when it is made
             if route.path.startswith("/console") and "POST" in route.methods:
                 route.openapi_extra = CONSOLE_FORM
     api.openapi_schema = None
@@ -175,6 +176,7 @@ def test_every_route_with_a_scope_refuses_a_caller_without_it(
         api: FastAPI, api_schema: Any, sessions: dict[str, tuple[str, str]]) -> None:
     checked = set()
     cookie, csrf = sessions["no-write"]
+    check: Callable[[Any], None]  # one of the branches' checks, each with its own signature
     for op in operations(api_schema):
         method, need = op.method.upper(), ROUTES[(op.method.upper(), op.path)]
         if need.kind == "signed":

@@ -57,6 +57,7 @@ def guarded_calls(client: TestClient) -> list[tuple[str, str]]:
         if route.path.startswith("/console"):  # a login page and a session cookie, not a
             continue  # bearer token: tests/integration/test_console.py
         path = route.path.replace("{record_id}", "some-record")
+        assert route.methods is not None  # an APIRoute's are set when it is made
         calls += [(method, path) for method in sorted(route.methods)]
     return calls
 

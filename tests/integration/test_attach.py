@@ -67,6 +67,7 @@ def test_one_worker_of_the_team_app_runs_their_tasks_and_pipeline_events(
         team.record.delay(key)
         event = runtime_for(team.app).publisher.publish(
             {"type": "demo.ok", "source": "team-service"})
+        assert event.id is not None
         stack.wait_effect(event.id)
         wait_for(lambda: stack.state.hget("team:effects", key), 10, "the team's own task")
         # the team's worker consumes through the pipeline's reliable fetch

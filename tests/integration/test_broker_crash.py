@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -51,8 +52,9 @@ def test_broker_sigkill_under_load_loses_and_duplicates_nothing_accepted(
                     and time.monotonic() >= killed_at + BROKER_DOWN_S):
                 restarted = start_server(broker.data_dir, port=broker.port, persist=True,
                                          appendfsync="always")
-            events = [{"id": str(uuid.uuid4()), "type": "fault.record", "source": "crash",
-                       "tier": tier, "payload": {}} for tier in ("critical", "standard") * 10]
+            events: list[dict[str, Any]] = [
+                {"id": str(uuid.uuid4()), "type": "fault.record", "source": "crash",
+                 "tier": tier, "payload": {}} for tier in ("critical", "standard") * 10]
             try:
                 results = stack.rt.publisher.publish_many(events)
             except BrokerUnavailable:
@@ -82,7 +84,7 @@ def test_broker_sigkill_under_load_loses_and_duplicates_nothing_accepted(
 def _where(stack: Stack) -> dict[str, int]:
     """Where work sits on the broker, for a failure message."""
     state = stack.state
-    found = {key.decode(): int(state.llen(key)) for key in state.keys("*critical*")
+    found = {cast(bytes, key).decode(): int(state.llen(key)) for key in state.keys("*critical*")
              + state.keys("*standard*") if state.type(key) == b"list"}
     found["unacked"] = int(state.hlen("unacked"))
     found["retries"] = sum(int(state.zcard(k)) for k in state.keys("pipeline:retry:*"))

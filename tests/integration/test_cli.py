@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -114,6 +115,7 @@ def test_dlq_show_takes_an_unambiguous_prefix_and_lists_candidates_otherwise(
 
 def test_dlq_list_json_prints_records_as_a_json_array(stack: Stack) -> None:
     result = stack.publish("demo.invalid")
+    assert result.id is not None
     stack.wait_dlq(result.id)
     proc = run_cli(stack, "dlq", "list", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -129,6 +131,7 @@ def test_dlq_list_json_prints_records_as_a_json_array(stack: Stack) -> None:
 def test_demo_report_accounts_for_processed_events(stack: Stack) -> None:
     results = [stack.publish("demo.ok") for _ in range(5)]
     for r in results:
+        assert r.id is not None
         stack.wait_effect(r.id)
     proc = run_cli(stack, "demo", "report", "--json", "--ids")
     assert proc.returncode == 0, proc.stderr
@@ -159,8 +162,10 @@ def test_pipeline_up_runs_a_broker_and_tier_workers_and_leaves_nothing_behind(
         url = banner.group(1)
         logs = tmp_path / "state" / "logs"
         for tier in ("critical", "standard"):
-            wait_for(lambda t=tier: " ready." in (logs / f"worker-{t}.log").read_text()
-                     if (logs / f"worker-{t}.log").exists() else False, 30, f"{tier} worker")
+            wait_for(cast(Callable[[], bool],
+                          lambda t=tier: " ready." in (logs / f"worker-{t}.log").read_text()
+                          if (logs / f"worker-{t}.log").exists() else False),
+                     30, f"{tier} worker")
         processes = descendants(up.pid)
         assert len(processes) >= 5  # broker, 2 worker mains, 2 pool children
         event = {"type": "demo.ok", "source": "vip-app"}
@@ -189,7 +194,8 @@ def test_breaker_close_releases_the_work_the_forced_open_breaker_deferred(
         event = stack.publish("demo.flaky", payload={"fail_rate": 0.0})
         wait_for(lambda: stack.state.zcard(Keys.breaker_holds("demo-api")) >= 1, 10,
                  "the deferral to be held")
-        (entry,) = stack.state.hvals(Keys.breaker_holds("demo-api") + ":entries")
+        (entry,) = cast(list[bytes],
+                        stack.state.hvals(Keys.breaker_holds("demo-api") + ":entries"))
         key, member = bytes(entry).split(b"\n", 1)  # the deferral's schedule entry
         due_s = float(stack.state.zscore(key, member) or 0) - time.time()
         assert due_s > 5  # the default demo-api breaker: open_s 10, spread on top

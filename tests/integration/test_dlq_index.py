@@ -167,7 +167,7 @@ def test_an_entry_that_is_not_the_indexed_one_is_not_believed(stack: Stack) -> N
     _, newer = rt.dlq.records(2)
     # the list rewritten behind the index's back: same length, same ends, another record
     _, raw = rt.dlq.render(newer.model_copy(update={"id": "swapped-in"}))
-    stack.state.lset(rt.dlq.queue.name, -2, raw)
+    stack.state.lset(rt.dlq.queue.name, -2, raw)  # type: ignore[arg-type]  # typed str, takes bytes
     assert rt.dlq.depth() >= 3
     assert index.state() == "ok"
     assert rt.dlq.query.find(newer.id, 1) == (0, [])  # read, hash refused, answered by a scan
@@ -190,7 +190,8 @@ def test_reindex_check_finds_what_readers_cannot_and_reindex_repairs_it(stack: S
     assert reindex(stack, "--check").returncode == 0
     _, newer = rt.dlq.records(2)
     _, raw = rt.dlq.render(newer.model_copy(update={"id": "rewritten"}))
-    stack.state.lset(rt.dlq.queue.name, -2, raw)  # the cheap check cannot see this one
+    # the cheap check cannot see this one
+    stack.state.lset(rt.dlq.queue.name, -2, raw)  # type: ignore[arg-type]  # typed str, takes bytes
     assert index.state() == "ok"
     checked = reindex(stack, "--check")
     assert checked.returncode == 1, checked.stdout + checked.stderr

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -116,7 +117,7 @@ def test_record_that_would_fail_again_is_reported_and_kept_unless_forced(stack: 
     assert stack.dlq_for(result.id)
     forced = json.loads(cli(stack, "replay", result.id, "--force", "--json").stdout)
     assert forced["replayed"] == 1
-    wait_for(lambda: len(stack.dlq_for(result.id)) == 1, 20, "it to fail again")
+    wait_for(lambda: len(stack.dlq_for(cast(str, result.id))) == 1, 20, "it to fail again")
 
 
 def test_replay_to_another_tier_runs_there(stack: Stack) -> None:

@@ -33,6 +33,7 @@ def worker_log(stack: Stack, tier: str) -> str:
 
 def test_rule_routes_event_to_its_tier_and_only_that_tier_runs_it(stack: Stack) -> None:
     result = stack.publish("demo.ok", source="vip-7")
+    assert result.id is not None
     assert result.tier == "critical"
     stack.wait_effect(result.id)
     task_id = result.task_ids[0]
@@ -42,6 +43,7 @@ def test_rule_routes_event_to_its_tier_and_only_that_tier_runs_it(stack: Stack) 
 
 def test_explicit_tier_on_event_overrides_rules(stack: Stack) -> None:
     result = stack.publish("demo.ok", source="vip-7", tier="standard")
+    assert result.id is not None
     assert result.tier == "standard"
     stack.wait_effect(result.id)
     assert result.task_ids[0] in worker_log(stack, "standard")
@@ -50,8 +52,10 @@ def test_explicit_tier_on_event_overrides_rules(stack: Stack) -> None:
 
 def test_worker_consumes_only_its_own_tier_queue(stack: Stack) -> None:
     result = stack.publish("demo.ok", source="batch-1")  # bulk: no bulk worker runs here
+    assert result.id is not None
     assert result.tier == "bulk"
     fresh = stack.publish("demo.ok")  # a standard event published after it is processed...
+    assert fresh.id is not None
     stack.wait_effect(fresh.id)
     time.sleep(0.5)
     assert stack.effects(result.id) == 0  # ... while the bulk one waits on its own queue
@@ -64,6 +68,7 @@ def test_failing_handler_retries_with_backoff_then_lands_in_dlq_with_every_field
 ) -> None:
     started = time.time()
     result = stack.publish("demo.fail", payload={"note": "x"})
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 3  # standard: max_retries = 2
@@ -86,6 +91,7 @@ def test_failing_handler_retries_with_backoff_then_lands_in_dlq_with_every_field
 
 def test_permanent_error_goes_straight_to_dlq(stack: Stack) -> None:
     result = stack.publish("demo.invalid")
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.PERMANENT_ERROR
     assert record.attempts == 1
@@ -94,6 +100,7 @@ def test_permanent_error_goes_straight_to_dlq(stack: Stack) -> None:
 
 def test_unknown_event_type_is_dead_lettered_as_no_handler(stack: Stack) -> None:
     result = stack.publish("nobody.handles_this")
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.NO_HANDLER
     assert "nobody.handles_this" in record.message
@@ -101,6 +108,7 @@ def test_unknown_event_type_is_dead_lettered_as_no_handler(stack: Stack) -> None
 
 def test_payload_failing_handler_model_is_dead_lettered_as_invalid_payload(stack: Stack) -> None:
     result = stack.publish("demo.typed", payload={"user_id": "not-a-number", "amount": 3})
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.INVALID_PAYLOAD
     assert record.attempts == 1
@@ -129,6 +137,7 @@ def test_task_whose_handler_is_not_for_its_event_type_is_dead_lettered_not_run(
 
 def test_fan_out_failure_of_one_handler_does_not_rerun_the_other(stack: Stack) -> None:
     result = stack.publish("demo.fanout")
+    assert result.id is not None
     assert sorted(result.handlers) == ["demo.fanout.fail", "demo.fanout.ok"]
     assert len(set(result.task_ids)) == 2
     record = stack.wait_dlq(result.id)
@@ -140,6 +149,7 @@ def test_fan_out_failure_of_one_handler_does_not_rerun_the_other(stack: Stack) -
 def test_handler_asking_for_a_delay_is_retried_after_it(stack: Stack) -> None:
     started = time.monotonic()
     result = stack.publish("demo.retry_after", payload={"delay_s": 1.0, "fail_times": 1})
+    assert result.id is not None
     stack.wait_effect(result.id)
     assert time.monotonic() - started >= 1.0
     assert stack.dlq_for(result.id) == []
@@ -147,6 +157,7 @@ def test_handler_asking_for_a_delay_is_retried_after_it(stack: Stack) -> None:
 
 def test_soft_time_limit_is_a_retryable_failure(stack: Stack) -> None:
     result = stack.publish("demo.slow", tier="slow", payload={"ms": 2000})
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 2
@@ -156,6 +167,7 @@ def test_soft_time_limit_is_a_retryable_failure(stack: Stack) -> None:
 def test_hard_time_limit_kills_the_attempt_and_counts_as_a_failure(stack: Stack) -> None:
     result = stack.publish("demo.slow", tier="slow",
                            payload={"ms": 4000, "ignore_soft_limit": True})
+    assert result.id is not None
     record = stack.wait_dlq(result.id, timeout_s=30)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 2
@@ -165,12 +177,14 @@ def test_hard_time_limit_kills_the_attempt_and_counts_as_a_failure(stack: Stack)
 
 def test_crash_looping_event_is_dead_lettered_while_its_tier_keeps_flowing(stack: Stack) -> None:
     crash = stack.publish("demo.crash")
+    assert crash.id is not None
     others = [stack.publish("demo.ok") for _ in range(20)]
     record = stack.wait_dlq(crash.id, timeout_s=60)
     assert record.reason is Reason.MAX_DELIVERIES
     assert record.handler == "demo.crash"
     assert "2 tries lost so far" in record.message  # standard: max_deliveries = 2
     for event in others:
+        assert event.id is not None
         stack.wait_effect(event.id)
 
 

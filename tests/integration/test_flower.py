@@ -238,7 +238,7 @@ def test_a_duplicate_delivery_is_success_with_a_result_naming_the_skip(
     again = stack.rt.messages.spec(message, handler="demo.ok", tier="standard",
                                     task_id=task_id, attempt=1)
     stack.rt.app.tasks["pipeline.handle"].apply_async(
-        args=again.args, kwargs=again.kwargs, **again.apply_async_options())
+        args=again.args, kwargs=again.kwargs, **again.apply_async_options())  # type: ignore[arg-type]
     wait_for(lambda: tasks(flower, state="SUCCESS").get(task_id, {}).get("result")
              == "'already_done'", FLOWER_TIMEOUT_S, "Flower to show the skipped delivery")
     assert stack.effects(str(first.id)) == 1

@@ -124,6 +124,7 @@ def test_worker_killed_after_handler_success_before_ack_does_not_rerun_it(
     stack: Stack,
 ) -> None:
     result = stack.publish("demo.ok", payload={"crash_once_after_success": True})
+    assert result.id is not None
     stack.wait_effect(result.id)
     (standard,) = [w for w in stack.workers if w.tier == "standard"]
     skipped = f"event {result.id} handler demo.ok already succeeded"
@@ -137,6 +138,7 @@ def test_worker_killed_after_handler_success_before_ack_does_not_rerun_it(
 
 def test_failed_handler_is_still_retried_despite_the_ingest_record(stack: Stack) -> None:
     result = stack.publish("demo.retry_after", payload={"delay_s": 0.2, "fail_times": 2})
+    assert result.id is not None
     stack.wait_effect(result.id)
     assert stack.effects(result.id) == 1
 
@@ -153,6 +155,7 @@ def test_bulk_flood_past_max_depth_is_refused_while_critical_flows(stack: Stack)
     started = time.monotonic()
     critical = stack.publish("demo.ok", source="vip-flood")
     assert critical.outcome == "accepted"
+    assert critical.id is not None
     stack.wait_effect(critical.id, timeout_s=5)
     assert time.monotonic() - started < 1.0
     stack.state.delete("flood")

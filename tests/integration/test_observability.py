@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -95,9 +95,9 @@ def known_run(stack: Stack) -> dict[str, Any]:
     killed = stack.publish("demo.slow", tier="slow", payload={"ms": 5000,
                                                                "ignore_soft_limit": True})
     for r in ok + slow:
-        stack.wait_effect(r.id)
+        stack.wait_effect(cast(str, r.id))
     for r in [*invalid, fail, killed]:
-        stack.wait_dlq(r.id, timeout_s=30)
+        stack.wait_dlq(cast(str, r.id), timeout_s=30)
     return {"ok": ok, "invalid": invalid, "fail": fail, "killed": killed}
 
 
@@ -292,7 +292,7 @@ def test_flower_requires_auth_and_lists_every_tier_queue_and_the_dlq(
         assert any(name.startswith("standard@") for name in workers)
 
         event = stack.publish("demo.ok")
-        stack.wait_effect(event.id)
+        stack.wait_effect(cast(str, event.id))
 
         def found() -> list[dict[str, Any]]:
             tasks = json.loads(get(flower.url(f"/api/tasks?search={event.id}"), auth)[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -144,15 +145,16 @@ def test_deferred_work_queues_two_priority_steps_behind_fresh_events(stack: Stac
 
         def scheduled_lists() -> dict[str, bytes]:
             found = {}
-            for member in stack.state.zrange(Keys.retries("standard"), 0, -1):
+            for member in cast(list[bytes], stack.state.zrange(Keys.retries("standard"), 0, -1)):
                 list_key, _, message = bytes(member).partition(b"\n")
                 for event in events:
                     if str(event.id).encode() in message:
                         found[str(event.id)] = list_key
             return found
 
-        lists = wait_for(lambda: len(scheduled_lists()) == 3 and scheduled_lists(), 10,
-                         "three deferrals")
+        lists = cast(dict[str, bytes],  # wait_for returns the truthy value: the dict
+                     wait_for(lambda: len(scheduled_lists()) == 3 and scheduled_lists(), 10,
+                              "three deferrals"))
         # kombu serves a Redis queue's priority 0 first: fresh events of the same
         # priority, then retries (one step), go ahead of the deferred backlog (two);
         # 9 is already the last sub-queue

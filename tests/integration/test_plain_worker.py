@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ def plain_worker(stack: Stack, node: str, *extra: str) -> Worker:
     return worker
 
 
-def stats_of(stack: Stack, node_prefix: str) -> dict[str, Any]:
-    def found() -> dict[str, Any] | None:
+def stats_of(stack: Stack, node_prefix: str) -> Mapping[str, Any]:
+    def found() -> Mapping[str, Any] | None:
         replies = stack.rt.app.control.inspect(timeout=INSPECT_TIMEOUT_S).stats() or {}
         return next((v for k, v in replies.items() if k.startswith(f"{node_prefix}@")), None)
 

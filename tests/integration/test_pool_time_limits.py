@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -115,11 +116,12 @@ def test_a_restored_delivery_of_a_try_running_here_past_its_hard_limit_is_not_ru
     own process runs it, and wait instead of running it again."""
     stack = threads_stack
     run_s = HARD_S + RECHECK_MARGIN_S + 2.5
-    event = {"id": str(uuid.uuid4()), "type": "io.sleep", "source": "tests",
-             "payload": {"s": run_s}}
+    event: dict[str, Any] = {"id": str(uuid.uuid4()), "type": "io.sleep", "source": "tests",
+                             "payload": {"s": run_s}}
     publisher = stack.rt.publisher
     spec = stack.rt.messages.spec(event, handler="io.sleep", tier="io",
                                   task_id=task_id_for(event["id"], "io.sleep"), attempt=1)
+    assert publisher._renderer is not None  # a Redis broker
     key, payload = publisher._renderer.render(spec)
     stack.state.lpush(key, payload)  # the first delivery
     stack.wait_effect(f"{event['id']}:started", timeout_s=10)

@@ -8,6 +8,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -66,7 +67,8 @@ def test_attempts_run_at_once_are_each_counted_in_multiprocess_metrics(stack: St
     for r in results:
         stack.wait_effect(str(r.id))
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=stack.env_extra["PROMETHEUS_MULTIPROC_DIR"])
+    MultiProcessCollector(registry,  # type: ignore[no-untyped-call]
+                          path=stack.env_extra["PROMETHEUS_MULTIPROC_DIR"])
     labels = {"tier": "io", "handler": "demo.ok", "outcome": "succeeded"}
     assert wait_for(lambda: registry.get_sample_value("pipeline_tasks_total", labels) == 20,
                     10, "20 succeeded attempts to be counted")
@@ -74,6 +76,7 @@ def test_attempts_run_at_once_are_each_counted_in_multiprocess_metrics(stack: St
 
 def test_a_failing_handler_is_retried_then_dead_lettered(stack: Stack) -> None:
     result = stack.publish("demo.fail", tier="io")
+    assert result.id is not None
     record = stack.wait_dlq(result.id)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 2  # io: max_retries = 1
@@ -82,10 +85,11 @@ def test_a_failing_handler_is_retried_then_dead_lettered(stack: Stack) -> None:
 
 def test_two_deliveries_of_one_task_at_once_run_its_handler_once(stack: Stack) -> None:
     publisher = stack.rt.publisher
-    event = {"id": str(uuid.uuid4()), "type": "demo.slow", "source": "tests",
-             "payload": {"ms": 500}}
+    event: dict[str, Any] = {"id": str(uuid.uuid4()), "type": "demo.slow", "source": "tests",
+                             "payload": {"ms": 500}}
     spec = stack.rt.messages.spec(event, handler="demo.slow", tier="io",
                                   task_id=task_id_for(event["id"], "demo.slow"), attempt=1)
+    assert publisher._renderer is not None  # a Redis broker
     for _ in range(2):  # the same try, delivered twice (a restored message, say)
         key, payload = publisher._renderer.render(spec)
         stack.state.lpush(key, payload)
@@ -101,6 +105,7 @@ def test_a_worker_killed_mid_attempt_has_the_event_run_once_by_its_replacement(
 ) -> None:
     (worker,) = [w for w in stack.workers if w.tier == "io"]
     result = stack.publish("demo.slow", tier="io", payload={"ms": 1500})
+    assert result.id is not None
     wait_for(lambda: "demo.slow" in worker.log() and
              stack.state.keys(f"pipeline:running:{result.task_ids[0]}:*"), 10,
              "the attempt to start")
@@ -143,6 +148,7 @@ def test_an_async_handler_past_its_soft_limit_is_cancelled_and_dead_lettered(
     stack: Stack,
 ) -> None:
     result = stack.publish("io.async_stuck", tier="io")
+    assert result.id is not None
     record = stack.wait_dlq(result.id, timeout_s=30)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.exception.endswith("SoftTimeLimitExceeded")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -113,16 +114,19 @@ def test_a_burst_of_failures_is_held_to_the_retry_budget(stack: Stack) -> None:
     # of them and the minimum per window, and what was in flight when it ran out.
     assert made <= BURST_EVENTS * 1.2 + 2 * 3 + CONCURRENCY, made
     assert stack.rt.ledger.budget_exhausted_total("guarded") > exhausted_before
-    assert stack.state.zcard(Keys.retries(stack.rt.settings.tier("guarded").queue)) > 0
+    queue = stack.rt.settings.tier("guarded").queue
+    assert queue is not None  # named in the config above
+    assert stack.state.zcard(Keys.retries(queue)) > 0
 
 
 def test_a_batched_tier_runs_each_event_once_and_dead_letters_the_poisoned_alone(
     stack: Stack,
 ) -> None:
     poisoned = set(range(0, BATCH_EVENTS, BATCH_EVENTS // POISONED))
-    events = [{"id": str(uuid.uuid4()), "type": "demo.ok", "source": "tests",
-               "tier": "packed", "payload": {"poison": i in poisoned}}
-              for i in range(BATCH_EVENTS)]
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "type": "demo.ok", "source": "tests",
+         "tier": "packed", "payload": {"poison": i in poisoned}}
+        for i in range(BATCH_EVENTS)]
     results = stack.rt.publisher.publish_many(events)
     assert all(r.outcome == "accepted" for r in results)
     ids = {e["id"] for e in events}

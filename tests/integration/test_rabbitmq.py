@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -54,7 +55,7 @@ def test_rabbitmq_tier_queues_are_quorum_queues_with_our_delivery_limit(stack: S
         # Redeclaring with other arguments must fail if the broker holds it as ours.
         for arguments in ({"x-queue-type": "classic"}, {"x-queue-type": "quorum"},
                           {"x-queue-type": "quorum", "x-delivery-limit": 20}):
-            channel = conn.channel()
+            channel: Any = conn.channel()  # py-amqp's Channel, untyped
             with pytest.raises(Exception, match="PRECONDITION_FAILED"):
                 channel.queue_declare(queue, durable=True, auto_delete=False, passive=False,
                                       arguments=arguments)
@@ -71,12 +72,14 @@ def test_rabbitmq_worker_starts_without_native_delayed_delivery(stack: Stack) ->
 
 def test_rabbitmq_event_is_processed(stack: Stack) -> None:
     result = stack.publish("demo.ok")
+    assert result.id is not None
     stack.wait_effect(result.id)
     assert stack.effects(result.id) == 1
 
 
 def test_rabbitmq_failing_event_retries_then_lands_in_dlq(stack: Stack) -> None:
     result = stack.publish("demo.fail")
+    assert result.id is not None
     record = stack.wait_dlq(result.id, timeout_s=30)
     assert record.reason is Reason.RETRIES_EXHAUSTED
     assert record.attempts == 3
@@ -87,6 +90,7 @@ def test_rabbitmq_failing_event_retries_then_lands_in_dlq(stack: Stack) -> None:
 
 def test_rabbitmq_handler_delay_goes_through_the_retry_schedule(stack: Stack) -> None:
     result = stack.publish("demo.retry_after", payload={"delay_s": 0.5, "fail_times": 2})
+    assert result.id is not None
     stack.wait_effect(result.id, timeout_s=20)
     assert stack.effects(result.id) == 1
 
@@ -130,7 +134,7 @@ def test_rabbitmq_past_the_delivery_limit_lands_in_the_dlq_with_its_context(
     queue = stack.rt.settings.queue_for("bulk")
     deliveries = 0
     with Connection(AMQP_URL) as conn:
-        channel = conn.channel()
+        channel: Any = conn.channel()  # py-amqp's Channel, untyped
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             message = channel.basic_get(queue, no_ack=False)

@@ -368,6 +368,7 @@ def test_readme_plain_celery_worker_consumes_critical_with_the_tiers_settings(
         def stats() -> dict[str, Any] | None:
             # The stack's own critical worker has the same node name: tell them by pid.
             replies = probe.control.broadcast("stats", reply=True, timeout=INSPECT_TIMEOUT_S)
+            assert replies is not None  # reply=True: a list of replies
             return next((r for reply in replies for r in reply.values()
                          if r.get("pid") == worker.pid), None)
 

@@ -13,7 +13,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -124,7 +124,7 @@ def _send(stack: Stack, tier: str, n: int, **payload: Any) -> list[str]:
     events = [{"id": str(uuid.uuid4()), "type": "fault.record", "source": "faults",
                "tier": tier, "payload": payload} for _ in range(n)]
     results = stack.rt.publisher.publish_many(events)
-    return [r.id for r in results if r.outcome == "accepted"]
+    return [cast(str, r.id) for r in results if r.outcome == "accepted"]  # accepted: an id
 
 
 def _runs(event_id: str) -> int:
@@ -169,8 +169,9 @@ def test_sigkilled_worker_prefetched_critical_work_runs_again_within_the_bound(
     stack: Stack,
 ) -> None:
     victim = stack.start_worker("critical")
-    events = [{"id": str(uuid.uuid4()), "type": "fault.sleep", "source": "faults",
-               "tier": "critical", "payload": {"s": 1.0}} for _ in range(5)]
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "type": "fault.sleep", "source": "faults",
+         "tier": "critical", "payload": {"s": 1.0}} for _ in range(5)]
     assert all(r.outcome == "accepted" for r in stack.rt.publisher.publish_many(events))
     ids = [e["id"] for e in events]
     wait_for(lambda: _starts(ids[0]) == 1, 20, "the first event to start")
@@ -190,8 +191,9 @@ def test_sigkilled_worker_prefetched_critical_work_runs_again_within_the_bound(
 
 def test_worker_child_killed_mid_batch_leaves_no_duplicate_effect(stack: Stack) -> None:
     worker = stack.start_worker("batched")
-    events = [{"id": str(uuid.uuid4()), "type": "fault.record", "source": "faults",
-               "tier": "batched", "payload": {"crash_once": i == 39}} for i in range(50)]
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "type": "fault.record", "source": "faults",
+         "tier": "batched", "payload": {"crash_once": i == 39}} for i in range(50)]
     assert all(r.outcome == "accepted" for r in stack.rt.publisher.publish_many(events))
     ids = [e["id"] for e in events]
     wait_for(lambda: all(_runs(i) == 1 for i in ids), 60, "all 50 events handled")
@@ -261,8 +263,9 @@ def test_hard_time_limit_mid_batch_settles_the_running_event_and_runs_the_rest_o
     stack: Stack,
 ) -> None:
     worker = stack.start_worker("slowbatch")  # batch of 3, hard limit 1.5 s for all of it
-    events = [{"id": str(uuid.uuid4()), "type": "fault.sleep", "source": "faults",
-               "tier": "slowbatch", "payload": {"s": s}} for s in (0.1, 3.0, 0.1)]
+    events: list[dict[str, Any]] = [
+        {"id": str(uuid.uuid4()), "type": "fault.sleep", "source": "faults",
+         "tier": "slowbatch", "payload": {"s": s}} for s in (0.1, 3.0, 0.1)]
     assert all(r.outcome == "accepted" for r in stack.rt.publisher.publish_many(events))
     first, stuck, last = (e["id"] for e in events)
     record = stack.wait_dlq(stuck, timeout_s=40)

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -49,6 +50,7 @@ def test_thousand_pending_retries_do_not_delay_a_fresh_event_of_the_tier(stack: 
 
     started = time.monotonic()
     fresh = stack.publish("demo.ok", source="batch-fresh")
+    assert fresh.id is not None
     stack.wait_effect(fresh.id, timeout_s=5)
     latency_s = time.monotonic() - started
     assert latency_s < 1.0, f"fresh event waited {latency_s:.3f}s behind pending retries"
@@ -62,6 +64,7 @@ def test_retry_waiting_longer_than_visibility_timeout_runs_exactly_once(stack: S
     delay_s = VISIBILITY_TIMEOUT_S + 2
     result = stack.publish("demo.retry_after", source="vip-1",
                            payload={"delay_s": delay_s, "fail_times": 1})
+    assert result.id is not None
     wait_for(lambda: pending_retries(stack, "critical") == 1, 10, "the retry to be scheduled")
     stack.wait_effect(result.id, timeout_s=delay_s + 10)
     time.sleep(VISIBILITY_TIMEOUT_S + 2)  # any redelivery would have happened by now
@@ -84,14 +87,16 @@ def test_pending_retries_survive_their_worker_being_stopped(stack: Stack, how: s
         worker.kill_all()
     replacement = stack.start_worker("critical", *POOL_ARGS[pool])
     for event in events:
+        assert event.id is not None
         stack.wait_effect(event.id, timeout_s=30)
-    assert all(stack.effects(e.id) == 1 for e in events)
+    assert all(stack.effects(cast(str, e.id)) == 1 for e in events)
     replacement.stop()
 
 
 def test_worker_child_killed_mid_task_the_event_is_still_processed(stack: Stack) -> None:
     worker = stack.start_worker("critical")
     result = stack.publish("demo.slow", source="vip-3", payload={"ms": 1500})
+    assert result.id is not None
     wait_for(lambda: _running(stack, result.task_ids[0]), 10, "the task to start")
     (child,) = worker.child_pids()
     os.kill(child, signal.SIGKILL)
@@ -107,6 +112,7 @@ def test_whole_worker_killed_mid_task_the_event_is_redelivered_and_processed(
 ) -> None:
     worker = stack.start_worker("critical", *POOL_ARGS[pool])
     result = stack.publish("demo.slow", source="vip-4", payload={"ms": 1500})
+    assert result.id is not None
     wait_for(lambda: _running(stack, result.task_ids[0]), 10, "the task to start")
     worker.kill_all()  # main process and children: the message stays unacked
     assert stack.effects(result.id) == 0

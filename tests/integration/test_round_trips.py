@@ -60,7 +60,7 @@ class _Monitor:
         self._ready.wait(5)
 
     def _run(self) -> None:
-        with self._client.monitor() as m:
+        with self._client.monitor() as m:  # type: ignore[no-untyped-call]
             self._ready.set()
             for entry in m.listen():
                 if self._stop.is_set():

@@ -12,6 +12,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
@@ -79,6 +80,7 @@ def test_soft_limits_at_random_moments_interrupt_only_handlers(
     (worker,) = s.workers
     events = [{"id": str(uuid.uuid4()), "type": "io.mark", "source": "tests", "tier": tier}
               for _ in range(EVENTS)]
+    sent: list[int]
     stop, sent = threading.Event(), []
     sender = threading.Thread(target=send_soft_limits, args=(worker, stop, sent))
     sender.start()
@@ -109,7 +111,7 @@ def test_soft_limits_at_random_moments_interrupt_only_handlers(
     dlq = dead()
     for event_id, task_id in task_ids.items():  # succeeded xor dead-lettered
         assert s.state.exists(Keys.done(task_id)) != (event_id in dlq), event_id
-    raw = s.state.hgetall(Keys.demo_effects())
+    raw = cast(dict[bytes, bytes], s.state.hgetall(Keys.demo_effects()))
     runs = {k.decode(): int(v) for k, v in raw.items() if k.decode().split(":")[0] in task_ids}
     assert runs
     assert max(runs.values()) == 1  # no attempt of any event ran twice

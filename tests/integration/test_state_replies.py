@@ -25,7 +25,7 @@ def interrupted_incr(client: redis.Redis, key: str) -> None:
     back to the pool with the reply unread."""
     pool = client.connection_pool
     conn = pool.get_connection()
-    conn.send_command("INCR", key)
+    conn.send_command("INCR", key)  # type: ignore[no-untyped-call]
     pool.release(conn)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import cast
 
 from pipeline.config.load import load_settings
 from pipeline.core.events import Event
@@ -47,4 +48,4 @@ def test_demo_events_carry_unique_ids_and_the_readme_reward_payload() -> None:
     events = sent_in_ticks(3000, 10)
     assert len({e["id"] for e in events}) == len(events)
     reward = next(e for e in events if e["type"] == "reward.granted")
-    assert set(reward["payload"]) == {"user_id", "amount"}  # type: ignore[arg-type]
+    assert set(cast(dict[str, object], reward["payload"])) == {"user_id", "amount"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -15,7 +16,7 @@ from pipeline.observe.exporter import build_registry, scrape
 
 def _counter_file(path: Path, value: float) -> None:
     """What a worker process writes for ``pipeline_demo_total`` in multiprocess mode."""
-    d = MmapedDict(str(path))
+    d: Any = MmapedDict(str(path))  # type: ignore[no-untyped-call]  # untyped methods
     d.write_value(mmap_key("pipeline_demo", "pipeline_demo_total", [], [], "demo"), value, 0.0)
     d.close()
 

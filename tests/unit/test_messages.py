@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import orjson
 import pytest
@@ -36,7 +37,7 @@ def spec(**overrides: object) -> TaskSpec:
 
 
 def without_tag(payload: bytes) -> dict[str, object]:
-    doc = orjson.loads(payload)
+    doc: dict[str, Any] = orjson.loads(payload)
     doc["properties"].pop("delivery_tag")
     return doc
 

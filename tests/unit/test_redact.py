@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+from typing import Any
 
 import orjson
 import pytest
@@ -22,11 +23,11 @@ from pipeline.core.redact import (
 from pipeline.errors import ConfigError
 from pipeline.messages.task import RedisMessageRenderer, TaskSpec, args_repr
 
-EVENT = {"id": "e1", "type": "order.paid", "source": "shop",
-         "payload": {"card": {"number": "4111111111111111", "exp": "12/30"},
-                     "user": {"token": "tok-user", "email": "a@b.c"},
-                     "items": [{"sku": "x", "token": "tok-0"}, {"sku": "y"}],
-                     "deep": {"a": {"b": {"password": "hunter2"}}}}}
+EVENT: dict[str, Any] = {"id": "e1", "type": "order.paid", "source": "shop",
+                         "payload": {"card": {"number": "4111111111111111", "exp": "12/30"},
+                                     "user": {"token": "tok-user", "email": "a@b.c"},
+                                     "items": [{"sku": "x", "token": "tok-0"}, {"sku": "y"}],
+                                     "deep": {"a": {"b": {"password": "hunter2"}}}}}
 
 
 def test_an_exact_path_masks_that_field_only() -> None:

@@ -113,7 +113,7 @@ def test_a_rate_gate_shared_by_threads_lets_through_no_more_than_its_rate() -> N
 def test_a_batched_tiers_rate_limit_is_shared_over_processes_not_threads(
     pool: str, per_s: float,
 ) -> None:
-    tier = TierConfig(pool=pool, concurrency=4, rate_limit="100/s",  # type: ignore[arg-type]
+    tier = TierConfig(pool=pool, concurrency=4, rate_limit="100/s",
                       accept_unenforced_time_limit=True)
     rt = SimpleNamespace(settings=SimpleNamespace(tiers={f"rl-{pool}": tier}))
     gate = _rate_gate(rt, f"rl-{pool}")  # type: ignore[arg-type]

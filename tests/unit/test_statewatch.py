@@ -31,6 +31,7 @@ def _watch(ping: FlakyPing, calls: list[str]) -> StateWatch:
 
 
 def test_probe_pauses_once_backs_off_and_resumes_once() -> None:
+    calls: list[str]
     ping, calls = FlakyPing(), []
     watch = _watch(ping, calls)
     assert watch.probe() == PROBE_INTERVAL_S

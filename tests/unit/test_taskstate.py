@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
-from typing import Any
+from datetime import datetime
+from typing import Any, cast
 from unittest.mock import Mock
 
 import pytest
@@ -154,7 +155,7 @@ def test_a_retry_is_raised_as_celery_retry_due_when_the_next_try_is() -> None:
         raise_for(verdict)
     assert raised.value.exc is verdict
     assert raised.value.when is not None
-    assert raised.value.when.timestamp() == NOW + 1.5
+    assert cast(datetime, raised.value.when).timestamp() == NOW + 1.5
     assert settled_result(raised.value) == "retry_scheduled"
 
 

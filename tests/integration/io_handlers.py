@@ -7,6 +7,7 @@ import logging
 import time
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from pipeline import Event, current, handler
 from pipeline.core.state import Keys
@@ -59,3 +60,16 @@ def mark(event: Event) -> None:
 @handler("io.guarded_noop", name="io.guarded_noop", downstreams=["noop-api"])
 def guarded_noop(event: Event) -> None:
     """Does nothing, behind the "noop-api" circuit breaker: what the breaker costs."""
+
+
+@handler("io.guarded_sleep", name="io.guarded_sleep", downstreams=["sleep-api"])
+def guarded_sleep(event: Event) -> None:
+    """Sleeps ``payload["s"]`` seconds behind the "sleep-api" breaker, through its soft
+    time limit (so only the hard one stops it), then records one effect."""
+    deadline = time.monotonic() + float(event.payload.get("s", 0))
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            continue
+    _record(str(event.id))

@@ -1,14 +1,20 @@
-"""Connection resets around the steps that carry the circuit breakers: a try's gated
-begin, its recorded settle, and a breaker's release of the work it held. Real
-workers reach Redis through a proxy that resets the connection that sends a
-given script, before the script runs or after it ran (its reply lost)."""
+"""Faults around the steps that carry the circuit breakers. Connection resets of a
+try's gated begin, its recorded settle, and a breaker's release of the work it
+held: real workers reach Redis through a proxy that resets the connection that
+sends a given script, before the script runs or after it ran (its reply lost).
+And a half-open probe killed by its hard time limit: the worker's main process
+settles the try and records the failed call in one script."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -21,7 +27,7 @@ from pipeline.worker import schedule as schedule_module
 from pipeline.worker.ledgerscripts import BEGIN_GATED_LUA, SETTLE_RECORDED_LUA
 from pipeline.worker.schedule import RELEASE_CHUNK, RetrySchedule
 from tests.integration.faults import ResetProxy
-from tests.integration.support import Stack, breaker_toml, write_config
+from tests.integration.support import IO_MODULES, Stack, breaker_toml, wait_for, write_config
 
 EVENTS = 60  # demo.flaky events (fail_rate 0) behind the demo-api breaker
 RESETS = 4  # connections reset on each script, half before and half after it ran
@@ -108,3 +114,35 @@ def test_a_release_cut_by_resets_still_makes_every_held_entry_due_once(
     assert direct.zcard(Keys.breaker_holds(downstream)) == 0
     direct.close()
     through_proxy.close()
+
+
+def test_a_probe_killed_by_its_hard_time_limit_fails_and_gives_its_slot_back(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "pipeline.toml", prefix="htl-", soft=0.5, hard=1.5,
+                          handler_modules=IO_MODULES,
+                          extra=breaker_toml(open_s=30, name="sleep-api"))
+    stack = Stack(redis_url, config, tmp_path)
+    breaker = Keys.breaker("sleep-api")
+    stack.state.delete(breaker, Keys.breaker_probes("sleep-api"))
+    stack.state.hset(breaker, mapping={"state": "open", "opened_at": 0})  # cooled down
+    try:
+        stack.start_worker("standard")
+        result = stack.publish("io.guarded_sleep", payload={"s": 5})  # past the hard limit
+        # the probe took the one slot; the hard limit kills its child at 1.5 s and the
+        # main process settles the try as failed, recording the call in the same script
+        wait_for(lambda: stack.rt.breakers.status("sleep-api")["opened_total"] >= 1, 20,
+                 "the failed probe to reopen the breaker")
+        status = stack.rt.breakers.status("sleep-api")
+        assert status["state"] == "open"
+        assert status["probes_leased"] == 0  # its lease went with the record
+        assert result.id is not None
+        assert stack.effects(str(result.id)) == 0
+        key = Keys.retries(stack.rt.settings.queue_for("standard"))
+        retries = cast(list[bytes], stack.state.zrange(key, 0, -1))
+        assert len(retries) == 1  # attempt 2 is scheduled: not lost, not dead-lettered
+        message = json.loads(retries[0].split(b"\n", 1)[1])  # "<list>\n<kombu message>"
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        assert kwargs["attempt"] == 2
+    finally:
+        stack.stop()

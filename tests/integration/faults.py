@@ -44,6 +44,11 @@ class ResetProxy:
         self.resets = 0  # connections reset so far
         threading.Thread(target=self._accept, daemon=True).start()
 
+    @classmethod
+    def before(cls, redis_url: str) -> ResetProxy:
+        """A proxy in front of the server of ``redis_url``."""
+        return cls(int(redis_url.rsplit(":", 1)[1].split("/", 1)[0]))
+
     def url(self, db: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -109,14 +109,26 @@ def test_only_the_outcome_that_closes_it_is_told_of_the_recovery(
     assert told == ["yes"]
 
 
-def test_probes_are_judged_together_one_failure_among_them_does_not_reopen(
-    redis_url: str,
-) -> None:
+@pytest.fixture
+def opened_with(redis_url: str) -> Iterator[Callable[[int], tuple[Breakers, str]]]:
+    """A breaker with ``half_open_probes`` probes that three failures opened at 102 s."""
     client = redis.Redis.from_url(redis_url)
-    name = f"api-{uuid.uuid4().hex[:6]}"
-    b = Breakers(client, {name: CFG.model_copy(update={"half_open_probes": 3})})
-    for i in range(3):
-        b.record(name, ok=False, now=100.0 + i)
+
+    def opened(probes: int) -> tuple[Breakers, str]:
+        name = f"api-{uuid.uuid4().hex[:6]}"
+        b = Breakers(client, {name: CFG.model_copy(update={"half_open_probes": probes})})
+        for i in range(3):
+            b.record(name, ok=False, now=100.0 + i)
+        return b, name
+
+    yield opened
+    client.close()
+
+
+def test_probes_are_judged_together_one_failure_among_them_does_not_reopen(
+    opened_with: Callable[[int], tuple[Breakers, str]],
+) -> None:
+    b, name = opened_with(3)
     probes = [b.allow(name, now=108.0 + i / 10) for i in range(3)]
     assert [p.retry_in_s for p in probes] == [0, 0, 0]
     assert b.allow(name, now=108.4).retry_in_s > 0  # three at once, no more
@@ -124,17 +136,12 @@ def test_probes_are_judged_together_one_failure_among_them_does_not_reopen(
     refill = b.allow(name, now=108.6)  # a failed probe frees its slot for the next
     assert refill.retry_in_s == 0
     assert b.record(name, ok=True, now=108.7, token=probes[1].token) == "closed"
-    client.close()
 
 
 def test_every_probe_failing_opens_it_again_and_a_new_half_open_counts_afresh(
-    redis_url: str,
+    opened_with: Callable[[int], tuple[Breakers, str]],
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
-    name = f"api-{uuid.uuid4().hex[:6]}"
-    b = Breakers(client, {name: CFG.model_copy(update={"half_open_probes": 2})})
-    for i in range(3):
-        b.record(name, ok=False, now=100.0 + i)
+    b, name = opened_with(2)
     first, second = b.allow(name, now=108.0), b.allow(name, now=108.1)
     assert b.record(name, ok=False, now=108.2, token=first.token) == "half_open"
     assert b.record(name, ok=False, now=108.3, token=second.token) == "open"
@@ -142,4 +149,3 @@ def test_every_probe_failing_opens_it_again_and_a_new_half_open_counts_afresh(
     # The next half-open period starts with no failed probe: one failure is not enough.
     again = b.allow(name, now=113.4)
     assert b.record(name, ok=False, now=113.5, token=again.token) == "half_open"
-    client.close()

@@ -40,7 +40,7 @@ def sha(lua: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def proxy(redis_url: str) -> Iterator[ResetProxy]:
-    p = ResetProxy(int(redis_url.rsplit(":", 1)[1].split("/", 1)[0]))
+    p = ResetProxy.before(redis_url)
     yield p
     p.close()
 

@@ -97,8 +97,7 @@ LEDGER_SHAS = {name: hashlib.sha1(lua.encode()).hexdigest().encode()  # a batch'
 
 @pytest.fixture(scope="module")
 def proxy(redis_url: str) -> Iterator[ResetProxy]:
-    port = int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
-    p = ResetProxy(port)
+    p = ResetProxy.before(redis_url)
     yield p
     p.close()
 

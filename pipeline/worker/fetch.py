@@ -25,8 +25,10 @@ This transport keeps kombu's Redis transport (queues, priority sub-lists, acks,
   message whose ack was lost with the process harmless; a clean close sends them).
   While its queues are empty the consumer waits with ``BLMOVE q q RIGHT RIGHT``
   (a no-op rotation that blocks until the list is non-empty) on its first list,
-  for at most ``FETCH_WAIT_S``, then fetches again: fresh work on the default
-  priority wakes it at once, other sub-lists within ``FETCH_WAIT_S``.
+  for at most ``FETCH_WAIT_S``, with the fetch sent behind it in the same write:
+  the server runs the fetch as soon as the wait returns, so waking up costs one round
+  trip (as ``BRPOP``). Fresh work on the default priority wakes it at once, other
+  sub-lists within ``FETCH_WAIT_S``.
 * **Consumers lease their in-flight work** (:mod:`pipeline.worker.inflight`): each
   consuming channel has an id registered in the sorted set ``pipeline:consumers``
   scored by a deadline that a heartbeat thread pushes ``lost_after_s`` ahead every

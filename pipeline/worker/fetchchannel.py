@@ -7,9 +7,10 @@ Every fetch is :data:`~pipeline.worker.fetchscript.FETCH_LUA`: the acks waiting,
 to the prefetch credit (at most :data:`FETCH_MOST`) messages popped and recorded as
 unacked and in this consumer's in-flight hash in one atomic step. While its queues are
 empty the consumer waits with ``BLMOVE q q RIGHT RIGHT`` on its first list for at most
-:data:`FETCH_WAIT_S`, then fetches again. Each consuming channel registers a consumer id
-leased by a heartbeat (:mod:`pipeline.worker.inflight`); a channel whose connection
-drops gives up its id, and what it held in flight is restored when the lease expires.
+:data:`FETCH_WAIT_S`, the next fetch pipelined behind the wait (one round trip). Each
+consuming channel registers a consumer id leased by a heartbeat
+(:mod:`pipeline.worker.inflight`); a channel whose connection drops gives up its id,
+and what it held in flight is restored when the lease expires.
 The design: :mod:`pipeline.worker.fetch`.
 """
 
@@ -56,7 +57,7 @@ class Channel(kredis.Channel):
         super().__init__(*args, **kwargs)
         self._fetched: set[str] = set()
         self._consumer = ""
-        self._waiting = False  # the command in flight is the BLMOVE wait, not a fetch
+        self._waiting = False  # the last fetch found nothing: the next one waits first
         self._heartbeat: Heartbeat | None = None
         self._acks: list[str] = []  # delivery tags acknowledged, sent with the next fetch
         self._acks_lock = threading.Lock()
@@ -121,29 +122,30 @@ class Channel(kredis.Channel):
         lists = self._lists(queues)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()
-        if self._waiting and not self._acks:
+        fetch = ["EVAL", *self._fetch_command(lists, self._credit())]
+        connection = self.client.connection
+        if self._waiting:
+            # the wait and the fetch behind it in one write: the server runs the fetch
+            # the moment the wait returns, so waking up costs one round trip, not two
             wait_s = min(FETCH_WAIT_S, timeout or self.brpop_timeout or FETCH_WAIT_S)
-            self.client.connection.send_command("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT",
-                                                wait_s)
+            connection.send_packed_command(connection.pack_commands(
+                [("BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT", wait_s), fetch]))
             return
-        self._waiting = False
-        self.client.connection.send_command("EVAL", *self._fetch_command(lists, self._credit()))
+        connection.send_command(*fetch)
 
     def _brpop_read(self, **options: Any) -> bool:
-        waited = self._waiting
         try:
             try:
-                reply = self.client.parse_response(
-                    self.client.connection, "BLMOVE" if waited else "EVAL", **options)
+                if self._waiting:  # the wait's reply (the rotation it did is a no-op)
+                    self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, "EVAL", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 self._drop_consumer()  # what it holds in flight is restored by the reaper
-                raise
-            if waited:
                 self._waiting = False
-                raise Empty()
+                raise
+            self._waiting = not reply
             if not reply:
-                self._waiting = True
                 raise Empty()
             parts = [bytes_to_str(part) for part in reply]
             for dest, item in zip(parts[::2], parts[1::2], strict=True):

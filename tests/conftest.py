@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,22 @@ from pipeline.local.embedded import start_server
 
 _db_numbers = itertools.count(1)
 MAX_DB = 15  # Redis has 16 logical databases; 0 is left alone
+LOG_TAIL_CHARS = 12_000  # of each worker log shown with a failed test
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test shows the tail of each worker log it wrote (``worker-*.log`` in
+    its ``tmp_path``): a flake in CI is diagnosable from CI's output alone."""
+    report: pytest.TestReport = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and isinstance(tmp, Path):
+        for log in sorted(tmp.glob("**/worker-*.log")):
+            text = log.read_text(errors="replace")
+            report.sections.append((f"{log.name} (last {LOG_TAIL_CHARS} chars)",
+                                    text[-LOG_TAIL_CHARS:]))
+    return report
 
 
 @pytest.fixture(scope="session")

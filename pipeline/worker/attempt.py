@@ -38,7 +38,7 @@ from pipeline.core.handlers import Handler, HandlerContext, registry, running
 from pipeline.core.logs import attempt_fields
 from pipeline.core.retry import Reason, compute_deferral
 from pipeline.errors import PermanentError, RetryAfter
-from pipeline.worker.ledger import Begin, Outcome
+from pipeline.worker.ledger import DONE, Begin, Outcome
 from pipeline.worker.lost import LIVE_CLAIMS, lost_message, previous_gone
 from pipeline.worker.settle import Settling
 
@@ -169,7 +169,7 @@ class Attempt(Settling):
                 self.calls(allowed, None if isinstance(exc, PermanentError) else False)
                 return self.failed(exc)
             self.calls(allowed, True)
-            self.settle(Outcome("done"))
+            self.settle(DONE)
             return "succeeded"
         finally:  # every exit gives back a probe slot it did not settle (no-op if it did)
             for downstream, token in leases:

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["BatchTask", "RateGate", "batch_outcomes", "batch_verdict", "register_batch_task"]
 
 BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
+TOKEN_INDEX_HEX = 6  # hex digits of a try's index in its batch's delivery tokens
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +101,9 @@ def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
 
     handler = str(kwargs.get("handler", ""))
     scope = rt.settings.idempotency_scope
-    return [Attempt(rt, event_task_id(e, handler, scope), e, dict(kwargs)) for e in events]
+    base = uuid.uuid4().hex[:32 - TOKEN_INDEX_HEX]  # one random part per batch delivery
+    return [Attempt(rt, event_task_id(e, handler, scope), e, kwargs,
+                    token=f"{base}{i:0{TOKEN_INDEX_HEX}x}") for i, e in enumerate(events)]
 
 
 class RateGate:

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pipeline.core.state import Keys
 from pipeline.worker.ledger import (
     BEGIN_LUA,
+    DONE,
     RUNNING_TTL_S,
     SETTLE_LUA,
     SETTLED_TTL_S,
     START_LUA,
     Begin,
     Ledger,
-    Outcome,
     Try,
     verdict,
 )
@@ -111,7 +111,7 @@ class BatchLedger:
 
     def _done_call(self, t: Try, following: Try | None, redo: Callable[[], object]) -> Call:
         task_id, key, _ = t.ids
-        skeys, sargs = self.ledger.settle_call(task_id, key, Outcome("done"), budget=t)
+        skeys, sargs = self.ledger.settle_call(task_id, key, DONE, budget=t)
         refund = len(skeys) > 4  # a retry's success: its budget bucket and the bucket's ttl
         keys = [*skeys[:3], skeys[0], skeys[4] if refund else skeys[0]]
         args: list[object] = [SETTLED_TTL_S, sargs[2], "", RUNNING_TTL_S,

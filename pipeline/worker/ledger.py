@@ -60,7 +60,7 @@ from pipeline.worker.ledgerscripts import (
     TAKE_OVER_LUA,
 )
 
-__all__ = ["BEGIN_LUA", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try",
+__all__ = ["BEGIN_LUA", "DONE", "SETTLE_LUA", "START_LUA", "Begin", "Ledger", "Outcome", "Try",
            "budget_bucket", "try_key", "verdict"]
 
 RUNNING_TTL_S = 7 * 24 * 3600  # a running mark outlives any redelivery delay
@@ -106,6 +106,9 @@ class Outcome:
     value: bytes | str = b""
     score: float = 0.0
     index: tuple[str, str, str] = ("", "", "")  # push: the DLQ index entry (dlqindex)
+
+
+DONE = Outcome("done")  # the outcome of every success, built once
 
 
 class Ledger:

@@ -54,7 +54,9 @@ def resp(args: Sequence[object]) -> bytes:
     """One command in Redis's protocol (str, bytes, int and float arguments)."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
+        if type(arg) is str:  # most arguments: keys, tokens (checked first, exactly)
+            data = arg.encode()
+        elif isinstance(arg, bytes):
             data = arg
         elif isinstance(arg, str):
             data = arg.encode()
@@ -64,6 +66,20 @@ def resp(args: Sequence[object]) -> bytes:
             data = str(int(arg)).encode()  # type: ignore[call-overload]
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+def _loaded_on(conn: Any) -> set[str]:
+    """The scripts loaded through ``conn``'s current socket: known loaded while that
+    socket lives (a new batch skips three ``SCRIPT LOAD`` round trips). A reconnect
+    starts afresh; a ``SCRIPT FLUSH`` without one surfaces as ``NOSCRIPT``, handled as
+    any failed call (:meth:`SettleStream.close` redoes it)."""
+    sock = conn._sock
+    cached = getattr(conn, "_pipeline_loaded", None)
+    if cached is None or cached[0] is not sock:
+        cached = (sock, set())
+        conn._pipeline_loaded = cached
+    loaded: set[str] = cached[1]
+    return loaded
 
 
 class SettleStream:
@@ -79,6 +95,8 @@ class SettleStream:
     def _connection(self, scripts: Sequence[Script]) -> Any:
         if self._conn is None:
             self._conn = self._client.connection_pool.get_connection()
+            self._conn.connect()  # no-op when connected: the socket is what _loaded is for
+            self._loaded = _loaded_on(self._conn)
         for script in scripts:
             if script.sha not in self._loaded:  # EVALSHA needs it
                 self._conn.send_command("SCRIPT", "LOAD", script.script)
@@ -132,6 +150,8 @@ class SettleStream:
                 try:
                     reply = self._conn.read_response()
                 except redis.ResponseError as exc:  # e.g. NOSCRIPT after a restart
+                    if "NOSCRIPT" in str(exc):
+                        self._loaded.clear()  # flushed: the next batch loads them again
                     log.warning("settle stream: %s not applied (%s); writing it again",
                                 call.what, str(exc)[:200])
                     if call.redo is not None:

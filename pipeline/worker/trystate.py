@@ -29,7 +29,7 @@ class TryState:
     """One delivery of one try: the event, the handler and where it stands."""
 
     def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any],
-                 kwargs: dict[str, Any]) -> None:
+                 kwargs: dict[str, Any], token: str = "") -> None:
         self.rt = runtime
         self.task_id = task_id
         self.event = event
@@ -45,7 +45,8 @@ class TryState:
         # the retry budget admitted this attempt already (deferred after it was)
         self.budget_charged = kwargs.get("budget_charged") is True
         self.key = try_key(self.attempt, self.deferrals, self.lineage)
-        self.token = uuid.uuid4().hex  # names this delivery in the running mark
+        # names this delivery in the running mark (a batch derives its tries' from one)
+        self.token = token or uuid.uuid4().hex
         self.only_if_running = False  # settle only a try that began (hard time limit)
         self.settled_now = False  # the last settle wrote this try's outcome
         self.batch: BatchLedger | None = None  # a batch's: starts and done settles streamed
@@ -56,6 +57,7 @@ class TryState:
         # the handler's downstream calls, each with its outcome (None: not counted, the
         # probe lease only given back), recorded by the settle script that settles it
         self.records: list[tuple[str, bool | None]] = []
+        self._try: Try | None = None  # as_try(), built once: what it reads never changes
 
     def masked(self, text: str) -> str:
         """``text`` (failure text) with this event's ``redact_paths`` values masked: what
@@ -73,8 +75,10 @@ class TryState:
 
     def as_try(self) -> Try:
         """What the ledger needs to begin this try."""
-        return Try((self.task_id, self.key, self.token), self.attempt, self.tier,
-                       self.rt.settings.tier(self.tier), self.budget_charged)
+        if self._try is None:
+            self._try = Try((self.task_id, self.key, self.token), self.attempt, self.tier,
+                            self.rt.settings.tier(self.tier), self.budget_charged)
+        return self._try
 
     def next_spec(self, *, attempt: int, deferrals: int, priority: int | None,
                   first_failed_at: str | None) -> TaskSpec:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -125,3 +126,36 @@ def test_a_streamed_settle_that_redis_refused_is_written_again_at_close(
         assert ledger.client.exists(Keys.done(task)) == 1
         assert ledger.begin(Try((task, "1.0", "again"), 1, "t", TIER, False)).verdict == "done"
 
+
+
+def _script_loads(client: redis.Redis) -> int:
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get("cmdstat_script|load", stats.get("cmdstat_script", {})).get("calls", 0))
+
+
+def test_a_batch_on_a_connection_that_loaded_the_scripts_loads_none_and_reloads_after_a_flush(
+    ledger: Ledger,
+) -> None:
+    def settle(task: str) -> Call:
+        return Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
+                    what=task, redo=lambda: ledger.settle(task, "1.0", Outcome("done")))
+
+    client = ledger.client
+    first = SettleStream(client)
+    first.send([settle(str(uuid.uuid4()))])
+    assert len(first.close()) == 1
+    loads = _script_loads(client)
+    assert loads > 0
+    second = SettleStream(client)  # the pool hands back the same connection
+    second.send([settle(str(uuid.uuid4()))])
+    assert len(second.close()) == 1
+    assert _script_loads(client) == loads  # nothing loaded again
+    client.script_flush()
+    third = SettleStream(client)
+    task = str(uuid.uuid4())
+    third.send([settle(task)])
+    assert third.close() == []  # NOSCRIPT: written again synchronously
+    assert client.exists(Keys.done(task)) == 1
+    fourth = SettleStream(client)
+    fourth.send([settle(str(uuid.uuid4()))])
+    assert len(fourth.close()) == 1  # loaded again, confirmed

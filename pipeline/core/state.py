@@ -8,7 +8,9 @@ and retry budgets.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -18,7 +20,9 @@ from redis.sentinel import Sentinel
 
 from pipeline.errors import NO_VALUE, ConfigError, FieldProblem
 
-__all__ = ["Keys", "connect"]
+__all__ = ["Keys", "connect", "resend"]
+
+T = TypeVar("T")
 
 SOCKET_TIMEOUT_S = 10.0  # a state-store call that takes longer than this fails
 CONNECT_TIMEOUT_S = 3.0  # how long to wait for the state store to accept a connection
@@ -204,3 +208,20 @@ def _redis_py_url(url: str) -> str:
     fixed = [(k, v.lower().removeprefix("cert_") if k == "ssl_cert_reqs" else v)
              for k, v in query]
     return url if fixed == query else urlunsplit(parts._replace(query=urlencode(fixed)))
+
+
+def resend(call: Callable[[], T], pauses_s: Sequence[float],
+           on_retry: Callable[[BaseException, float], None] | None = None) -> T:
+    """``call()``, made again after a connection error or timeout, with ``pauses_s``
+    between the tries (``on_retry`` told of each); the last error is raised. Only for
+    an idempotent call: one whose first send may have run with its reply lost."""
+    for pause_s in (*pauses_s, None):
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            if pause_s is None:
+                raise
+            if on_retry is not None:
+                on_retry(exc, pause_s)
+            time.sleep(pause_s)
+    raise AssertionError("unreachable")

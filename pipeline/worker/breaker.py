@@ -200,6 +200,13 @@ class Breakers:
             return "closed"
         return state
 
+    def closed(self, name: str) -> bool:
+        """Whether ``name``'s breaker lets every call through (closed, or forced closed)."""
+        forced, state = self._client.hmget(Keys.breaker(name), ["forced", "state"])
+        if forced:
+            return _text(forced) == "closed"
+        return state is None or _text(state) == "closed"
+
     def allow_call(self, name: str, *, token: str, now: float | None = None) -> ScriptCall:
         """Keys and args of :data:`ALLOW_LUA` for ``name`` (a probe's lease: ``token``)."""
         cfg = self.config(name)

@@ -91,7 +91,10 @@ return 1
 #       [budget bucket ttl_s]
 SETTLE_LUA = INDEX_LUA + """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
-if redis.call('EXISTS', KEYS[1]) == 1 then
+-- settled already; a success keeps only its done mark, so a success sent again (its
+-- reply lost) is found by that mark: it must not refund or count a call twice
+if redis.call('EXISTS', KEYS[1]) == 1 or (kind == 'done' and done_ttl > 0
+                                          and redis.call('EXISTS', KEYS[3]) == 1) then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
   return 0
 end

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from pipeline.core.names import TASK_NAME
-from pipeline.core.state import Keys
+from pipeline.core.state import Keys, resend
 from pipeline.messages.task import RedisMessageRenderer, TaskSpec
 
 if TYPE_CHECKING:
@@ -182,14 +182,8 @@ class RetrySchedule:
     def _release_chunk(self, keys: list[str], args: list[Any]) -> list[Any]:
         """One chunk of :meth:`release`, sent again after a connection error: a chunk
         that ran moves nothing twice (its holds are gone, its entries due already)."""
-        for pause_s in (*RELEASE_RETRY_DELAYS_S, None):
-            try:
-                return list(self._release(keys=keys, args=args))
-            except (redis.ConnectionError, redis.TimeoutError):
-                if pause_s is None:
-                    raise
-                time.sleep(pause_s)
-        raise AssertionError("unreachable")
+        return resend(lambda: list(self._release(keys=keys, args=args)),
+                      RELEASE_RETRY_DELAYS_S)
 
     def pending(self, queue: str) -> int:
         return int(self._client.zcard(Keys.retries(queue)))

@@ -26,6 +26,7 @@ import redis
 
 from pipeline.core.logs import attempt_fields
 from pipeline.core.retry import Reason, decide, qualname
+from pipeline.core.state import resend
 from pipeline.messages.task import TaskSpec
 from pipeline.worker.deadletter import dead_letter_record, format_trace, now_iso
 from pipeline.worker.ledger import Outcome
@@ -65,23 +66,31 @@ class Settling(TryState):
         records = [self.rt.breakers.record_call(downstream, ok,
                                                 token=self.breaker_token(downstream))
                    for downstream, ok in self.records]
-        for pause_s in (*SETTLE_RETRY_DELAYS_S, None):
-            try:
-                self.settled_now, states = self.rt.ledger.settle_recorded(
-                    self.task_id, self.key, outcome, only_if_running=self.only_if_running,
-                    budget=self.as_try(), records=records)
-                recorded, self.records = self.records, []
-                for (downstream, _), state in zip(recorded, states, strict=True):
-                    if state == "recovered":
-                        self.release_held(downstream)
-                return self.settled_now
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                if pause_s is None:
-                    raise
-                log.warning("settling task %s try %s failed; retrying in %.2fs",
-                            self.task_id, self.key, pause_s, extra={"task_id": self.task_id})
-                time.sleep(pause_s)
-        raise AssertionError("unreachable")
+
+        def retrying(_: BaseException, pause_s: float) -> None:
+            log.warning("settling task %s try %s failed; retrying in %.2fs",
+                        self.task_id, self.key, pause_s, extra={"task_id": self.task_id})
+
+        self.settled_now, states = resend(
+            lambda: self.rt.ledger.settle_recorded(
+                self.task_id, self.key, outcome, only_if_running=self.only_if_running,
+                budget=self.as_try(), records=records),
+            SETTLE_RETRY_DELAYS_S, retrying)
+        recorded, self.records = self.records, []  # raised: the caller gives the leases back
+        for (downstream, ok), state in zip(recorded, states, strict=True):
+            if state == "recovered" or (ok and not self.settled_now
+                                        and self._closed(downstream)):
+                self.release_held(downstream)
+        return self.settled_now
+
+    def _closed(self, downstream: str) -> bool:
+        """After a successful call whose settle found the try settled already: its
+        first send ran and its reply was lost (redis-py re-sent it), so a close that
+        send made went unreported. A closed breaker releases its held work now."""
+        try:
+            return self.rt.breakers.closed(downstream)
+        except redis.RedisError:
+            return False  # held work then runs when due
 
     def release_held(self, downstream: str) -> None:
         """``downstream``'s breaker has just closed: the work it deferred is due now."""

@@ -40,6 +40,7 @@ class ResetProxy:
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         self._lock = threading.Lock()
         self._drops: list[_Drop] = []
+        self._muted: set[tuple[socket.socket, socket.socket]] = set()  # replies dropped
         self._closed = threading.Event()
         self.resets = 0  # connections reset so far
         threading.Thread(target=self._accept, daemon=True).start()
@@ -75,11 +76,14 @@ class ResetProxy:
         try:
             while True:
                 data = src.recv(BUFFER_BYTES)
-                if not data:
-                    break
+                if not data or (not upstream and pair in self._muted):
+                    break  # a reply to lose: not relayed
                 drop = self._take_drop(data) if upstream else None
                 if drop is not None and not drop.after_forward:
                     break
+                if drop is not None:
+                    with self._lock:
+                        self._muted.add(pair)
                 dst.sendall(data)
                 if drop is not None:  # let the command run, then lose its reply
                     time.sleep(0.05)
@@ -101,6 +105,7 @@ class ResetProxy:
             if pair not in self._pairs:
                 return
             self._pairs.discard(pair)
+            self._muted.discard(pair)
             self.resets += 1
         for sock in pair:
             _rst(sock)

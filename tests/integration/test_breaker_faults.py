@@ -146,3 +146,33 @@ def test_a_probe_killed_by_its_hard_time_limit_fails_and_gives_its_slot_back(
         assert kwargs["attempt"] == 2
     finally:
         stack.stop()
+
+
+def test_a_probe_whose_settle_reply_is_lost_still_releases_the_held_work(
+    stack: Stack, proxy: ResetProxy,
+) -> None:
+    """The probe's settle closes the breaker but its reply is lost: the re-sent settle
+    finds the try settled and reports no transition; the worker sees the breaker
+    closed and releases the held work anyway (before: it waited out its own delay)."""
+    state = stack.state
+    key = Keys.retries(f"q-held-{uuid.uuid4().hex[:6]}")  # no worker moves it
+    holder = RetrySchedule(stack.rt.app, state, atomic_move=True)
+    later = time.time() + 3600
+    state.delete(Keys.breaker_probes(DEMO_DOWNSTREAM))
+    state.hset(Keys.breaker(DEMO_DOWNSTREAM), mapping={"state": "open", "opened_at": 0})
+    for i in range(5):
+        member = f"held{i}".encode()
+        state.zadd(key, {member: later})
+        holder.hold(DEMO_DOWNSTREAM, f"held-task-{i}", (key, member), time.time() - i)
+    assert state.zcount(key, "-inf", time.time()) == 0  # held: open breaker
+    state.script_load(SETTLE_RECORDED_LUA)  # the lost send runs it (no NOSCRIPT reply)
+    proxy.drop_on(sha(SETTLE_RECORDED_LUA), times=1, after_forward=True)
+    resets_before = proxy.resets
+    probe = stack.publish("demo.flaky", payload={"fail_rate": 0.0})
+    stack.wait_effect(str(probe.id), timeout_s=30)
+    wait_for(lambda: state.zcount(key, "-inf", time.time()) == 5, 15,
+             "the held work to be released")
+    assert proxy.resets - resets_before == 1  # the probe's settle reply was lost
+    assert stack.rt.breakers.status(DEMO_DOWNSTREAM)["state"] == "closed"
+    assert state.zcard(Keys.breaker_holds(DEMO_DOWNSTREAM)) == 0
+    assert stack.effects(str(probe.id)) == 1

@@ -108,6 +108,22 @@ def test_the_settle_records_each_outcome_once_even_when_sent_again(fold: Fold) -
     assert fold.breakers.status(a)["consecutive_failures"] == 1
 
 
+def test_a_success_settled_again_counts_its_call_once(fold: Fold) -> None:
+    a, _ = fold.names
+    t = fold.try_()
+    task_id, key, _ = t.ids
+    fold.ledger.begin(t, fold.gates(t, a))
+    records = fold.records(t, True, a)
+    assert fold.ledger.settle_recorded(task_id, key, Outcome("done"), records=records) == \
+        (True, ["closed"])
+    # sent again after its reply was lost: found by the done mark, nothing recorded
+    assert fold.ledger.settle_recorded(task_id, key, Outcome("done"), records=records) == \
+        (False, [""])
+    calls = sum(int(fold.client.hget(k, "calls") or 0)
+                for k in fold.client.scan_iter(f"{Keys.breaker(a)}:w:*"))
+    assert calls == 1
+
+
 def test_the_settle_that_closes_a_breaker_says_recovered_and_frees_its_probe(
     fold: Fold,
 ) -> None:

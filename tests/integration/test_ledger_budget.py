@@ -77,6 +77,19 @@ def test_a_retry_that_succeeds_gives_its_charge_back(ledger: tuple[Ledger, str])
     assert led.budget_exhausted_total(tier) == 1
 
 
+def test_a_retry_success_settled_twice_gives_its_charge_back_once(
+    ledger: tuple[Ledger, str],
+) -> None:
+    led, tier = ledger
+    task = str(uuid.uuid4())
+    t = Try((task, try_key(2), uuid.uuid4().hex), 2, tier, TIER, False)
+    assert led.begin(t).verdict == "run"  # charged: the minimum spent
+    assert led.settle(task, try_key(2), Outcome("done"), budget=t)  # given back
+    assert not led.settle(task, try_key(2), Outcome("done"), budget=t)  # sent again
+    assert _runs(led, tier, str(uuid.uuid4()), 2)  # the one charge given back
+    assert not _runs(led, tier, str(uuid.uuid4()), 2)  # and no second one
+
+
 def test_a_first_attempt_success_and_a_second_settle_give_nothing_back(
     ledger: tuple[Ledger, str],
 ) -> None:

@@ -127,19 +127,20 @@ return 1
 
 # The begin, then (if it says 'run') the breakers of the handler's downstreams, in
 # order. KEYS: the begin's 4, then per downstream its breaker hash and probe leases.
-# ARGV: the begin's 11, then per downstream the allow script's 5. Returns the begin's
+# ARGV: the begin's BEGIN_ARGS, then per downstream the allow script's 5. Returns the begin's
 # reply; a 'run' carries {'run', '', '0', i, state, retry_in}: i the first downstream
 # that denied (1-based; '0': every one allowed), and the leases granted before it are
 # given back.
 BEGIN_GATED_LUA = (
     "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
-    "local function allow(KEYS, ARGV)\n" + ALLOW_LUA + "\nend\n" + """
-local v = begin({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, {unpack(ARGV, 1, 11)})
+    "local function allow(KEYS, ARGV)\n" + ALLOW_LUA + "\nend\n"
+    f"local nb = {BEGIN_ARGS}\n" + """
+local v = begin({KEYS[1], KEYS[2], KEYS[3], KEYS[4]}, {unpack(ARGV, 1, nb)})
 if v[1] ~= 'run' then return v end
 local granted = {}
 for i = 1, (#KEYS - 4) / 2 do
   local k = {KEYS[3 + 2 * i], KEYS[4 + 2 * i]}
-  local a = allow(k, {unpack(ARGV, 7 + 5 * i, 11 + 5 * i)})
+  local a = allow(k, {unpack(ARGV, nb - 4 + 5 * i, nb + 5 * i)})
   if a[1] == 0 then
     for _, g in ipairs(granted) do redis.call('ZREM', g[1], g[2]) end
     return {'run', '', '0', tostring(i), a[2], a[3]}

@@ -54,14 +54,21 @@ def _count_writes(ch: Any) -> list[int]:
     return writes
 
 
-def test_idle_consumer_wakes_with_its_message_in_one_round_trip(
-    channel: Any, redis_url: str,
-) -> None:
+def _consume_idle(channel: Any) -> list[Any]:
+    """Consume ``QUEUE`` and make one fetch that finds nothing: the next one waits
+    first. Returns the list the delivered messages are appended to."""
     got: list[Any] = []
     channel.basic_consume(QUEUE, no_ack=False, callback=got.append, consumer_tag="t")
     channel._brpop_start()
-    with pytest.raises(Empty):  # nothing queued: the next fetch waits first
+    with pytest.raises(Empty):
         channel._brpop_read()
+    return got
+
+
+def test_idle_consumer_wakes_with_its_message_in_one_round_trip(
+    channel: Any, redis_url: str,
+) -> None:
+    got = _consume_idle(channel)
     writes = _count_writes(channel)
     channel._brpop_start()  # the wait and the fetch, in one write
     threading.Timer(0.05, _publish, (redis_url, "hello")).start()
@@ -77,11 +84,7 @@ def test_idle_consumer_wakes_with_its_message_in_one_round_trip(
 def test_wait_that_times_out_fetches_other_sub_lists_in_the_same_round_trip(
     channel: Any, redis_url: str,
 ) -> None:
-    got: list[Any] = []
-    channel.basic_consume(QUEUE, no_ack=False, callback=got.append, consumer_tag="t")
-    channel._brpop_start()
-    with pytest.raises(Empty):
-        channel._brpop_read()
+    got = _consume_idle(channel)
     # a message on a priority sub-list the wait does not watch (0 is kombu's highest)
     with Connection(redis_url) as conn:
         Producer(conn).publish("low", exchange=QUEUE, routing_key=QUEUE, serializer="json",

@@ -93,32 +93,23 @@ def test_a_try_that_may_not_run_asks_no_breaker(fold: Fold) -> None:
     assert fold.client.zcard(Keys.breaker_probes(a)) == 0  # no probe slot taken
 
 
-def test_the_settle_records_each_outcome_once_even_when_sent_again(fold: Fold) -> None:
+@pytest.mark.parametrize("ok", [False, True], ids=["failure", "success"])
+def test_the_settle_records_each_outcome_once_even_when_sent_again(
+    fold: Fold, ok: bool,
+) -> None:
     a, _ = fold.names
     t = fold.try_()
     task_id, key, _ = t.ids
     fold.ledger.begin(t, fold.gates(t, a))
-    records = fold.records(t, False, a)
-    schedule = Outcome("schedule", f"sched-{task_id}", b"next", 1.0)
-    assert fold.ledger.settle_recorded(task_id, key, schedule, records=records) == \
+    records = fold.records(t, ok, a)
+    # a success keeps only its done mark: a second settle is found by that mark
+    outcome = Outcome("done") if ok else Outcome("schedule", f"sched-{task_id}", b"next", 1.0)
+    assert fold.ledger.settle_recorded(task_id, key, outcome, records=records) == \
         (True, ["closed"])
     # the same settle again (its reply was lost to a connection reset): nothing counted
-    assert fold.ledger.settle_recorded(task_id, key, schedule, records=records) == \
+    assert fold.ledger.settle_recorded(task_id, key, outcome, records=records) == \
         (False, [""])
-    assert fold.breakers.status(a)["consecutive_failures"] == 1
-
-
-def test_a_success_settled_again_counts_its_call_once(fold: Fold) -> None:
-    a, _ = fold.names
-    t = fold.try_()
-    task_id, key, _ = t.ids
-    fold.ledger.begin(t, fold.gates(t, a))
-    records = fold.records(t, True, a)
-    assert fold.ledger.settle_recorded(task_id, key, Outcome("done"), records=records) == \
-        (True, ["closed"])
-    # sent again after its reply was lost: found by the done mark, nothing recorded
-    assert fold.ledger.settle_recorded(task_id, key, Outcome("done"), records=records) == \
-        (False, [""])
+    assert fold.breakers.status(a)["consecutive_failures"] == (0 if ok else 1)
     calls = sum(int(fold.client.hget(k, "calls") or 0)
                 for k in fold.client.scan_iter(f"{Keys.breaker(a)}:w:*"))
     assert calls == 1

@@ -12,7 +12,7 @@ per event instead of three.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pipeline.core.state import Keys
 from pipeline.worker.ledger import (
@@ -29,19 +29,23 @@ from pipeline.worker.ledger import (
 )
 from pipeline.worker.settlestream import Call, SettleStream
 
-__all__ = ["BatchLedger"]
+__all__ = ["BatchLedger", "claim_lost"]
+
+FIRST_BEGINS = 16  # tries begun by a batch's first call; the rest in a second one
 
 # KEYS: the retry budget key prefix, then per try: done mark, settled mark, running mark.
 # ARGV: the begin's 1-8, host and pid, then one delivery token per try. Every try
-# begins pending; returns one begin verdict per try.
+# begins pending; returns one begin verdict per try, a plain 'run' as the integer 1
+# (most of them: the cheapest reply to read).
 _BEGIN_MANY_LUA = (
     "local function begin(KEYS, ARGV)\n" + BEGIN_LUA + "\nend\n"
     """
 local out = {}
 for i = 1, (#KEYS - 1) / 3 do
-  out[i] = begin({KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1], KEYS[1]},
+  local v = begin({KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1], KEYS[1]},
                  {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
                   ARGV[9 + i], ARGV[9], '1'})
+  if v[1] == 'run' and #v == 1 then out[i] = 1 else out[i] = v end
 end
 return out
 """)
@@ -61,8 +65,19 @@ local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[1], budget},
                        {'done', ARGV[1], ARGV[2], '0', '', '0', '', '', '', ARGV[5]})
 local started = -1
 if ARGV[3] ~= '' then started = start({KEYS[4]}, {ARGV[3], ARGV[4]}) end
-return {settled, started}
+return settled + 2 * (started + 1)
 """)
+
+
+RUN = Begin("run")  # the verdict of a try to run (most of a batch's)
+
+
+def claim_lost(what: str, reply: object) -> bool:
+    """A start that found no claim: a start's reply 0, or a done-then-start's whose
+    start part is 0 (see ``_DONE_THEN_START_LUA``)."""
+    if what.startswith("settle"):
+        return isinstance(reply, int) and reply // 2 == 1
+    return what.startswith("start") and reply == 0
 
 
 class BatchLedger:
@@ -74,25 +89,36 @@ class BatchLedger:
         self._begin_many = ledger.client.register_script(_BEGIN_MANY_LUA)
         self._done_then_start = ledger.client.register_script(_DONE_THEN_START_LUA)
 
-    def begin_many(self, tries: list[Try]) -> list[Begin]:
-        """Every try's verdict, those to run claimed pending: one call on ``stream``
-        when the tries share their tier, attempt and budget state (a batch's do),
-        else (or when that call fails) the ledger's pipelined begins."""
+    def begin_many(self, tries: list[Try]) -> Iterator[list[Begin]]:
+        """Every try's verdict, in order and in parts, those to run claimed pending.
+
+        When the tries share their tier, attempt and budget state (a batch's do), two
+        calls on ``stream`` in one write: the first :data:`FIRST_BEGINS` tries, whose
+        verdicts come first, and the rest, whose reply is read only when those have
+        run (Redis begins them meanwhile). Otherwise, or when a call fails, the
+        ledger's pipelined begins."""
         shared = {(t.tier_name, t.attempt, t.charged) for t in tries}
-        if len(shared) == 1:
-            keys: list[str] = []
-            tokens: list[str] = []
-            args: list[object] = []
-            for t in tries:
-                k, args = self.ledger.begin_call(t, pending=True)
-                keys += k[:3]
-                tokens.append(str(args[8]))
-            call = Call(self._begin_many, [k[3], *keys], [*args[:8], args[9], *tokens],
-                        what="begin")
-            replies = self.stream.begin_many([call])
-            if replies is not None:
-                return [verdict(reply) for reply in replies[0]]
-        return self.ledger.begin_many(tries)
+        if len(shared) != 1:
+            yield self.ledger.begin_many(tries)
+            return
+        cut = FIRST_BEGINS if len(tries) > 2 * FIRST_BEGINS else len(tries)
+        parts = [part for part in (tries[:cut], tries[cut:]) if part]
+        written = self.stream.begin_later([self._begin_call(part) for part in parts])
+        for i, part in enumerate(parts):
+            replies = self.stream.replies(None if written is None else written[i:i + 1])
+            yield ([RUN if reply == 1 else verdict(reply) for reply in replies[0]]
+                   if replies is not None else self.ledger.begin_many(part))
+
+    def _begin_call(self, tries: list[Try]) -> Call:
+        keys: list[str] = []
+        tokens: list[str] = []
+        args: list[object] = []
+        for t in tries:
+            k, args = self.ledger.begin_call(t, pending=True)
+            keys += k[:3]
+            tokens.append(str(args[8]))
+        return Call(self._begin_many, [k[3], *keys], [*args[:8], args[9], *tokens],
+                    what="begin")
 
     def start(self, t: Try) -> None:
         """Start a pending try (its handler runs next), without waiting."""

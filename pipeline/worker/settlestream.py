@@ -24,12 +24,15 @@ redelivered, as any failed settle is.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.commands.core import Script
+
+from pipeline.worker.replyreader import ReplyReader
 
 __all__ = ["Call", "SettleStream", "resp"]
 
@@ -52,11 +55,23 @@ class Call:
 
 def resp(args: Sequence[object]) -> bytes:
     """One command in Redis's protocol (str, bytes, int and float arguments)."""
+    parts = []
+    for arg in args:
+        if type(arg) is not str:
+            if type(arg) is not int:
+                return _resp_bytes(args)
+            arg = str(arg)
+        parts.append(f"${len(arg)}\r\n{arg}\r\n")
+    body = "".join(parts)
+    if body.isascii():  # a character is a byte, so the lengths hold (most commands)
+        return f"*{len(args)}\r\n{body}".encode()
+    return _resp_bytes(args)
+
+
+def _resp_bytes(args: Sequence[object]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if type(arg) is str:  # most arguments: keys, tokens (checked first, exactly)
-            data = arg.encode()
-        elif isinstance(arg, bytes):
+        if isinstance(arg, bytes):
             data = arg
         elif isinstance(arg, str):
             data = arg.encode()
@@ -70,9 +85,9 @@ def resp(args: Sequence[object]) -> bytes:
 
 def _loaded_on(conn: Any) -> set[str]:
     """The scripts loaded through ``conn``'s current socket: known loaded while that
-    socket lives (a new batch skips three ``SCRIPT LOAD`` round trips). A reconnect
-    starts afresh; a ``SCRIPT FLUSH`` without one surfaces as ``NOSCRIPT``, handled as
-    any failed call (:meth:`SettleStream.close` redoes it)."""
+    socket lives (a new batch loads none). A reconnect starts afresh; a ``SCRIPT
+    FLUSH`` without one surfaces as ``NOSCRIPT``, handled as any failed call
+    (:meth:`SettleStream.close` redoes it)."""
     sock = conn._sock
     cached = getattr(conn, "_pipeline_loaded", None)
     if cached is None or cached[0] is not sock:
@@ -82,44 +97,115 @@ def _loaded_on(conn: Any) -> set[str]:
     return loaded
 
 
+@dataclass(frozen=True)
+class _Due:
+    """A reply due on the stream: ``call``'s (None: a ``SCRIPT LOAD``'s, dropped);
+    ``held`` for the caller (a begin's) rather than confirmed at close."""
+
+    call: Call | None
+    held: bool = False
+
+
 class SettleStream:
-    """Script calls on one connection, replies read by :meth:`close`."""
+    """Script calls on one connection, replies read by :meth:`close` (a begin's when
+    its caller asks, :meth:`replies`)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._conn: Any = None
+        self._reader: ReplyReader | None = None
         self._loaded: set[str] = set()
-        self._sent: list[Call] = []  # one reply due per call, in order
-        self._broken = False  # a write failed: the rest go one by one, synchronously
+        self._due: deque[_Due] = deque()  # one reply due per entry, in order
+        self._read = 0  # replies read so far (an entry's number: replies due before it)
+        self._held: dict[int, Any] = {}  # a begin's reply by its entry's number, once read
+        self._confirmed: list[tuple[str, object]] = []
+        self._broken = False  # a write or read failed: the rest go one by one, synchronously
 
-    def _connection(self, scripts: Sequence[Script]) -> Any:
-        if self._conn is None:
+    def _connection(self) -> tuple[Any, ReplyReader]:
+        if self._conn is None or self._reader is None:
             self._conn = self._client.connection_pool.get_connection()
             self._conn.connect()  # no-op when connected: the socket is what _loaded is for
             self._loaded = _loaded_on(self._conn)
-        for script in scripts:
-            if script.sha not in self._loaded:  # EVALSHA needs it
-                self._conn.send_command("SCRIPT", "LOAD", script.script)
-                self._conn.read_response()
-                self._loaded.add(script.sha)
-        return self._conn
+            buffered = getattr(getattr(self._conn, "_parser", None), "_buffer", None)
+            if buffered is not None and buffered.unread_bytes():  # not ours to read
+                self._conn.disconnect()
+                self._conn.connect()
+            self._reader = ReplyReader(self._conn._sock)
+        return self._conn, self._reader
 
-    def _write(self, calls: Sequence[Call]) -> Any:
-        conn = self._connection(list({c.script.sha: c.script for c in calls}.values()))
-        conn.send_packed_command([b"".join(
-            resp(["EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args]) for c in calls)],
-            check_health=False)
-        return conn
+    def _write(self, calls: Sequence[Call], *, held: bool = False) -> list[int]:
+        """Write ``calls`` (loading a script the socket has not loaded first); returns
+        their entries' numbers."""
+        conn, _ = self._connection()
+        parts: list[bytes] = []
+        due: list[_Due] = []
+        loading: set[str] = set()
+        for c in calls:
+            if c.script.sha not in self._loaded and c.script.sha not in loading:
+                parts.append(resp(["SCRIPT", "LOAD", c.script.script]))
+                due.append(_Due(None))
+                loading.add(c.script.sha)
+            parts.append(resp(["EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args]))
+            due.append(_Due(c, held))
+        conn._sock.sendall(b"".join(parts))
+        self._loaded |= loading
+        first = self._read + len(self._due)
+        self._due.extend(due)
+        return [first + i for i, d in enumerate(due) if d.call is not None]
+
+    def _read_one(self) -> None:
+        """Read the next reply due; a failed call is written again (synchronously)."""
+        assert self._reader is not None
+        entry = self._due[0]
+        try:
+            reply: Any = self._reader.next()
+        except redis.ResponseError as exc:  # e.g. NOSCRIPT after a restart
+            reply = exc
+        self._due.popleft()
+        number, self._read = self._read, self._read + 1
+        if entry.call is None:
+            return
+        if entry.held:
+            self._held[number] = reply
+        elif isinstance(reply, redis.ResponseError):
+            if "NOSCRIPT" in str(reply):
+                self._loaded.clear()  # flushed: the next batch loads them again
+            log.warning("settle stream: %s not applied (%s); writing it again",
+                        entry.call.what, str(reply)[:200])
+            if entry.call.redo is not None:
+                entry.call.redo()
+        else:
+            self._confirmed.append((entry.call.what, reply))
 
     def begin_many(self, calls: Sequence[Call]) -> list[Any] | None:
         """The replies of ``calls`` (a batch's begins), written at once; None when the
         connection or a script failed (the caller begins them the usual way)."""
+        return self.replies(self.begin_later(calls))
+
+    def begin_later(self, calls: Sequence[Call]) -> list[int] | None:
+        """Write ``calls`` (begins); their replies are read when :meth:`replies` asks.
+        None when the stream has failed."""
         if self._broken:
             return None
         try:
-            conn = self._write(calls)
-            replies = [conn.read_response() for _ in calls]
+            return self._write(calls, held=True)
         except (*_IO_ERRORS, redis.ResponseError):
+            self._broken = True
+            return None
+
+    def replies(self, numbers: list[int] | None) -> list[Any] | None:
+        """The replies of the begins written as ``numbers``, waiting for them; None
+        when one failed or the stream did (the caller begins them the usual way)."""
+        if numbers is None:
+            return None
+        try:
+            while not self._broken and self._due and self._read <= numbers[-1]:
+                self._read_one()
+        except _IO_ERRORS:
+            self._broken = True
+        replies = [self._held.pop(n, None) for n in numbers]
+        if self._broken or any(r is None or isinstance(r, redis.ResponseError)
+                               for r in replies):
             self._broken = True
             return None
         return replies
@@ -129,7 +215,6 @@ class SettleStream:
         if not self._broken:
             try:
                 self._write(calls)
-                self._sent.extend(calls)
                 return
             except (*_IO_ERRORS, redis.ResponseError):
                 log.warning("settle stream lost its connection; settling the rest of the "
@@ -142,39 +227,27 @@ class SettleStream:
     def close(self) -> list[tuple[str, object]]:
         """Read every reply; redo what was not confirmed. Returns ``(what, reply)`` for
         each confirmed call. Raises when a redo cannot reach the state store."""
-        confirmed: list[tuple[str, object]] = []
-        pending, self._sent = self._sent, []
         try:
-            while pending and not self._broken:
-                call = pending[0]
-                try:
-                    reply = self._conn.read_response()
-                except redis.ResponseError as exc:  # e.g. NOSCRIPT after a restart
-                    if "NOSCRIPT" in str(exc):
-                        self._loaded.clear()  # flushed: the next batch loads them again
-                    log.warning("settle stream: %s not applied (%s); writing it again",
-                                call.what, str(exc)[:200])
-                    if call.redo is not None:
-                        call.redo()
-                    pending.pop(0)
-                    continue
-                except _IO_ERRORS:
-                    self._broken = True
-                    break
-                confirmed.append((call.what, reply))
-                pending.pop(0)
-            for call in pending:  # written, but whether it ran is unknown: idempotent
-                log.warning("settle stream: %s unconfirmed; writing it again", call.what)
-                if call.redo is not None:
+            try:
+                while self._due and not self._broken:
+                    self._read_one()
+            except _IO_ERRORS:
+                self._broken = True
+            while self._due:  # written, but whether it ran is unknown: idempotent
+                call = self._due.popleft().call
+                if call is not None and call.redo is not None:
+                    log.warning("settle stream: %s unconfirmed; writing it again", call.what)
                     call.redo()
         finally:
-            self._release(dirty=self._broken or bool(pending))
+            leftover = self._reader is not None and not self._reader.idle()
+            self._release(dirty=self._broken or bool(self._due) or leftover)
+        confirmed, self._confirmed = self._confirmed, []
         return confirmed
 
     def _release(self, *, dirty: bool) -> None:
         if self._conn is None:
             return
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._reader = self._conn, None, None
         if dirty:
             conn.disconnect()  # replies may still be due: never reuse it
         self._client.connection_pool.release(conn)

@@ -10,8 +10,10 @@ import redis
 
 from pipeline.core.state import Keys
 from pipeline.core.tiers import TierConfig
+from pipeline.worker.batchledger import FIRST_BEGINS, BatchLedger
 from pipeline.worker.ledger import Ledger, Outcome, Try, try_key
 from pipeline.worker.settlestream import Call, SettleStream
+from tests.integration.support import wait_for
 
 TIER = TierConfig(retry_budget_ratio=0)
 
@@ -159,3 +161,28 @@ def test_a_batch_on_a_connection_that_loaded_the_scripts_loads_none_and_reloads_
     fourth = SettleStream(client)
     fourth.send([settle(str(uuid.uuid4()))])
     assert len(fourth.close()) == 1  # loaded again, confirmed
+
+
+def test_a_batch_begins_in_one_write_and_hands_out_its_first_tries_before_the_rest(
+    ledger: Ledger,
+) -> None:
+    """The rest of a batch is begun by Redis while the first tries run: its reply is
+    read only when they are done, and a try begun already reads as run."""
+    tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
+             for _ in range(FIRST_BEGINS * 3)]
+    ledger.begin(Try((tries[-1].ids[0], "1.0", "other"), 1, "t", TIER, False))
+    batch = BatchLedger(ledger)
+    parts = batch.begin_many(tries)
+    first = next(parts)
+    assert [b.verdict for b in first] == ["run"] * FIRST_BEGINS
+    # the rest were claimed pending in the same write, before their reply is read
+    def claimed() -> bool:
+        marks = ledger.client.mget([Keys.running(t.ids[0], "1.0") for t in tries[:-1]])
+        return all(isinstance(m, bytes) and m.startswith(f"~{t.ids[2]} ".encode())
+                   for m, t in zip(marks, tries, strict=False))
+
+    wait_for(claimed, 5, "the rest claimed pending")
+    rest = next(parts)
+    assert [b.verdict for b in rest] == ["run"] * (len(tries) - FIRST_BEGINS - 1) + ["lost"]
+    assert next(parts, None) is None
+    assert batch.close() == []

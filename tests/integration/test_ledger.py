@@ -186,3 +186,19 @@ def test_a_batch_begins_in_one_write_and_hands_out_its_first_tries_before_the_re
     assert [b.verdict for b in rest] == ["run"] * (len(tries) - FIRST_BEGINS - 1) + ["lost"]
     assert next(parts, None) is None
     assert batch.close() == []
+
+
+def test_a_script_first_used_mid_stream_is_loaded_in_order_and_each_call_gets_its_reply(
+    redis_url: str,
+) -> None:
+    client = redis.Redis.from_url(redis_url)  # its own connection: nothing loaded on it
+    ledger = Ledger(client, window_s=3600)
+    seven = client.register_script(f"return 7 -- {uuid.uuid4()}")  # never loaded before
+    task = str(uuid.uuid4())
+    stream = SettleStream(client)
+    stream.send([Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
+                      what="settle")])
+    stream.send([Call(seven, [], [], what="seven")])  # the settle's reply is still due
+    assert stream.close() == [("settle", 1), ("seven", 7)]
+    assert client.get("absent") is None  # the pooled connection holds no stray reply
+    assert client.exists(Keys.done(task)) == 1

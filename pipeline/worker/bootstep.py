@@ -15,6 +15,7 @@ work would wait forever).
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -22,7 +23,7 @@ import click
 from celery import bootsteps
 from celery.backends.base import DisabledBackend
 from celery.concurrency import get_implementation
-from celery.signals import celeryd_init
+from celery.signals import celeryd_init, worker_process_init, worker_ready
 from click.core import ParameterSource
 
 from pipeline.config.load import Settings
@@ -53,6 +54,17 @@ def _record_given_options(sender: Any = None, instance: Any = None,
     if instance is not None:
         setattr(instance, GIVEN_ATTR, given_options(options or {},
                                                     click.get_current_context(silent=True)))
+
+
+@worker_process_init.connect
+@worker_ready.connect
+def _freeze_startup_heap(**_: Any) -> None:
+    """Once a pool child (or the ready worker) has loaded everything: its objects are
+    left out of every later garbage collection. A batched child allocates per event,
+    and each collection of the oldest generation walked Celery's, pydantic's and the
+    handlers' modules again: ~4% of a batch's time. (Nothing is freed any later:
+    what is frozen lives as long as the process anyway.)"""
+    gc.freeze()
 
 
 def given_options(options: dict[str, Any], ctx: click.Context | None) -> set[str]:

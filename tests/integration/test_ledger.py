@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -202,3 +202,56 @@ def test_a_script_first_used_mid_stream_is_loaded_in_order_and_each_call_gets_it
     assert stream.close() == [("settle", 1), ("seven", 7)]
     assert client.get("absent") is None  # the pooled connection holds no stray reply
     assert client.exists(Keys.done(task)) == 1
+
+
+BEGIN_STATES = ["fresh", "done", "settled", "running", "pending", "other_running",
+                "other_pending", "done_and_other", "fresh"]  # what each try finds
+
+
+def _set_state(client: redis.Redis, t: Try, state: str, now: float) -> None:
+    task, key, token = t.ids
+    if state.startswith("done"):
+        client.set(Keys.done(task), "1")
+    if state == "settled":
+        client.set(Keys.settled(task, key), "failed")
+    mark = {"running": f"{token} h 1 {now:.3f}", "pending": f"~{token} h 1 {now:.3f}",
+            "other_running": f"other h 1 {now - 5:.3f}", "done_and_other": f"x h 1 {now:.3f}",
+            "other_pending": f"~other h 1 {now - 5:.3f}"}.get(state)
+    if mark is not None:
+        client.set(Keys.running(task, key), mark)
+
+
+@pytest.mark.parametrize("budget_ratio", [0.0, 0.5])
+def test_a_batch_of_first_attempts_begins_as_the_general_loop_does_state_by_state(
+    ledger: Ledger, budget_ratio: float,
+) -> None:
+    """The batch's own begin (steps shared by its tries done once) gives each try the
+    verdict, running mark and retry-budget count the ledger's own begin gives it."""
+    client, tier = ledger.client, TierConfig(retry_budget_ratio=budget_ratio)
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    batch = BatchLedger(ledger)
+    seen = []
+    for script in (batch._begin_many, batch._begin_firsts):  # the general loop, the batch's
+        name = uuid.uuid4().hex  # its own tier: its own budget buckets
+        tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, name, tier, False)
+                 for _ in BEGIN_STATES]
+        for t, state in zip(tries, BEGIN_STATES, strict=True):
+            _set_state(client, t, state, now)
+        call = batch._begin_call(tries)
+        replies = script(keys=call.keys, args=call.args)
+        marks = cast(list[bytes | None],
+                     client.mget([Keys.running(t.ids[0], "1.0") for t in tries]))
+        budget = [client.hgetall(k) for k in client.keys(f"{Keys.retry_budget(name)}*")]
+        seen.append((
+            [r if r == 1 else [p.decode() if i != 2 else int(float(p))
+                               for i, p in enumerate(r)] for r in replies],
+            [None if m is None else m.replace(t.ids[2].encode(), b"T").rsplit(b" ", 1)[0]
+             for m, t in zip(marks, tries, strict=True)],
+            budget))
+    assert seen[0] == seen[1]
+    verdicts = seen[1][0]
+    assert verdicts[0] == 1
+    assert verdicts[1:4] == [["done"], ["settled"], 1]
+    assert verdicts[5] == ["lost", "other h 1 %.3f" % (now - 5), 5]
+    assert seen[1][2] == ([{b"first": b"2"}] if budget_ratio else [])  # the fresh ones

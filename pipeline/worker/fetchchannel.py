@@ -30,8 +30,9 @@ from typing import Any
 
 from kombu.transport import redis as kredis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
+from pipeline.worker.fanout import FanoutWriter
 from pipeline.worker.fetchqos import QoS
 from pipeline.worker.fetchscript import FETCH_LUA
 from pipeline.worker.inflight import CONSUMERS_KEY, LOST_AFTER_S, Heartbeat, inflight_key
@@ -73,6 +74,18 @@ class Channel(kredis.Channel):
     @cached_property
     def _plain_client(self) -> Any:
         return self._create_client()
+
+    @cached_property
+    def _fanout(self) -> FanoutWriter:
+        return FanoutWriter(self._plain_client)
+
+    def _put_fanout(self, exchange: str, message: Any, routing_key: str, **kwargs: Any) -> None:
+        """Task events and broadcasts: written without waiting for Redis's reply
+        (:mod:`pipeline.worker.fanout`); a producer's publish batch keeps kombu's way."""
+        if kwargs.get("_publish_batch") is not None:
+            super()._put_fanout(exchange, message, routing_key, **kwargs)
+            return
+        self._fanout.publish(self._get_publish_topics(exchange, routing_key), dumps(message))
 
     # -- fetching -------------------------------------------------------------------
     def _lists(self, queues: list[str]) -> list[str]:
@@ -185,6 +198,8 @@ class Channel(kredis.Channel):
         except Exception as exc:  # restored at the deadline instead, then found settled
             log.warning("acknowledgements not sent at close: %s", exc)
         super().close()  # restores what this channel still holds (warm shutdown)
+        if "_fanout" in self.__dict__:
+            self._fanout.close()
         if heartbeat is not None:
             heartbeat.stop()
             heartbeat.forget(consumer)

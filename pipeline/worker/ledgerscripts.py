@@ -93,8 +93,10 @@ SETTLE_LUA = INDEX_LUA + """
 local kind, done_ttl = ARGV[1], tonumber(ARGV[3])
 -- settled already; a success keeps only its done mark, so a success sent again (its
 -- reply lost) is found by that mark: it must not refund or count a call twice
-if redis.call('EXISTS', KEYS[1]) == 1 or (kind == 'done' and done_ttl > 0
-                                          and redis.call('EXISTS', KEYS[3]) == 1) then
+local seen
+if kind == 'done' and done_ttl > 0 then seen = redis.call('EXISTS', KEYS[1], KEYS[3])
+else seen = redis.call('EXISTS', KEYS[1]) end
+if seen > 0 then
   if kind == 'done' and done_ttl > 0 then redis.call('SET', KEYS[3], '1', 'EX', done_ttl) end
   return 0
 end

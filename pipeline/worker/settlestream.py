@@ -58,9 +58,12 @@ def resp(args: Sequence[object]) -> bytes:
     parts = []
     for arg in args:
         if type(arg) is not str:
-            if type(arg) is not int:
+            if type(arg) is int:
+                arg = str(arg)
+            elif type(arg) is float:
+                arg = repr(arg)
+            else:
                 return _resp_bytes(args)
-            arg = str(arg)
         parts.append(f"${len(arg)}\r\n{arg}\r\n")
     body = "".join(parts)
     if body.isascii():  # a character is a byte, so the lengths hold (most commands)

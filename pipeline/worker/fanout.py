@@ -19,6 +19,7 @@ messages (``LPUSH``) and acknowledgements keep waiting for their replies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -38,6 +39,7 @@ class FanoutWriter:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._conn: Any = None
+        self._sock: Any = None  # the socket it wrote on: another one means reconnected
         self.due = 0  # replies not read yet
 
     def publish(self, topics: list[str], payload: str | bytes) -> None:
@@ -57,6 +59,8 @@ class FanoutWriter:
         or reset since the last write (found before writing, so nothing is lost)."""
         if self._conn is not None:
             try:
+                if self._conn._sock is not self._sock:  # disconnected by its pool
+                    raise redis.ConnectionError("fan-out connection closed")
                 self._drain(self._conn, wait=self.due >= FANOUT_DUE_MAX)
                 if not self.due and self._conn.can_read(timeout=0):  # EOF, or stray bytes
                     raise redis.ConnectionError("fan-out connection closed")
@@ -67,19 +71,22 @@ class FanoutWriter:
 
     def close(self) -> None:
         """Read what is still due (the server's replies, or its error), then give the
-        connection back."""
+        connection back. Never raises: a channel closes this on its error paths."""
         if self._conn is None:
             return
         try:
-            self._drain(self._conn, wait=True)
-        except _IO_ERRORS as exc:
+            if self._conn._sock is self._sock:
+                self._drain(self._conn, wait=True)
+        except Exception as exc:  # best effort, as kombu's own close
             log.debug("fan-out replies not read at close: %s", exc)
-        self._drop()
+        with contextlib.suppress(Exception):
+            self._drop(broken=True)
 
     def _connection(self) -> Any:
         if self._conn is None:
             self._conn = self._client.connection_pool.get_connection()
             self._conn.connect()
+            self._sock = self._conn._sock
             self.due = 0
         return self._conn
 

@@ -197,9 +197,9 @@ class Channel(kredis.Channel):
             self.flush_acks()
         except Exception as exc:  # restored at the deadline instead, then found settled
             log.warning("acknowledgements not sent at close: %s", exc)
-        super().close()  # restores what this channel still holds (warm shutdown)
         if "_fanout" in self.__dict__:
-            self._fanout.close()
+            self._fanout.close()  # before the pool's connections are closed
+        super().close()  # restores what this channel still holds (warm shutdown)
         if heartbeat is not None:
             heartbeat.stop()
             heartbeat.forget(consumer)

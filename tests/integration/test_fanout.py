@@ -101,3 +101,20 @@ def test_a_writer_whose_connection_was_closed_while_idle_sends_the_next_event_an
                  "the event after the connection closed")
     writer.close()
     assert writer.due == 0
+
+
+def test_a_writer_whose_pool_was_disconnected_closes_quietly_and_publishes_anew(
+    server: EmbeddedServer, subscribed: tuple[redis.Redis, list[bytes]],
+) -> None:
+    """kombu closes a channel's pool on its error paths, then the channel: the writer's
+    connection is gone under it (this once stopped a worker with an AttributeError)."""
+    _, got = subscribed
+    client = redis.Redis.from_url(server.url)
+    writer = FanoutWriter(client)
+    writer.publish(["events"], "one")
+    client.connection_pool.disconnect()  # a reply still due on a closed connection
+    writer.publish(["events"], "two")
+    wait_for(lambda: got == [b"one", b"two"], 5, "both events")
+    client.connection_pool.disconnect()
+    writer.close()  # does not raise
+    assert writer.due == 0

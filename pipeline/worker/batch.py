@@ -36,7 +36,7 @@ from pipeline.core.names import BATCH_TASK_NAME
 from pipeline.core.pools import processes
 from pipeline.messages.taskids import event_task_id
 from pipeline.worker.attempt import Attempt
-from pipeline.worker.batchledger import BatchLedger, claim_lost
+from pipeline.worker.batchledger import BatchLedger
 from pipeline.worker.lost import LIVE_CLAIMS
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.task import PipelineTask, settle_or_requeue
@@ -57,11 +57,10 @@ log = logging.getLogger(__name__)
 
 def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
     """Each event through :meth:`Attempt.run`, as if it had its own message; the
-    per-event results counted. Every try is begun (claimed *pending*) by two
-    script calls written at once, the second's reply read once the first part has run
-    (:meth:`BatchLedger.begin_many`), and each one's start and successful settle go out on a
-    :class:`~pipeline.worker.settlestream.SettleStream` without waiting; the replies are
-    read at the end. A settle that cannot reach the state store raises: the batch
+    per-event results counted. Every try is begun in one round trip (claimed,
+    *pending*), and each one's start and successful settle go out on a
+    :class:`~pipeline.worker.settlestream.SettleStream` without waiting, confirmed at
+    the end. A settle that cannot reach the state store raises: the batch
     is redelivered and its settled events are acknowledged, not re-run."""
     outcomes: Counter[str] = Counter()
     gate = _rate_gate(rt, str(kwargs.get("tier", "")))
@@ -70,24 +69,21 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     tokens = {a.token for a in attempts}
     LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
     try:
+        begins = session.begin_many([a.as_try() for a in attempts])
+        for attempt, begun in zip(attempts, begins, strict=True):
+            attempt.begun, attempt.batch = begun, session
         if gate is None:  # a settle starts the next try (a rate limit may wait between)
             for attempt, after in itertools.pairwise(attempts):
                 attempt.following = after
-        waiting = iter(attempts)
-        for begins in session.begin_many([a.as_try() for a in attempts]):  # in parts
-            part = list(itertools.islice(waiting, len(begins)))
-            for attempt, begun in zip(part, begins, strict=True):
-                attempt.begun, attempt.batch = begun, session
-            for attempt in part:
-                if gate is not None:
-                    gate.wait()
-                outcomes[attempt.run()] += 1
+        for attempt in attempts:
+            if gate is not None:
+                gate.wait()
+            outcomes[attempt.run()] += 1
     finally:
         LIVE_CLAIMS.difference_update(tokens)
-        for what, reply in session.close():
-            if claim_lost(what, reply):
-                log.warning("batch: %s found its claim taken over (judged lost); the "
-                            "event may have run twice", what)
+        for what in session.close():
+            log.warning("batch: the start of %s found its claim taken over (judged "
+                        "lost); the event may have run twice", what)
     return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
 
 

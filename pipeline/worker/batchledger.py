@@ -12,7 +12,8 @@ per event instead of three.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable
 
 from pipeline.core.state import Keys
 from pipeline.worker.ledger import (
@@ -29,9 +30,8 @@ from pipeline.worker.ledger import (
 )
 from pipeline.worker.settlestream import Call, SettleStream
 
-__all__ = ["BatchLedger", "claim_lost"]
+__all__ = ["BatchLedger"]
 
-FIRST_BEGINS = 16  # tries begun by a batch's first call; the rest in a second one
 
 # KEYS: the retry budget key prefix, then per try: done mark, settled mark, running mark.
 # ARGV: the begin's 1-8, host and pid, then one delivery token per try. Every try
@@ -90,34 +90,52 @@ end
 return out
 """
 
+# A start that finds no claim of its own (taken over: the event may run twice) notes
+# the token in the batch's list (KEYS[2] here, KEYS[6] below), read when the batch
+# ends: the stream may not be reading replies.
+_NOTE_LOST = """
+local function note_lost(key, token)
+  redis.call('RPUSH', key, token)
+  redis.call('EXPIRE', key, 3600)
+end
+"""
+
+# KEYS: running mark, the batch's lost-claims list. ARGV: token, ttl_s. Returns 1/0.
+_START_NOTED_LUA = (
+    "local function start(KEYS, ARGV)\n" + START_LUA + "\nend\n" + _NOTE_LOST + """
+local started = start({KEYS[1]}, ARGV)
+if started == 0 then note_lost(KEYS[2], ARGV[1]) end
+return started
+""")
+
 # KEYS: settled mark, running mark, done mark, the next try's running mark, the retry
-#       budget bucket a retry's success gives its charge back to (KEYS[1] when unused).
+#       budget bucket a retry's success gives its charge back to (KEYS[1] when unused),
+#       the batch's lost-claims list.
 # ARGV: settled ttl_s, done ttl_s, the next try's token ('': none), running ttl_s,
 #       the budget bucket's ttl_s ('0': not a retry). Returns one integer (cheap to
 #       read): settled (1/0) + 2 * (started + 1), started 1/0, or -1 with no next try.
 _DONE_THEN_START_LUA = (
     "local function settle(KEYS, ARGV)\n" + SETTLE_LUA + "\nend\n"
-    "local function start(KEYS, ARGV)\n" + START_LUA + "\nend\n"
-    """
+    "local function start(KEYS, ARGV)\n" + START_LUA + "\nend\n" + _NOTE_LOST + """
 local budget = nil
 if ARGV[5] ~= '0' then budget = KEYS[5] end
 local settled = settle({KEYS[1], KEYS[2], KEYS[3], KEYS[1], budget},
                        {'done', ARGV[1], ARGV[2], '0', '', '0', '', '', '', ARGV[5]})
 local started = -1
 if ARGV[3] ~= '' then started = start({KEYS[4]}, {ARGV[3], ARGV[4]}) end
+if started == 0 then note_lost(KEYS[6], ARGV[3]) end
 return settled + 2 * (started + 1)
 """)
 
 
+# KEYS: the batch's lost-claims list. Returns its tokens and deletes it.
+_TAKE_LOST_LUA = """
+local tokens = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+return tokens
+"""
+
 RUN = Begin("run")  # the verdict of a try to run (most of a batch's)
-
-
-def claim_lost(what: str, reply: object) -> bool:
-    """A start that found no claim: a start's reply 0, or a done-then-start's whose
-    start part is 0 (see ``_DONE_THEN_START_LUA``)."""
-    if what.startswith("settle"):
-        return isinstance(reply, int) and reply // 2 == 1
-    return what.startswith("start") and reply == 0
 
 
 class BatchLedger:
@@ -126,29 +144,25 @@ class BatchLedger:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.stream = SettleStream(ledger.client)
+        self.lost_key = f"{Keys.prefix}batch-lost:{uuid.uuid4().hex}"  # claims found taken
+        self._started: dict[str, str] = {}  # token -> the try it started, for the log
         self._begin_many = ledger.client.register_script(_BEGIN_MANY_LUA)
         self._begin_firsts = ledger.client.register_script(_BEGIN_FIRSTS_LUA)
         self._done_then_start = ledger.client.register_script(_DONE_THEN_START_LUA)
+        self._start = ledger.client.register_script(_START_NOTED_LUA)
+        self._take_lost = ledger.client.register_script(_TAKE_LOST_LUA)
 
-    def begin_many(self, tries: list[Try]) -> Iterator[list[Begin]]:
-        """Every try's verdict, in order and in parts, those to run claimed pending.
-
-        When the tries share their tier, attempt and budget state (a batch's do), two
-        calls on ``stream`` in one write: the first :data:`FIRST_BEGINS` tries, whose
-        verdicts come first, and the rest, whose reply is read only when those have
-        run (Redis begins them meanwhile). Otherwise, or when a call fails, the
-        ledger's pipelined begins."""
+    def begin_many(self, tries: list[Try]) -> list[Begin]:
+        """Every try's verdict, those to run claimed pending: one call on ``stream``
+        when the tries share their tier, attempt and budget state (a batch's do), else
+        (or when that call fails) the ledger's pipelined begins. Its reply is read
+        before any settle is written: the stream then stops reading replies."""
         shared = {(t.tier_name, t.attempt, t.charged) for t in tries}
-        if len(shared) != 1:
-            yield self.ledger.begin_many(tries)
-            return
-        cut = FIRST_BEGINS if len(tries) > 2 * FIRST_BEGINS else len(tries)
-        parts = [part for part in (tries[:cut], tries[cut:]) if part]
-        written = self.stream.begin_later([self._begin_call(part) for part in parts])
-        for i, part in enumerate(parts):
-            replies = self.stream.replies(None if written is None else written[i:i + 1])
-            yield ([RUN if reply == 1 else verdict(reply) for reply in replies[0]]
-                   if replies is not None else self.ledger.begin_many(part))
+        if len(shared) == 1:
+            replies = self.stream.begin_many([self._begin_call(tries)])
+            if replies is not None:
+                return [RUN if reply == 1 else verdict(reply) for reply in replies[0]]
+        return self.ledger.begin_many(tries)
 
     def _begin_call(self, tries: list[Try]) -> Call:
         keys: list[str] = []
@@ -164,27 +178,36 @@ class BatchLedger:
     def start(self, t: Try) -> None:
         """Start a pending try (its handler runs next), without waiting."""
         keys, args = self.ledger.start_call(t)
-        self.stream.send([Call(self.ledger.start_script, keys, args,
+        self._started[t.ids[2]] = f"{t.ids[0]} {t.ids[1]}"
+        self.stream.send([Call(self._start, [*keys, self.lost_key], args,
                                what=f"start {t.ids[0]} {t.ids[1]}")])
 
     def settle_done(self, t: Try, following: Try | None, redo: Callable[[], object]) -> None:
         """Settle ``t`` done and start ``following`` (pending), without waiting;
         ``redo`` settles ``t`` synchronously if the call cannot be confirmed."""
+        if following is not None:
+            self._started[following.ids[2]] = f"{following.ids[0]} {following.ids[1]}"
         self.stream.send([self._done_call(t, following, redo)])
 
-    def close(self) -> list[tuple[str, object]]:
-        """Confirm (or redo) what was sent: :meth:`SettleStream.close`."""
-        return self.stream.close()
+    def close(self) -> list[str]:
+        """Confirm (or redo) what was sent (:meth:`SettleStream.close`); returns the
+        tries whose start found their claim taken over."""
+        confirmed = self.stream.close([Call(self._take_lost, [self.lost_key], [],
+                                            what="lost")])
+        tokens = next((reply for what, reply in confirmed if what == "lost"), None)
+        if not isinstance(tokens, list):  # not read: the list expires
+            return []
+        return [self._started.get(bytes(t).decode(errors="replace"), "?") for t in tokens]
 
     def _done_call(self, t: Try, following: Try | None, redo: Callable[[], object]) -> Call:
         task_id, key, _ = t.ids
         skeys, sargs = self.ledger.settle_call(task_id, key, DONE, budget=t)
         refund = len(skeys) > 4  # a retry's success: its budget bucket and the bucket's ttl
-        keys = [*skeys[:3], skeys[0], skeys[4] if refund else skeys[0]]
+        keys = [*skeys[:3], skeys[0], skeys[4] if refund else skeys[0], self.lost_key]
         args: list[object] = [SETTLED_TTL_S, sargs[2], "", RUNNING_TTL_S,
                               sargs[-1] if refund else 0]
         if following is not None:
             next_task, next_key, next_token = following.ids
             keys[3], args[2] = Keys.running(next_task, next_key), next_token
         return Call(self._done_then_start, keys, args, what=f"settle {task_id} {key}",
-                    redo=redo)
+                    redo=redo, applied_if=(skeys[0], skeys[2]))

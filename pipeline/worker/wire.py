@@ -1,8 +1,9 @@
-"""Redis replies read straight off a socket: the batch stream's reader.
+"""Redis's protocol for the batch stream: commands packed (:func:`resp`), replies read
+straight off a socket (:class:`ReplyReader`).
 
-A batch reads two replies per event (its begin, its settle), and redis-py's pure
-Python parser spent more of a batched event's CPU on them than the handler did:
-several method calls and a ``readline`` per line of a reply. :class:`ReplyReader`
+Packing a command and parsing its reply through redis-py cost a batched event more
+CPU than its handler: several method calls and a ``readline`` per line of a reply.
+:func:`resp` builds a command as one string, encoded once; :class:`ReplyReader`
 takes whatever the socket holds in one ``recv`` and parses every reply in it from
 that buffer.
 
@@ -18,17 +19,51 @@ pool only when every reply due was read (:mod:`pipeline.worker.settlestream`).
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
-__all__ = ["ReplyReader"]
+__all__ = ["ReplyReader", "resp"]
 
 RECV_BYTES = 65536  # bytes asked of one recv (redis-py's socket_read_size default)
 _CRLF = b"\r\n"
 _INT, _MAP, _PUSH, _BLOB_ERROR, _VERBATIM = b":%>!="  # reply type bytes, as ints
 _AGGREGATES = frozenset(b"*~>%")  # array, set, push, map
 _BULKS = frozenset(b"$=!")  # string, verbatim string, blob error
+
+
+def resp(args: Sequence[object]) -> bytes:
+    """One command in Redis's protocol (str, bytes, int and float arguments)."""
+    parts = []
+    for arg in args:
+        if type(arg) is not str:
+            if type(arg) is int:
+                arg = str(arg)
+            elif type(arg) is float:
+                arg = repr(arg)
+            else:
+                return _resp_bytes(args)
+        parts.append(f"${len(arg)}\r\n{arg}\r\n")
+    body = "".join(parts)
+    if body.isascii():  # a character is a byte, so the lengths hold (most commands)
+        return f"*{len(args)}\r\n{body}".encode()
+    return _resp_bytes(args)
+
+
+def _resp_bytes(args: Sequence[object]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, float):
+            data = repr(arg).encode()
+        else:
+            data = str(int(arg)).encode()  # type: ignore[call-overload]
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 class _Incomplete(Exception):

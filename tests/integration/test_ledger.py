@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -10,7 +11,8 @@ import redis
 
 from pipeline.core.state import Keys
 from pipeline.core.tiers import TierConfig
-from pipeline.worker.batchledger import FIRST_BEGINS, BatchLedger
+from pipeline.local.embedded import start_server
+from pipeline.worker.batchledger import BatchLedger
 from pipeline.worker.ledger import Ledger, Outcome, Try, try_key
 from pipeline.worker.settlestream import Call, SettleStream
 from tests.integration.support import wait_for
@@ -103,31 +105,56 @@ def test_a_batch_claims_tries_pending_and_a_lost_claim_is_taken_over_without_a_l
     assert ledger.take_over(other[2], "~someone else").verdict == "lost"
 
 
+@pytest.fixture(scope="module", params=["replies off", "replies read"])
+def stream_url(request: pytest.FixtureRequest, redis_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server that takes ``CLIENT REPLY`` (the stream turns replies off), and one
+    whose user may not run ``CLIENT`` (an ACL: the stream reads every reply)."""
+    if request.param == "replies off":
+        yield redis_url
+        return
+    server = start_server(tmp_path_factory.mktemp("acl"), persist=False)
+    try:
+        redis.Redis.from_url(server.url).acl_setuser(
+            "noclient", enabled=True, nopass=True, keys=["~*"], channels=["*"],
+            commands=["+@all", "-client"])
+        yield f"redis://noclient:x@127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+def _settle(ledger: Ledger, task: str, redo: Callable[[], object] | None = None) -> Call:
+    return Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
+                what=task, redo=redo or (lambda: ledger.settle(task, "1.0", Outcome("done"))),
+                applied_if=(Keys.settled(task, "1.0"), Keys.done(task)))
+
+
 def test_a_streamed_settle_that_redis_refused_is_written_again_at_close(
-    ledger: Ledger,
+    stream_url: str,
 ) -> None:
-    """Scripts flushed (a restarted Redis) between two settles of a batch: the
-    NOSCRIPT reply is found at close and that settle written again."""
+    """Scripts flushed (a restarted Redis) between two settles of a batch: found at
+    close (its NOSCRIPT reply, or its missing effect) and that settle written again."""
+    ledger = Ledger(redis.Redis.from_url(stream_url), window_s=3600)
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     stream = SettleStream(ledger.client)
     redone: list[str] = []
 
-    def call(task: str) -> Call:
-        def redo() -> None:
+    def redo(task: str) -> Callable[[], object]:
+        def again() -> bool:
             redone.append(task)
-            ledger.settle(task, "1.0", Outcome("done"))
-        return Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
-                    what=task, redo=redo)
+            return ledger.settle(task, "1.0", Outcome("done"))
+        return again
 
-    stream.send([call(first)])  # loads the script on the stream's connection
+    stream.send([_settle(ledger, first, redo(first))])  # loads the script on the stream
+    # applied (a corked write leaves within 200 ms) before the scripts are flushed
+    wait_for(lambda: ledger.client.exists(Keys.done(first)), 5, "the first settle")
     ledger.client.script_flush()
-    stream.send([call(second)])
-    assert stream.close() == [(first, 1)]
+    stream.send([_settle(ledger, second, redo(second))])
+    assert [what for what, _ in stream.close()] == [first]
     assert redone == [second]
     for task in (first, second):
         assert ledger.client.exists(Keys.done(task)) == 1
         assert ledger.begin(Try((task, "1.0", "again"), 1, "t", TIER, False)).verdict == "done"
-
 
 
 def _script_loads(client: redis.Redis) -> int:
@@ -136,71 +163,46 @@ def _script_loads(client: redis.Redis) -> int:
 
 
 def test_a_batch_on_a_connection_that_loaded_the_scripts_loads_none_and_reloads_after_a_flush(
-    ledger: Ledger,
+    stream_url: str,
 ) -> None:
-    def settle(task: str) -> Call:
-        return Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
-                    what=task, redo=lambda: ledger.settle(task, "1.0", Outcome("done")))
-
+    ledger = Ledger(redis.Redis.from_url(stream_url), window_s=3600)
     client = ledger.client
     first = SettleStream(client)
-    first.send([settle(str(uuid.uuid4()))])
+    first.send([_settle(ledger, str(uuid.uuid4()))])
     assert len(first.close()) == 1
     loads = _script_loads(client)
     assert loads > 0
     second = SettleStream(client)  # the pool hands back the same connection
-    second.send([settle(str(uuid.uuid4()))])
+    second.send([_settle(ledger, str(uuid.uuid4()))])
     assert len(second.close()) == 1
     assert _script_loads(client) == loads  # nothing loaded again
     client.script_flush()
     third = SettleStream(client)
     task = str(uuid.uuid4())
-    third.send([settle(task)])
+    third.send([_settle(ledger, task)])
     assert third.close() == []  # NOSCRIPT: written again synchronously
     assert client.exists(Keys.done(task)) == 1
     fourth = SettleStream(client)
-    fourth.send([settle(str(uuid.uuid4()))])
+    fourth.send([_settle(ledger, str(uuid.uuid4()))])
     assert len(fourth.close()) == 1  # loaded again, confirmed
 
 
-def test_a_batch_begins_in_one_write_and_hands_out_its_first_tries_before_the_rest(
-    ledger: Ledger,
-) -> None:
-    """The rest of a batch is begun by Redis while the first tries run: its reply is
-    read only when they are done, and a try begun already reads as run."""
-    tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
-             for _ in range(FIRST_BEGINS * 3)]
-    ledger.begin(Try((tries[-1].ids[0], "1.0", "other"), 1, "t", TIER, False))
-    batch = BatchLedger(ledger)
-    parts = batch.begin_many(tries)
-    first = next(parts)
-    assert [b.verdict for b in first] == ["run"] * FIRST_BEGINS
-    # the rest were claimed pending in the same write, before their reply is read
-    def claimed() -> bool:
-        marks = ledger.client.mget([Keys.running(t.ids[0], "1.0") for t in tries[:-1]])
-        return all(isinstance(m, bytes) and m.startswith(f"~{t.ids[2]} ".encode())
-                   for m, t in zip(marks, tries, strict=False))
-
-    wait_for(claimed, 5, "the rest claimed pending")
-    rest = next(parts)
-    assert [b.verdict for b in rest] == ["run"] * (len(tries) - FIRST_BEGINS - 1) + ["lost"]
-    assert next(parts, None) is None
-    assert batch.close() == []
-
-
 def test_a_script_first_used_mid_stream_is_loaded_in_order_and_each_call_gets_its_reply(
-    redis_url: str,
+    stream_url: str,
 ) -> None:
-    client = redis.Redis.from_url(redis_url)  # its own connection: nothing loaded on it
+    client = redis.Redis.from_url(stream_url)  # its own connection: nothing loaded on it
     ledger = Ledger(client, window_s=3600)
     seven = client.register_script(f"return 7 -- {uuid.uuid4()}")  # never loaded before
     task = str(uuid.uuid4())
     stream = SettleStream(client)
-    stream.send([Call(ledger.settle_script, *ledger.settle_call(task, "1.0", Outcome("done")),
-                      what="settle")])
+    stream.send([_settle(ledger, task)])
     stream.send([Call(seven, [], [], what="seven")])  # the settle's reply is still due
-    assert stream.close() == [("settle", 1), ("seven", 7)]
-    assert client.get("absent") is None  # the pooled connection holds no stray reply
+    confirmed = stream.close()
+    if stream_url.startswith("redis://noclient"):  # every reply read, each its own
+        assert confirmed == [(task, 1), ("seven", 7)]
+    else:  # replies off: the settle confirmed by its effect
+        assert confirmed == [(task, None)]
+    assert client.get("absent") is None  # the pooled connection answers, no stray reply
     assert client.exists(Keys.done(task)) == 1
 
 

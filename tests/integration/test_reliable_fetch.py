@@ -18,9 +18,9 @@ from typing import Any, cast
 import pytest
 
 from pipeline.core.retry import Reason
-from pipeline.worker.batchledger import _BEGIN_FIRSTS_LUA, _DONE_THEN_START_LUA
+from pipeline.worker.batchledger import _BEGIN_FIRSTS_LUA, _DONE_THEN_START_LUA, _START_NOTED_LUA
 from pipeline.worker.inflight import CONSUMERS_KEY
-from pipeline.worker.ledger import SETTLE_LUA, START_LUA
+from pipeline.worker.ledger import SETTLE_LUA
 from tests.integration import fault_handlers
 from tests.integration.faults import ResetProxy
 from tests.integration.support import Stack, wait_for
@@ -91,7 +91,7 @@ time_limit_s = 1.5
 
 SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode()).hexdigest().encode()  # EVALSHA of a settle
 LEDGER_SHAS = {name: hashlib.sha1(lua.encode()).hexdigest().encode()  # a batch's ledger calls
-               for name, lua in {"begin": _BEGIN_FIRSTS_LUA, "start": START_LUA,
+               for name, lua in {"begin": _BEGIN_FIRSTS_LUA, "start": _START_NOTED_LUA,
                                  "settle": _DONE_THEN_START_LUA}.items()}
 
 

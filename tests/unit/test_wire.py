@@ -9,8 +9,7 @@ import pytest
 import redis
 from redis.connection import Connection
 
-from pipeline.worker.replyreader import ReplyReader
-from pipeline.worker.settlestream import resp
+from pipeline.worker.wire import ReplyReader, resp
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ Every exit after a breaker let the attempt through records or releases it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 class Attempt(Settling):
     """One delivery of one try: the event, the handler and where it stands."""
 
+    _checked: tuple[Event, Handler] | Callable[[], str] | None = None  # by precheck()
+
     def run(self) -> str:
         """This delivery through begin, the checks, the handler and settle; listed in
         :data:`LIVE_CLAIMS` while it runs (a batch lists its tries' tokens itself)."""
@@ -64,7 +67,7 @@ class Attempt(Settling):
             LIVE_CLAIMS.discard(self.token)
 
     def _run(self) -> str:
-        checked = self.check()  # no I/O: what the begin asks the breakers depends on it
+        checked = self._checked or self.check()  # no I/O: the begin's breakers depend on it
         begin = self.begin(checked[1] if isinstance(checked, tuple) else None)
         skipped = self.skip(begin)
         if skipped is not None:  # done, settled, lost or over the budget: not run now
@@ -107,6 +110,12 @@ class Attempt(Settling):
             return self.defer(compute_deferral(window_s / 10, spread_s=window_s / 2,
                                                deferrals=self.deferrals), "retry_budget")
         return None
+
+    def precheck(self) -> None:
+        """:meth:`check`, kept for :meth:`run` (a batch checks its events while Redis
+        begins their tries); an error raises later, from :meth:`run`'s own check."""
+        with contextlib.suppress(Exception):
+            self._checked = self.check()
 
     def check(self) -> tuple[Event, Handler] | Callable[[], str]:
         """The event and its handler, or (when they cannot run together: the envelope

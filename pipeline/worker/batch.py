@@ -20,6 +20,7 @@ the duplicates.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -55,6 +56,12 @@ log = logging.getLogger(__name__)
 
 
 
+def _precheck(attempts: list[Attempt]) -> None:
+    """Each attempt's pure checks, run while Redis begins the batch's tries."""
+    for attempt in attempts:
+        attempt.precheck()
+
+
 def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
     """Each event through :meth:`Attempt.run`, as if it had its own message; the
     per-event results counted. Every try is begun in one round trip (claimed,
@@ -69,7 +76,8 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     tokens = {a.token for a in attempts}
     LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
     try:
-        begins = session.begin_many([a.as_try() for a in attempts])
+        begins = session.begin_many([a.as_try() for a in attempts],  # the checks meanwhile
+                                    meanwhile=functools.partial(_precheck, attempts))
         for attempt, begun in zip(attempts, begins, strict=True):
             attempt.begun, attempt.batch = begun, session
         if gate is None:  # a settle starts the next try (a rate limit may wait between)

@@ -152,14 +152,16 @@ class BatchLedger:
         self._start = ledger.client.register_script(_START_NOTED_LUA)
         self._take_lost = ledger.client.register_script(_TAKE_LOST_LUA)
 
-    def begin_many(self, tries: list[Try]) -> list[Begin]:
+    def begin_many(self, tries: list[Try],
+                   meanwhile: Callable[[], object] | None = None) -> list[Begin]:
         """Every try's verdict, those to run claimed pending: one call on ``stream``
         when the tries share their tier, attempt and budget state (a batch's do), else
         (or when that call fails) the ledger's pipelined begins. Its reply is read
-        before any settle is written: the stream then stops reading replies."""
+        before any settle is written: the stream then stops reading replies.
+        ``meanwhile`` (pure work) runs while Redis begins them."""
         shared = {(t.tier_name, t.attempt, t.charged) for t in tries}
         if len(shared) == 1:
-            replies = self.stream.begin_many([self._begin_call(tries)])
+            replies = self.stream.begin_many([self._begin_call(tries)], meanwhile)
             if replies is not None:
                 return [RUN if reply == 1 else verdict(reply) for reply in replies[0]]
         return self.ledger.begin_many(tries)

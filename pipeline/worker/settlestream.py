@@ -14,9 +14,8 @@ Redis has seen is always a prefix of what the batch did. A process killed at any
 point (SIGKILL, OOM, a hard time limit) leaves the marks a synchronous settle would
 have left: the kernel still delivers what it was handed, and closes the
 connection after it. That holds only while nothing the server sent is unread: a
-socket closed with unread bytes is *reset*, and a reset discards what the server
-had not read yet (measured: 11 of 50 settles applied, the server busy at the
-kill). So once the begin's reply is read the stream turns the server's replies off
+socket closed with unread bytes is *reset*, which discards what the server had not
+read yet. So once the begin's reply is read the stream turns the server's replies off
 (``CLIENT REPLY OFF``) and corks the socket (``TCP_CORK``: the settles leave in
 full segments, without waking Redis per event; the kernel sends them within
 200 ms, at the close, or when the process dies). At the close it turns replies on
@@ -63,8 +62,7 @@ class Call:
 
 
 REPLY_OFF, REPLY_ON = resp(["CLIENT", "REPLY", "OFF"]), resp(["CLIENT", "REPLY", "ON"])
-# KEYS: two per call, either of which existing shows the call took effect. Returns
-# 1/0 per call.
+# KEYS: two per call, either of which existing shows it took effect. Returns 1/0 each.
 _APPLIED_LUA = """
 local out = {}
 for i = 1, #KEYS / 2 do
@@ -142,8 +140,7 @@ class SettleStream:
         return self._conn, self._reader
 
     def _write(self, calls: Sequence[Call], *, held: bool = False) -> list[int]:
-        """Write ``calls`` (loading a script the socket has not loaded first); returns
-        their entries' numbers (none once replies are off)."""
+        """Write ``calls`` (scripts loaded first); their entries' numbers (none if quiet)."""
         conn, _ = self._connection()
         quiet = not held and (self._quiet or (self._state.quiet is True and not self._due))
         parts: list[bytes] = [REPLY_OFF] if quiet and not self._quiet else []
@@ -194,13 +191,17 @@ class SettleStream:
             log.warning("settle stream: %s %s; writing it again", call.what, why)
             call.redo()
 
-    def begin_many(self, calls: Sequence[Call]) -> list[Any] | None:
-        """The replies of ``calls`` (a batch's begins), written at once; None when the
-        connection or a script failed (the caller begins them the usual way)."""
+    def begin_many(self, calls: Sequence[Call],
+                   meanwhile: Callable[[], object] | None = None) -> list[Any] | None:
+        """The replies of ``calls`` (a batch's begins), written at once, ``meanwhile``
+        run while Redis works; None when the connection or a script failed (the caller
+        begins them the usual way)."""
         if self._broken or self._quiet:
             return None
         try:
             numbers = self._write(calls, held=True)
+            if meanwhile is not None:
+                meanwhile()
             while self._due and self._read <= numbers[-1]:
                 self._read_one()
         except (*_IO_ERRORS, redis.ResponseError):

@@ -139,8 +139,12 @@ def test_a_probe_killed_by_its_hard_time_limit_fails_and_gives_its_slot_back(
         assert result.id is not None
         assert stack.effects(str(result.id)) == 0
         key = Keys.retries(stack.rt.settings.queue_for("standard"))
-        retries = cast(list[bytes], stack.state.zrange(key, 0, -1))
-        assert len(retries) == 1  # attempt 2 is scheduled: not lost, not dead-lettered
+        # attempt 2 is scheduled: not lost, not dead-lettered. It is due after the
+        # backoff (0.1 s), moved to the queue, and deferred there by the open breaker
+        # back onto the schedule: between those steps the schedule is empty a moment.
+        retries = wait_for(lambda: cast(list[bytes], stack.state.zrange(key, 0, -1)), 20,
+                           "attempt 2 on the retry schedule")
+        assert len(retries) == 1
         message = json.loads(retries[0].split(b"\n", 1)[1])  # "<list>\n<kombu message>"
         _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
         assert kwargs["attempt"] == 2

@@ -43,7 +43,9 @@ retry_budget_ratio = 0
 soft_time_limit_s = 8
 time_limit_s = 9
 """
-EVENTS = 300  # per tier
+EVENTS = 300  # per tier and wave
+MAX_WAVES = 20  # of EVENTS each, sent until SIGNALS_MIN signals were sent
+SIGNALS_MIN = 200  # soft-limit signals sent while the waves ran
 SIGNAL_GAP_S = (0.001, 0.008)  # between two soft-limit signals to a child
 
 
@@ -78,29 +80,35 @@ def test_soft_limits_at_random_moments_interrupt_only_handlers(
 ) -> None:
     s, tier = stack
     (worker,) = s.workers
-    events = [{"id": str(uuid.uuid4()), "type": "io.mark", "source": "tests", "tier": tier}
-              for _ in range(EVENTS)]
+    task_ids: dict[str, str] = {}
     sent: list[int]
     stop, sent = threading.Event(), []
     sender = threading.Thread(target=send_soft_limits, args=(worker, stop, sent))
     sender.start()
-    try:
-        results = s.rt.publisher.publish_many(events)
-        assert all(r.outcome == "accepted" for r in results)
-        task_ids = {e["id"]: r.task_ids[0] for e, r in zip(events, results, strict=True)}
 
-        def dead() -> set[str]:
-            return {r.event_id for r in s.rt.dlq.iter_records() if r.event_id in task_ids}
+    def dead() -> set[str]:
+        return {r.event_id for r in s.rt.dlq.iter_records() if r.event_id in task_ids}
 
-        def settled() -> int:
-            done = sum(1 for t in task_ids.values() if s.state.exists(Keys.done(t)))
-            return done + len(dead())
+    def settled() -> int:
+        done = sum(1 for t in task_ids.values() if s.state.exists(Keys.done(t)))
+        return done + len(dead())
 
-        wait_for(lambda: settled() >= EVENTS, 240, "every event to settle", 0.5)
+    try:  # a fast tier settles a wave in a fraction of a second: more waves, until the
+        # signals that arrived while work was running are many
+        for _ in range(MAX_WAVES):
+            wave = [{"id": str(uuid.uuid4()), "type": "io.mark", "source": "tests",
+                     "tier": tier} for _ in range(EVENTS)]
+            results = s.rt.publisher.publish_many(wave)
+            assert all(r.outcome == "accepted" for r in results)
+            task_ids.update({e["id"]: r.task_ids[0]
+                             for e, r in zip(wave, results, strict=True)})
+            wait_for(lambda: settled() >= len(task_ids), 240, "every event to settle", 0.05)
+            if len(sent) > SIGNALS_MIN:
+                break
     finally:
         stop.set()
         sender.join()
-    assert len(sent) > 200  # the fault was injected, often
+    assert len(sent) > SIGNALS_MIN  # the fault was injected, often
 
     log = worker.log()
     soft_failures = len(re.findall(r"failed \(SoftTimeLimitExceeded", log))

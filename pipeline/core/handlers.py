@@ -27,8 +27,7 @@ import fnmatch
 import importlib
 import inspect
 import re
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -183,13 +182,21 @@ def current() -> HandlerContext:
     return ctx
 
 
-@contextmanager
-def running(ctx: HandlerContext) -> Iterator[HandlerContext]:
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+class running:  # noqa: N801 - used as a function: ``with running(ctx):``
+    """The block where ``ctx``'s handler runs (:func:`current` answers ``ctx``). A
+    class, not a generator: a batch enters one per event."""
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> HandlerContext:
+        self._token = _current.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, *_: object) -> None:
+        _current.reset(self._token)
 
 
 def import_handler_modules(modules: Iterable[str]) -> None:

@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -69,19 +68,26 @@ def raise_soft_limit() -> None:
     raise SoftTimeLimitExceeded()
 
 
-@contextmanager
-def interruptible(on_limit: Callable[[], None] = raise_soft_limit) -> Iterator[None]:
+class interruptible:  # noqa: N801 - used as a function: ``with interruptible():``
     """The block a soft limit may interrupt (a handler), through ``on_limit``. A limit
-    that passed earlier in the task is raised on entry."""
-    if _limit.passed:
-        _limit.passed = False
-        raise SoftTimeLimitExceeded("the soft time limit passed before the handler started")
-    previous, _limit.on_limit = _limit.on_limit, on_limit
-    try:
-        yield
-    finally:
-        if _limit.on_limit is on_limit:  # not fired: the enclosing block's reaction again
-            _limit.on_limit = previous
+    that passed earlier in the task is raised on entry. (A class, not a generator: a
+    batch enters one per event.)"""
+
+    __slots__ = ("_on_limit", "_previous")
+
+    def __init__(self, on_limit: Callable[[], None] = raise_soft_limit) -> None:
+        self._on_limit = on_limit
+
+    def __enter__(self) -> None:
+        if _limit.passed:
+            _limit.passed = False
+            raise SoftTimeLimitExceeded(
+                "the soft time limit passed before the handler started")
+        self._previous, _limit.on_limit = _limit.on_limit, self._on_limit
+
+    def __exit__(self, *_: object) -> None:
+        if _limit.on_limit is self._on_limit:  # not fired: the enclosing block's again
+            _limit.on_limit = self._previous
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -38,6 +38,7 @@ from pipeline.core.pools import processes
 from pipeline.messages.taskids import event_task_id
 from pipeline.worker.attempt import Attempt
 from pipeline.worker.batchledger import BatchLedger
+from pipeline.worker.ledger import Try
 from pipeline.worker.lost import LIVE_CLAIMS
 from pipeline.worker.runtime import runtime_for
 from pipeline.worker.task import PipelineTask, settle_or_requeue
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 
     from pipeline.worker.runtime import Runtime
 
-__all__ = ["BatchTask", "RateGate", "batch_outcomes", "batch_verdict", "register_batch_task"]
+__all__ = ["BatchTask", "RateGate", "batch_outcomes", "batch_tries", "batch_verdict",
+           "register_batch_task"]
 
 BATCH_RESULT_PREFIX = "batch:"  # then "succeeded=98;retry_scheduled=2" (per-event results)
 TOKEN_INDEX_HEX = 6  # hex digits of a try's index in its batch's delivery tokens
@@ -56,10 +58,16 @@ log = logging.getLogger(__name__)
 
 
 
-def _precheck(attempts: list[Attempt]) -> None:
-    """Each attempt's pure checks, run while Redis begins the batch's tries."""
-    for attempt in attempts:
-        attempt.precheck()
+def _attempts(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any],
+              tries: list[Try], into: list[Attempt], *, precheck: bool = True) -> None:
+    """Each event's :class:`Attempt` (of its try in ``tries``) into ``into``, its pure
+    checks run (:meth:`Attempt.precheck`): done while Redis begins the tries."""
+    like = Attempt(rt, "", {}, kwargs)  # what they share, read from the kwargs once
+    for event, t in zip(events, tries, strict=True):
+        attempt = like.sibling(t.ids[0], event, t.ids[2], t)
+        if precheck:
+            attempt.precheck()
+        into.append(attempt)
 
 
 def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
@@ -71,13 +79,17 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     is redelivered and its settled events are acknowledged, not re-run."""
     outcomes: Counter[str] = Counter()
     gate = _rate_gate(rt, str(kwargs.get("tier", "")))
-    attempts = batch_attempts(rt, events, kwargs)
+    tries = batch_tries(rt, events, kwargs)
     session = BatchLedger(rt.ledger)
-    tokens = {a.token for a in attempts}
+    tokens = {t.ids[2] for t in tries}
     LIVE_CLAIMS.update(tokens)  # while listed, a redelivery here does not take them over
-    try:
-        begins = session.begin_many([a.as_try() for a in attempts],  # the checks meanwhile
-                                    meanwhile=functools.partial(_precheck, attempts))
+    attempts: list[Attempt] = []
+    try:  # the attempts are built and checked while Redis begins their tries
+        begins = session.begin_many(tries, meanwhile=functools.partial(
+            _attempts, rt, events, kwargs, tries, attempts))
+        if len(attempts) < len(tries):  # begun the usual way, without meanwhile
+            attempts.clear()
+            _attempts(rt, events, kwargs, tries, attempts, precheck=False)
         for attempt, begun in zip(attempts, begins, strict=True):
             attempt.begun, attempt.batch = begun, session
         if gate is None:  # a settle starts the next try (a rate limit may wait between)
@@ -95,15 +107,25 @@ def run_batch(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any])
     return BATCH_RESULT_PREFIX + ";".join(f"{k}={v}" for k, v in outcomes.items())
 
 
-def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
-                   kwargs: dict[str, Any]) -> list[Attempt]:
-    """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
-
+def batch_tries(rt: Runtime, events: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[Try]:
+    """Each event's try (:meth:`TryState.as_try`, its fields read once from the shared
+    ``kwargs``): its own task id, and a delivery token derived from the batch's."""
     handler = str(kwargs.get("handler", ""))
     scope = rt.settings.idempotency_scope
     base = uuid.uuid4().hex[:32 - TOKEN_INDEX_HEX]  # one random part per batch delivery
-    return [Attempt(rt, event_task_id(e, handler, scope), e, kwargs,
-                    token=f"{base}{i:0{TOKEN_INDEX_HEX}x}") for i, e in enumerate(events)]
+    like = Attempt(rt, "", {}, kwargs, token=base).as_try()  # what the tries share
+    _, key, _ = like.ids
+    return [Try((event_task_id(e, handler, scope), key, f"{base}{i:0{TOKEN_INDEX_HEX}x}"),
+                like.attempt, like.tier_name, like.tier, like.charged)
+            for i, e in enumerate(events)]
+
+
+def batch_attempts(rt: Runtime, events: list[dict[str, Any]],
+                   kwargs: dict[str, Any]) -> list[Attempt]:
+    """One :class:`Attempt` per event: its own task id, attempt 1 of its own lineage."""
+    attempts: list[Attempt] = []
+    _attempts(rt, events, kwargs, batch_tries(rt, events, kwargs), attempts, precheck=False)
+    return attempts
 
 
 class RateGate:

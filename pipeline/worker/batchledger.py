@@ -29,6 +29,7 @@ from pipeline.worker.ledger import (
     verdict,
 )
 from pipeline.worker.settlestream import Call, SettleStream
+from pipeline.worker.wire import registered
 
 __all__ = ["BatchLedger"]
 
@@ -54,16 +55,18 @@ return out
 # tries are), with the steps they share done once, not per try: the server time, the
 # running mark's tail, and the retry budget's count (one HINCRBY of the tries that
 # began). Three commands per try instead of seven; checked against the loop above,
-# state by state, in tests/integration/test_ledger.py. Same KEYS and ARGV.
+# state by state, in tests/integration/test_ledger.py. Same KEYS and ARGV; when every
+# try is to run (the usual case) the reply is just their count, one integer to read.
 _BEGIN_FIRSTS_LUA = """
 local t = redis.call('TIME')
 local server_now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local tail = ' ' .. ARGV[9] .. ' ' .. string.format('%.3f', server_now)
 local ttl = tonumber(ARGV[8])
-local out, began = {}, 0
+local out, began, every_run = {}, 0, true
 for i = 1, (#KEYS - 1) / 3 do
   local token = ARGV[9 + i]
   if redis.call('EXISTS', KEYS[3 * i - 1], KEYS[3 * i]) > 0 then
+    every_run = false
     if redis.call('EXISTS', KEYS[3 * i - 1]) == 1 then out[i] = {'done'}
     else out[i] = {'settled'} end
   else
@@ -78,6 +81,7 @@ for i = 1, (#KEYS - 1) / 3 do
     else
       local since = tonumber(string.match(cur, '(%S+)$')) or 0
       out[i] = {'lost', cur, tostring(server_now - since)}
+      every_run = false
     end
   end
 end
@@ -87,6 +91,7 @@ if ARGV[3] == '1' and began > 0 then
   redis.call('HINCRBY', bkey, 'first', began)
   redis.call('EXPIRE', bkey, math.ceil(window * 2))
 end
+if every_run then return #out end
 return out
 """
 
@@ -136,8 +141,6 @@ return tokens
 """
 
 RUN = Begin("run")  # the verdict of a try to run (most of a batch's)
-
-
 class BatchLedger:
     """One batch's session with the ledger: its scripts and its stream."""
 
@@ -145,12 +148,13 @@ class BatchLedger:
         self.ledger = ledger
         self.stream = SettleStream(ledger.client)
         self.lost_key = f"{Keys.prefix}batch-lost:{uuid.uuid4().hex}"  # claims found taken
-        self._started: dict[str, str] = {}  # token -> the try it started, for the log
-        self._begin_many = ledger.client.register_script(_BEGIN_MANY_LUA)
-        self._begin_firsts = ledger.client.register_script(_BEGIN_FIRSTS_LUA)
-        self._done_then_start = ledger.client.register_script(_DONE_THEN_START_LUA)
-        self._start = ledger.client.register_script(_START_NOTED_LUA)
-        self._take_lost = ledger.client.register_script(_TAKE_LOST_LUA)
+        self._started: dict[str, Try] = {}  # token -> the try it started, for the log
+        client = ledger.client
+        self._begin_many = registered(client, _BEGIN_MANY_LUA)
+        self._begin_firsts = registered(client, _BEGIN_FIRSTS_LUA)
+        self._done_then_start = registered(client, _DONE_THEN_START_LUA)
+        self._start = registered(client, _START_NOTED_LUA)
+        self._take_lost = registered(client, _TAKE_LOST_LUA)
 
     def begin_many(self, tries: list[Try],
                    meanwhile: Callable[[], object] | None = None) -> list[Begin]:
@@ -163,24 +167,27 @@ class BatchLedger:
         if len(shared) == 1:
             replies = self.stream.begin_many([self._begin_call(tries)], meanwhile)
             if replies is not None:
+                if isinstance(replies[0], int):  # every one to run: their count
+                    return [RUN] * len(tries)
                 return [RUN if reply == 1 else verdict(reply) for reply in replies[0]]
         return self.ledger.begin_many(tries)
 
     def _begin_call(self, tries: list[Try]) -> Call:
-        keys: list[str] = []
-        tokens: list[str] = []
-        args: list[object] = []
-        for t in tries:
-            k, args = self.ledger.begin_call(t, pending=True)
-            keys += k[:3]
-            tokens.append(str(args[8]))
+        """One begin call for ``tries`` (sharing their tier, attempt and budget state):
+        the shared arguments once, then each try's three keys and its token."""
+        shared_keys, args = self.ledger.begin_call(tries[0], pending=True)
+        keys = [shared_keys[3]]
+        done = self.ledger.done_key
+        for task_id, key, _ in (t.ids for t in tries):
+            keys += (done(task_id), Keys.settled(task_id, key), Keys.running(task_id, key))
         script = self._begin_firsts if tries[0].attempt == 1 else self._begin_many
-        return Call(script, [k[3], *keys], [*args[:8], args[9], *tokens], what="begin")
+        return Call(script, keys, [*args[:8], args[9], *(t.ids[2] for t in tries)],
+                    what="begin")
 
     def start(self, t: Try) -> None:
         """Start a pending try (its handler runs next), without waiting."""
         keys, args = self.ledger.start_call(t)
-        self._started[t.ids[2]] = f"{t.ids[0]} {t.ids[1]}"
+        self._started[t.ids[2]] = t
         self.stream.send([Call(self._start, [*keys, self.lost_key], args,
                                what=f"start {t.ids[0]} {t.ids[1]}")])
 
@@ -188,7 +195,7 @@ class BatchLedger:
         """Settle ``t`` done and start ``following`` (pending), without waiting;
         ``redo`` settles ``t`` synchronously if the call cannot be confirmed."""
         if following is not None:
-            self._started[following.ids[2]] = f"{following.ids[0]} {following.ids[1]}"
+            self._started[following.ids[2]] = following
         self.stream.send([self._done_call(t, following, redo)])
 
     def close(self) -> list[str]:
@@ -199,17 +206,22 @@ class BatchLedger:
         tokens = next((reply for what, reply in confirmed if what == "lost"), None)
         if not isinstance(tokens, list):  # not read: the list expires
             return []
-        return [self._started.get(bytes(t).decode(errors="replace"), "?") for t in tokens]
+        started = (self._started.get(bytes(t).decode(errors="replace")) for t in tokens)
+        return ["?" if t is None else f"{t.ids[0]} {t.ids[1]}" for t in started]
 
     def _done_call(self, t: Try, following: Try | None, redo: Callable[[], object]) -> Call:
         task_id, key, _ = t.ids
-        skeys, sargs = self.ledger.settle_call(task_id, key, DONE, budget=t)
-        refund = len(skeys) > 4  # a retry's success: its budget bucket and the bucket's ttl
-        keys = [*skeys[:3], skeys[0], skeys[4] if refund else skeys[0], self.lost_key]
-        args: list[object] = [SETTLED_TTL_S, sargs[2], "", RUNNING_TTL_S,
-                              sargs[-1] if refund else 0]
+        if t.refunds:  # a retry's success: its budget bucket and the bucket's ttl
+            skeys, sargs = self.ledger.settle_call(task_id, key, DONE, budget=t)
+            keys = [*skeys[:3], skeys[0], skeys[4], self.lost_key]
+            args: list[object] = [SETTLED_TTL_S, sargs[2], "", RUNNING_TTL_S, sargs[-1]]
+        else:  # the settle call's keys and arguments, without building the rest
+            settled = Keys.settled(task_id, key)
+            keys = [settled, Keys.running(task_id, key), self.ledger.done_key(task_id),
+                    settled, settled, self.lost_key]
+            args = [SETTLED_TTL_S, self.ledger.done_ttl_s, "", RUNNING_TTL_S, 0]
         if following is not None:
             next_task, next_key, next_token = following.ids
             keys[3], args[2] = Keys.running(next_task, next_key), next_token
         return Call(self._done_then_start, keys, args, what=f"settle {task_id} {key}",
-                    redo=redo, applied_if=(skeys[0], skeys[2]))
+                    redo=redo, applied_if=(keys[0], keys[2]))

@@ -127,14 +127,20 @@ class Ledger:
     def client(self) -> redis.Redis:
         return self._client
 
-    def _done_key(self, task_id: str) -> str:
+    @property
+    def done_ttl_s(self) -> int:
+        """How long a done mark lasts (the idempotency window; 0: no marks)."""
+        return self._window_s
+
+    def done_key(self, task_id: str) -> str:
+        """``task_id``'s done mark (one shared, never written, when marks are off)."""
         return Keys.done(task_id) if self._window_s > 0 else Keys.done("-disabled-")
 
     def begin_call(self, t: Try, *, pending: bool = False) -> tuple[list[str], list[Any]]:
         """Keys and args of the begin script (:meth:`begin`)."""
         task_id, key, token = t.ids
         budget_on = t.tier.retry_budget_ratio > 0 and not (t.charged and t.attempt > 1)
-        return ([self._done_key(task_id), Keys.settled(task_id, key),
+        return ([self.done_key(task_id), Keys.settled(task_id, key),
                  Keys.running(task_id, key), Keys.retry_budget(t.tier_name)],
                 [time.time(), t.attempt, int(budget_on), t.tier.retry_budget_ratio,
                  t.tier.retry_budget_min, t.tier.retry_budget_window_s, BUDGET_BUCKETS,
@@ -177,7 +183,7 @@ class Ledger:
                     budget: Try | None = None) -> tuple[list[str], list[Any]]:
         """Keys and args of the settle script (:meth:`settle`)."""
         settled = Keys.settled(task_id, key)
-        keys = [settled, Keys.running(task_id, key), self._done_key(task_id),
+        keys = [settled, Keys.running(task_id, key), self.done_key(task_id),
                 outcome.target or settled]
         args = [outcome.kind, SETTLED_TTL_S, self._window_s, int(only_if_running),
                 outcome.value, outcome.score, *outcome.index]

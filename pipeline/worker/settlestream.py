@@ -1,12 +1,10 @@
 """A batch's ledger calls, written without waiting for each reply.
 
-One batch message carries many events; waiting for a round trip per event caps a
-worker at what one Redis reply takes, whatever the handler costs. A
-:class:`SettleStream` owns one connection for the batch: it begins every try in one
-round trip (:meth:`SettleStream.begin_many`: each one to run is claimed *pending*),
-then writes each event's *done* settle together with the next event's *start* as
-soon as the handler returns, and confirms them when the batch ends
-(:meth:`SettleStream.close`).
+Waiting for a round trip per event caps a worker at what one Redis reply takes. A
+:class:`SettleStream` owns one connection for a batch: it begins every try in one
+round trip (:meth:`~SettleStream.begin_many`: those to run are claimed *pending*),
+writes each event's *done* settle and the next one's *start* as soon as the
+handler returns, and confirms them at the end (:meth:`~SettleStream.close`).
 
 Why this keeps the ledger's guarantees: a command is handed to the kernel before
 the next handler runs, and Redis runs one connection's commands in order, so what
@@ -15,10 +13,9 @@ point (SIGKILL, OOM, a hard time limit) leaves the marks a synchronous settle wo
 have left: the kernel still delivers what it was handed, and closes the
 connection after it. That holds only while nothing the server sent is unread: a
 socket closed with unread bytes is *reset*, which discards what the server had not
-read yet. So once the begin's reply is read the stream turns the server's replies off
-(``CLIENT REPLY OFF``) and corks the socket (``TCP_CORK``: the settles leave in
-full segments, without waking Redis per event; the kernel sends them within
-200 ms, at the close, or when the process dies). At the close it turns replies on
+read yet. So once the begin's reply is read the stream turns replies off (``CLIENT
+REPLY OFF``) and corks the socket (``TCP_CORK``: settles leave in full segments,
+within 200 ms, at the close, or when the process dies). At the close it turns replies on
 again and one script call says which settles took effect. What a connection loss
 or a restarted Redis (scripts flushed) dropped is written again, synchronously and
 idempotently, before the batch message is acknowledged; if the state store stays
@@ -28,9 +25,7 @@ server that refuses ``CLIENT REPLY`` gets replies read at the close, as before.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +34,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from pipeline.worker.wire import ReplyReader, resp
+from pipeline.worker.wire import ReplyReader, cork, registered, resp
 
 __all__ = ["Call", "SettleStream"]
 
@@ -62,13 +57,15 @@ class Call:
 
 
 REPLY_OFF, REPLY_ON = resp(["CLIENT", "REPLY", "OFF"]), resp(["CLIENT", "REPLY", "ON"])
-# KEYS: two per call, either of which existing shows it took effect. Returns 1/0 each.
+# KEYS: two per call, either of which existing shows it took effect. Returns 1/0 each,
+# or (every one took effect: the usual case) their count, one integer to read.
 _APPLIED_LUA = """
-local out = {}
+local out, every = {}, true
 for i = 1, #KEYS / 2 do
   if redis.call('EXISTS', KEYS[2 * i - 1], KEYS[2 * i]) > 0 then out[i] = 1
-  else out[i] = 0 end
+  else out[i] = 0; every = false end
 end
+if every then return #out end
 return out
 """
 
@@ -112,7 +109,7 @@ class SettleStream:
         self._conn: Any = None
         self._reader: ReplyReader | None = None
         self._state = _SocketState(None, set())
-        self._applied = client.register_script(_APPLIED_LUA)
+        self._applied = registered(client, _APPLIED_LUA)
         self._due: deque[_Due] = deque()  # one reply due per entry, in order
         self._read = 0  # replies read so far (an entry's number: replies due before it)
         self._held: dict[int, Any] = {}  # a begin's reply by its entry's number, once read
@@ -154,7 +151,7 @@ class SettleStream:
             parts.append(resp(["EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args]))
             due.append(_Due(c, held))
         if quiet and not self._quiet:
-            _cork(conn._sock, True)
+            cork(conn._sock, True)
             self._quiet = True
         conn._sock.sendall(b"".join(parts))
         self._state.loaded |= loading
@@ -217,6 +214,13 @@ class SettleStream:
         """Write ``calls`` without waiting for their replies."""
         if not self._broken:
             try:
+                if self._quiet and len(calls) == 1 and self._conn is not None \
+                        and calls[0].script.sha in self._state.loaded:  # a batch's settle
+                    c = calls[0]
+                    self._conn._sock.sendall(resp(["EVALSHA", c.script.sha, len(c.keys),
+                                                   *c.keys, *c.args]))
+                    self._unheard.append(c)
+                    return
                 self._write(calls)
                 return
             except (*_IO_ERRORS, redis.ResponseError):
@@ -227,10 +231,9 @@ class SettleStream:
             self._redo(call, "not written")
 
     def close(self, extra: Sequence[Call] = ()) -> list[tuple[str, object]]:
-        """Confirm what was written, redo what was not applied, then write ``extra``
-        and read its replies. Returns ``(what, reply)`` for each call confirmed by its
-        reply (``None``: confirmed by its effect). Raises when a redo cannot reach
-        the state store."""
+        """Confirm what was written, redo what was not applied, write ``extra`` and read
+        its replies: ``(what, reply)`` for each call confirmed (``None``: by its
+        effect). Raises when a redo cannot reach the state store."""
         try:
             try:
                 self._hear(extra)
@@ -260,7 +263,10 @@ class SettleStream:
             if extra:
                 self._write(extra)
             return
-        checked = [c for c in self._unheard if c.redo is not None and c.applied_if]
+        checked: list[Call] = []  # confirmed by their effect
+        unchecked: list[Call] = []  # the rest (starts: their try's settle supersedes them)
+        for c in self._unheard:
+            (checked if c.redo is not None and c.applied_if else unchecked).append(c)
         check = Call(self._applied, [k for c in checked for k in c.applied_if or ()], [],
                      what="applied")
         conn, _ = self._connection()
@@ -269,10 +275,14 @@ class SettleStream:
         self._due.append(_Due(None))
         numbers = self._write([check], held=True)
         self._write(extra)
-        _cork(conn._sock, False)  # what is corked leaves now
+        cork(conn._sock, False)  # what is corked leaves now
         while self._due and self._read <= numbers[-1]:
             self._read_one()
         flags = self._held.pop(numbers[-1], None)
+        if flags == len(checked):  # every one took effect (the usual case)
+            self._confirmed += [(c.what, None) for c in checked]
+            self._unheard = unchecked
+            return
         if not isinstance(flags, list):
             self._broken = True
             return
@@ -283,18 +293,8 @@ class SettleStream:
         self._unheard = [c for c in self._unheard if id(c) not in ran]
 
     def _release(self, *, dirty: bool) -> None:
-        if self._conn is None:
-            return
         conn, self._conn, self._reader = self._conn, None, None
-        if dirty:
-            conn.disconnect()  # replies may still be due, or be off: never reuse it
-        self._client.connection_pool.release(conn)
-
-
-def _cork(sock: Any, on: bool) -> None:
-    """Hold small writes in the kernel until uncorked (Linux; elsewhere, or on a Unix
-    socket, nothing: each write leaves at once)."""
-    option = getattr(socket, "TCP_CORK", None)
-    if option is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, int(on))
+        if conn is not None:
+            if dirty:
+                conn.disconnect()  # replies may still be due, or be off: never reuse it
+            self._client.connection_pool.release(conn)

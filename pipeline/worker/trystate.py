@@ -10,7 +10,7 @@ of a delivery (:mod:`pipeline.worker.attempt`) build on it.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Self
 
 from pipeline.core.redact import mask_text, secrets_in
 from pipeline.messages.task import TaskSpec
@@ -29,7 +29,7 @@ class TryState:
     """One delivery of one try: the event, the handler and where it stands."""
 
     def __init__(self, runtime: Runtime, task_id: str, event: dict[str, Any],
-                 kwargs: dict[str, Any], token: str = "") -> None:
+                 kwargs: dict[str, Any], token: str = "", as_try: Try | None = None) -> None:
         self.rt = runtime
         self.task_id = task_id
         self.event = event
@@ -57,7 +57,18 @@ class TryState:
         # the handler's downstream calls, each with its outcome (None: not counted, the
         # probe lease only given back), recorded by the settle script that settles it
         self.records: list[tuple[str, bool | None]] = []
-        self._try: Try | None = None  # as_try(), built once: what it reads never changes
+        # as_try(), built once (a batch's, given): what it reads never changes
+        self._try: Try | None = as_try
+
+    def sibling(self, task_id: str, event: dict[str, Any], token: str, as_try: Try) -> Self:
+        """Another event's try in this one's batch message (the same kwargs), read
+        from this one instead of from the kwargs again: a batch builds one per event.
+        ``self`` must not have run; its lists are the only state not shared."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.task_id, other.event, other.token, other._try = task_id, event, token, as_try
+        other.records = []
+        return other
 
     def masked(self, text: str) -> str:
         """``text`` (failure text) with this event's ``redact_paths`` values masked: what

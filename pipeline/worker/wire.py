@@ -18,13 +18,15 @@ pool only when every reply due was read (:mod:`pipeline.worker.settlestream`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
-__all__ = ["ReplyReader", "resp"]
+__all__ = ["ReplyReader", "cork", "registered", "resp"]
 
 RECV_BYTES = 65536  # bytes asked of one recv (redis-py's socket_read_size default)
 _CRLF = b"\r\n"
@@ -49,6 +51,27 @@ def resp(args: Sequence[object]) -> bytes:
     if body.isascii():  # a character is a byte, so the lengths hold (most commands)
         return f"*{len(args)}\r\n{body}".encode()
     return _resp_bytes(args)
+
+
+def cork(sock: Any, on: bool) -> None:
+    """Hold small writes in the kernel until uncorked (Linux; elsewhere, or on a Unix
+    socket, nothing: each write leaves at once)."""
+    option = getattr(socket, "TCP_CORK", None)
+    if option is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(on))
+
+
+_REGISTERED: dict[tuple[int, str], Script] = {}  # (client, source) -> its script
+
+
+def registered(client: redis.Redis, source: str) -> Script:
+    """``client.register_script(source)``, once per client and source: a batch uses
+    the same few scripts, and registering hashes the source again each time."""
+    script = _REGISTERED.get((id(client), source))
+    if script is None or script.registered_client is not client:
+        script = _REGISTERED[(id(client), source)] = client.register_script(source)
+    return script
 
 
 def _resp_bytes(args: Sequence[object]) -> bytes:

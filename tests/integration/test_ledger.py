@@ -257,3 +257,28 @@ def test_a_batch_of_first_attempts_begins_as_the_general_loop_does_state_by_stat
     assert verdicts[1:4] == [["done"], ["settled"], 1]
     assert verdicts[5] == ["lost", "other h 1 %.3f" % (now - 5), 5]
     assert seen[1][2] == ([{b"first": b"2"}] if budget_ratio else [])  # the fresh ones
+
+
+def test_a_batch_whose_tries_all_run_is_answered_with_their_count_and_each_is_claimed(
+    ledger: Ledger,
+) -> None:
+    """The usual begin (every try to run) and the usual check (every settle applied)
+    come back as one integer; any other verdict brings back the whole list."""
+    batch = BatchLedger(ledger)
+    tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
+             for _ in range(5)]
+    call = batch._begin_call(tries)
+    assert batch._begin_firsts(keys=call.keys, args=call.args) == 5
+    marks = cast(list[bytes | None],
+                 ledger.client.mget([Keys.running(t.ids[0], "1.0") for t in tries]))
+    assert all(m is not None and m.startswith(b"~" + t.ids[2].encode() + b" ")
+               for m, t in zip(marks, tries, strict=True))
+    ledger.client.set(Keys.done(tries[2].ids[0]), "1")
+    replies = batch._begin_firsts(keys=call.keys, args=call.args)
+    assert replies[:3] == [1, 1, [b"done"]]
+    assert [b.verdict for b in BatchLedger(ledger).begin_many(tries)] == [
+        "run", "run", "done", "run", "run"]
+    applied = SettleStream(ledger.client)._applied
+    present, absent = Keys.done(tries[2].ids[0]), f"{Keys.prefix}absent:{uuid.uuid4()}"
+    assert applied(keys=[absent, present] * 3) == 3
+    assert applied(keys=[absent, present, absent, absent]) == [1, 0]

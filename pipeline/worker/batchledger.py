@@ -141,6 +141,8 @@ return tokens
 """
 
 RUN = Begin("run")  # the verdict of a try to run (most of a batch's)
+
+
 class BatchLedger:
     """One batch's session with the ledger: its scripts and its stream."""
 

@@ -10,17 +10,17 @@ Why this keeps the ledger's guarantees: a command is handed to the kernel before
 the next handler runs, and Redis runs one connection's commands in order, so what
 Redis has seen is always a prefix of what the batch did. A process killed at any
 point (SIGKILL, OOM, a hard time limit) leaves the marks a synchronous settle would
-have left: the kernel still delivers what it was handed, and closes the
-connection after it. That holds only while nothing the server sent is unread: a
-socket closed with unread bytes is *reset*, which discards what the server had not
-read yet. So once the begin's reply is read the stream turns replies off (``CLIENT
-REPLY OFF``) and corks the socket (``TCP_CORK``: settles leave in full segments,
-within 200 ms, at the close, or when the process dies). At the close it turns replies on
-again and one script call says which settles took effect. What a connection loss
-or a restarted Redis (scripts flushed) dropped is written again, synchronously and
-idempotently, before the batch message is acknowledged; if the state store stays
-unreachable, that raises and the batch is redelivered, as any failed settle is. A
-server that refuses ``CLIENT REPLY`` gets replies read at the close, as before.
+have left: the kernel still delivers what it was handed, then closes the connection.
+That holds only while nothing the server sent is unread: a socket closed with unread
+bytes is *reset*, which discards what the server had not read yet. So once the
+begin's reply is read the stream turns replies off (``CLIENT REPLY OFF``) and corks
+the socket (``TCP_CORK``: settles leave in full segments, within 200 ms, at the
+close, or when the process dies). At the close it turns replies on again and one
+script call says which settles took effect. What a connection loss or a restarted
+Redis (scripts flushed) dropped is written again, synchronously and idempotently,
+before the batch message is acknowledged; if the state store stays unreachable, that
+raises and the batch is redelivered, as any failed settle is. A server that refuses
+``CLIENT REPLY`` gets replies read at the close, as before.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from pipeline.worker.wire import ReplyReader, cork, registered, resp
+from pipeline.worker.wire import ReplyReader, cork, evalsha, registered, resp
 
 __all__ = ["Call", "SettleStream"]
 
@@ -148,7 +148,7 @@ class SettleStream:
                 parts.append(resp(["SCRIPT", "LOAD", c.script.script]))
                 due.append(_Due(None))
                 loading.add(c.script.sha)
-            parts.append(resp(["EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args]))
+            parts.append(evalsha(c.script.sha, c.keys, c.args))
             due.append(_Due(c, held))
         if quiet and not self._quiet:
             cork(conn._sock, True)
@@ -216,10 +216,9 @@ class SettleStream:
             try:
                 if self._quiet and len(calls) == 1 and self._conn is not None \
                         and calls[0].script.sha in self._state.loaded:  # a batch's settle
-                    c = calls[0]
-                    self._conn._sock.sendall(resp(["EVALSHA", c.script.sha, len(c.keys),
-                                                   *c.keys, *c.args]))
-                    self._unheard.append(c)
+                    self._conn._sock.sendall(evalsha(calls[0].script.sha, calls[0].keys,
+                                                       calls[0].args))
+                    self._unheard.append(calls[0])
                     return
                 self._write(calls)
                 return

@@ -26,7 +26,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-__all__ = ["ReplyReader", "cork", "registered", "resp"]
+__all__ = ["ReplyReader", "cork", "evalsha", "registered", "resp"]
 
 RECV_BYTES = 65536  # bytes asked of one recv (redis-py's socket_read_size default)
 _CRLF = b"\r\n"
@@ -53,6 +53,11 @@ def resp(args: Sequence[object]) -> bytes:
     return _resp_bytes(args)
 
 
+def evalsha(sha: str, keys: Sequence[object], args: Sequence[object]) -> bytes:
+    """``EVALSHA`` of a loaded script, packed (:func:`resp`)."""
+    return resp(["EVALSHA", sha, len(keys), *keys, *args])
+
+
 def cork(sock: Any, on: bool) -> None:
     """Hold small writes in the kernel until uncorked (Linux; elsewhere, or on a Unix
     socket, nothing: each write leaves at once)."""
@@ -62,15 +67,14 @@ def cork(sock: Any, on: bool) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, int(on))
 
 
-_REGISTERED: dict[tuple[int, str], Script] = {}  # (client, source) -> its script
-
-
 def registered(client: redis.Redis, source: str) -> Script:
-    """``client.register_script(source)``, once per client and source: a batch uses
-    the same few scripts, and registering hashes the source again each time."""
-    script = _REGISTERED.get((id(client), source))
-    if script is None or script.registered_client is not client:
-        script = _REGISTERED[(id(client), source)] = client.register_script(source)
+    """``client.register_script(source)``, once per client and source (kept on the
+    client, gone with it): a batch uses the same few scripts, and registering hashes
+    the source again each time."""
+    scripts: dict[str, Script] = client.__dict__.setdefault("_pipeline_scripts", {})
+    script = scripts.get(source)
+    if script is None:
+        script = scripts[source] = client.register_script(source)
     return script
 
 

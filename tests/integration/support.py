@@ -134,6 +134,23 @@ class Worker:
         wait_for(ready, WORKER_READY_TIMEOUT_S, f"worker {self.tier} to be ready")
         return self
 
+    def dump_stacks(self, timeout_s: float = 3.0) -> str:
+        """Every thread's stack in the main process (Celery's SIGUSR1 handler writes
+        them, with their locals, to the log): where a stuck worker waits."""
+        if self.process.poll() is not None:
+            return f"worker {self.tier} exited ({self.process.returncode})"
+        start = len(self.log())
+        self.process.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: "LOCAL VARIABLES" in self.log()[start:], timeout_s, "the dump")
+            time.sleep(0.5)  # the rest of the threads
+        lines = self.log()[start:].splitlines()
+        kept = [line for i, line in enumerate(lines)
+                if line.startswith('  File "') or (i and lines[i - 1].startswith('  File "'))
+                or (i + 1 < len(lines) and lines[i + 1].startswith("=====")
+                    and line.strip() and not line.startswith(("=", "LOCAL VARIABLES")))]
+        return "\n".join(kept)
+
     def child_pids(self) -> list[int]:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(p) for p in path.read_text().split()] if path.exists() else []

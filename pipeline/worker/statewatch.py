@@ -168,9 +168,7 @@ class StateWatchStep(bootsteps.StartStopStep):
         assert url is not None  # required with RabbitMQ (config check)
         client = state.connect(url, runtime.settings.broker_transport_options,
                                timeout_s=PROBE_TIMEOUT_S)
-        self.watch = StateWatch(client.ping, lambda: c.hub.call_soon(self._pause, c),
-                                lambda: c.hub.call_soon(self._resume, c),
-                                down=bool(self.paused))
+        self.watch = self._new_watch(c, client.ping)
         _WATCHES[c.app] = self.watch
         self.watch.start()
 
@@ -181,16 +179,40 @@ class StateWatchStep(bootsteps.StartStopStep):
 
     shutdown = stop
 
+    def _new_watch(self, c: Any, ping: Callable[[], object]) -> StateWatch:
+        """A watch whose news, down or up, has the event loop follow it."""
+        def follow() -> None:
+            c.hub.call_soon(self._follow, c)
+
+        return StateWatch(ping, follow, follow, down=bool(self.paused))
+
+    def _follow(self, c: Any) -> None:
+        """On the event loop: pause or resume as the watch says *now*. A down and the
+        up after it are queued as two callbacks, and the event loop runs what is
+        queued in no set order (kombu keeps them in a set): when it was busy over the
+        whole outage (a settle retried in ``on_failure``), acting on each callback's
+        own news could resume first and pause last, leaving the queues paused for good."""
+        watch = self.watch
+        if watch is not None and watch.down:
+            self._pause(c)
+        else:
+            self._resume(c)
+
     def _pause(self, c: Any) -> None:
-        """On the event loop: stop consuming our tier queues."""
+        """Stop consuming our tier queues (those not stopped already)."""
+        stopped = []
         for queue in self.queues:
             if c.task_consumer is not None and c.task_consumer.consuming_from(queue):
                 c.cancel_task_queue(queue)
                 self.paused.add(queue)
-        log.warning("stopped consuming %s until the state store answers", sorted(self.paused))
+                stopped.append(queue)
+        if stopped:
+            log.warning("stopped consuming %s until the state store answers", stopped)
 
     def _resume(self, c: Any) -> None:
-        """On the event loop: consume the queues we paused again."""
+        """Consume the queues we paused again."""
+        if not self.paused:
+            return
         for queue in sorted(self.paused):
             c.add_task_queue(queue)
         log.warning("consuming %s again", sorted(self.paused))

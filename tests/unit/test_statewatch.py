@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -12,6 +14,7 @@ from pipeline.worker.statewatch import (
     PROBE_BACKOFF_MIN_S,
     PROBE_INTERVAL_S,
     StateWatch,
+    StateWatchStep,
 )
 
 
@@ -75,3 +78,62 @@ def test_a_long_outage_says_so_once_per_interval_with_its_counts(
     ping.up = True
     watch.probe()
     assert "answers again after 35s and 70 failed probes" in caplog.records[-1].getMessage()
+
+
+class FakeConsumer:
+    """What the step uses of Celery's consumer: its queues and the event loop's queue
+    of callbacks (kombu's hub runs them in no set order)."""
+
+    def __init__(self, queues: list[str]) -> None:
+        self.consuming = set(queues)
+        self.queued: list[Callable[[], None]] = []
+        self.hub = self
+        self.task_consumer = self
+
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        self.queued.append(lambda: callback(*args))
+
+    def consuming_from(self, queue: str) -> bool:
+        return queue in self.consuming
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.consuming.discard(queue)
+
+    def add_task_queue(self, queue: str) -> None:
+        self.consuming.add(queue)
+
+
+def _step(c: FakeConsumer, ping: FlakyPing) -> StateWatchStep:
+    step = StateWatchStep.__new__(StateWatchStep)  # without a worker's runtime
+    step.queues, step.paused = sorted(c.consuming), set()
+    step.watch = step._new_watch(c, ping)  # as start() makes it
+    return step
+
+
+@pytest.mark.parametrize("order", ["as queued", "up first"])
+def test_a_down_and_up_queued_together_leave_the_queues_consumed_in_either_order(
+        order: str) -> None:
+    c, ping = FakeConsumer(["bulk", "standard"]), FlakyPing()
+    step = _step(c, ping)
+    ping.up = False
+    assert step.watch is not None
+    step.watch.probe()
+    ping.up = True
+    step.watch.probe()  # the event loop was busy all along: both wait in its queue
+    assert len(c.queued) == 2
+    for callback in c.queued if order == "as queued" else reversed(c.queued):
+        callback()
+    assert c.consuming == {"bulk", "standard"}
+    assert step.paused == set()
+
+
+def test_a_pause_run_while_still_down_stops_each_tier_queue_once() -> None:
+    c, ping = FakeConsumer(["bulk", "standard"]), FlakyPing()
+    step = _step(c, ping)
+    ping.up = False
+    assert step.watch is not None
+    step.watch.probe()
+    step._follow(c)  # a second callback while still down: nothing more to stop
+    c.queued[0]()
+    assert c.consuming == set()
+    assert step.paused == {"bulk", "standard"}

@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-from pipeline.worker.wire import ReplyReader, cork, evalsha, registered, resp
+from pipeline.worker.wire import ReplyReader, SocketState, cork, evalsha, registered, resp, state_of
 
 __all__ = ["Call", "SettleStream"]
 
@@ -43,17 +43,18 @@ log = logging.getLogger(__name__)
 _IO_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-@dataclass(frozen=True)
 class Call:
     """One script call: ``redo`` writes it again synchronously when it cannot be
-    confirmed (None: a start, which the try's settle supersedes)."""
+    confirmed (None: a start, which the try's settle supersedes); ``applied_if``: two
+    keys either of which shows it ran. (A plain class: one is made per event.)"""
 
-    script: Script
-    keys: list[str]
-    args: list[Any]
-    what: str
-    redo: Callable[[], object] | None = None
-    applied_if: tuple[str, str] | None = None  # keys either of which shows it ran
+    __slots__ = ("applied_if", "args", "keys", "redo", "script", "what")
+
+    def __init__(self, script: Script, keys: list[str], args: list[Any], what: str,
+                 redo: Callable[[], object] | None = None,
+                 applied_if: tuple[str, str] | None = None) -> None:
+        self.script, self.keys, self.args, self.what = script, keys, args, what
+        self.redo, self.applied_if = redo, applied_if
 
 
 REPLY_OFF, REPLY_ON = resp(["CLIENT", "REPLY", "OFF"]), resp(["CLIENT", "REPLY", "ON"])
@@ -68,27 +69,6 @@ end
 if every then return #out end
 return out
 """
-
-
-@dataclass
-class _SocketState:
-    """What is known of one socket: the scripts loaded through it (a new batch loads
-    none), and whether its server takes ``CLIENT REPLY`` (None: not asked yet)."""
-
-    sock: Any
-    loaded: set[str]
-    quiet: bool | None = None
-
-
-def _state_of(conn: Any) -> _SocketState:
-    """``conn``'s current socket's state. A reconnect starts afresh; a ``SCRIPT FLUSH``
-    without one surfaces as ``NOSCRIPT``, handled as any failed call."""
-    state = getattr(conn, "_pipeline_state", None)
-    if state is None or state.sock is not conn._sock:
-        state = _SocketState(conn._sock, set())
-        conn._pipeline_state = state
-    assert isinstance(state, _SocketState)
-    return state
 
 
 @dataclass(frozen=True)
@@ -108,7 +88,7 @@ class SettleStream:
         self._client = client
         self._conn: Any = None
         self._reader: ReplyReader | None = None
-        self._state = _SocketState(None, set())
+        self._state = SocketState(None, set())
         self._applied = registered(client, _APPLIED_LUA)
         self._due: deque[_Due] = deque()  # one reply due per entry, in order
         self._read = 0  # replies read so far (an entry's number: replies due before it)
@@ -126,7 +106,7 @@ class SettleStream:
             if buffered is not None and buffered.unread_bytes():  # not ours to read
                 self._conn.disconnect()
                 self._conn.connect()
-            self._state = _state_of(self._conn)
+            self._state = state_of(self._conn)
             self._reader = ReplyReader(self._conn._sock)
             if self._state.quiet is None:  # once per socket: does it take CLIENT REPLY?
                 self._conn._sock.sendall(REPLY_ON)
@@ -210,24 +190,42 @@ class SettleStream:
             return None
         return replies
 
+    @property
+    def quiet(self) -> bool:
+        """Replies are off: what is written now is confirmed at the close."""
+        return self._quiet and self._conn is not None and not self._broken
+
     def send(self, calls: Sequence[Call]) -> None:
         """Write ``calls`` without waiting for their replies."""
+        if len(calls) == 1 and self.quiet and calls[0].script.sha in self._state.loaded:
+            call = calls[0]  # a batch's settle
+            self.send_plain(call, evalsha(call.script.sha, call.keys, call.args))
+            return
         if not self._broken:
             try:
-                if self._quiet and len(calls) == 1 and self._conn is not None \
-                        and calls[0].script.sha in self._state.loaded:  # a batch's settle
-                    self._conn._sock.sendall(evalsha(calls[0].script.sha, calls[0].keys,
-                                                       calls[0].args))
-                    self._unheard.append(calls[0])
-                    return
                 self._write(calls)
                 return
             except (*_IO_ERRORS, redis.ResponseError):
-                log.warning("settle stream lost its connection; settling the rest of the "
-                            "batch one by one")
-                self._broken = True
+                self._lost()
         for call in calls:
             self._redo(call, "not written")
+
+    def send_plain(self, call: Call, data: bytes) -> None:
+        """``call`` written as ``data`` while :attr:`quiet`: its script call, or plain
+        commands of the same effect (their replies are never read)."""
+        if self.quiet:
+            try:
+                self._conn._sock.sendall(data)
+                self._unheard.append(call)
+                return
+            except _IO_ERRORS:
+                self._lost()
+        self._redo(call, "not written")
+
+    def _lost(self) -> None:
+        log.warning("settle stream lost its connection; settling the rest of the batch "
+                    "one by one")
+        self._broken = True
 
     def close(self, extra: Sequence[Call] = ()) -> list[tuple[str, object]]:
         """Confirm what was written, redo what was not applied, write ``extra`` and read

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.commands.core import Script
 
-__all__ = ["ReplyReader", "cork", "evalsha", "registered", "resp"]
+__all__ = ["ReplyReader", "SocketState", "cork", "evalsha", "registered", "resp", "state_of"]
 
 RECV_BYTES = 65536  # bytes asked of one recv (redis-py's socket_read_size default)
 _CRLF = b"\r\n"
@@ -184,3 +185,24 @@ def _simple(kind: int, line: bytes) -> Any:
 
 class _Push(list[Any]):
     """An out-of-band push message: not a reply."""
+
+
+@dataclass
+class SocketState:
+    """What is known of one socket: the scripts loaded through it (a new batch loads
+    none), and whether its server takes ``CLIENT REPLY`` (None: not asked yet)."""
+
+    sock: Any
+    loaded: set[str]
+    quiet: bool | None = None
+
+
+def state_of(conn: Any) -> SocketState:
+    """``conn``'s current socket's state. A reconnect starts afresh; a ``SCRIPT FLUSH``
+    without one surfaces as ``NOSCRIPT``, handled as any failed call."""
+    state = getattr(conn, "_pipeline_state", None)
+    if state is None or state.sock is not conn._sock:
+        state = SocketState(conn._sock, set())
+        conn._pipeline_state = state
+    assert isinstance(state, SocketState)
+    return state

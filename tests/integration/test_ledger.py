@@ -259,20 +259,22 @@ def test_a_batch_of_first_attempts_begins_as_the_general_loop_does_state_by_stat
     assert seen[1][2] == ([{b"first": b"2"}] if budget_ratio else [])  # the fresh ones
 
 
-def test_a_batch_whose_tries_all_run_is_answered_with_their_count_and_each_is_claimed(
+def test_a_batch_whose_tries_all_run_is_answered_with_their_marks_tail_and_each_is_claimed(
     ledger: Ledger,
 ) -> None:
-    """The usual begin (every try to run) and the usual check (every settle applied)
-    come back as one integer; any other verdict brings back the whole list."""
+    """The usual begin (every try to run) comes back as one string, the tail of every
+    running mark it wrote, and the usual check (every settle applied) as one integer;
+    any other verdict brings back the whole list."""
     batch = BatchLedger(ledger)
     tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
              for _ in range(5)]
     call = batch._begin_call(tries)
-    assert batch._begin_firsts(keys=call.keys, args=call.args) == 5
+    tail = batch._begin_firsts(keys=call.keys, args=call.args)
+    assert isinstance(tail, bytes)
+    assert tail.startswith(b" ")
     marks = cast(list[bytes | None],
                  ledger.client.mget([Keys.running(t.ids[0], "1.0") for t in tries]))
-    assert all(m is not None and m.startswith(b"~" + t.ids[2].encode() + b" ")
-               for m, t in zip(marks, tries, strict=True))
+    assert marks == [b"~" + t.ids[2].encode() + tail for t in tries]
     ledger.client.set(Keys.done(tries[2].ids[0]), "1")
     replies = batch._begin_firsts(keys=call.keys, args=call.args)
     assert replies[:3] == [1, 1, [b"done"]]
@@ -282,3 +284,50 @@ def test_a_batch_whose_tries_all_run_is_answered_with_their_count_and_each_is_cl
     present, absent = Keys.done(tries[2].ids[0]), f"{Keys.prefix}absent:{uuid.uuid4()}"
     assert applied(keys=[absent, present] * 3) == 3
     assert applied(keys=[absent, present, absent, absent]) == [1, 0]
+
+
+def _no_redo() -> None:
+    raise AssertionError("a settle had to be written again")
+
+
+@pytest.mark.parametrize("written", ["as plain commands", "as the script"])
+def test_a_batch_s_done_settles_leave_the_same_marks_as_plain_commands_or_as_the_script(
+    ledger: Ledger, written: str,
+) -> None:
+    """Settles on a quiet stream go out as SET / DEL / SET XX; with no marks' tail from
+    the begin they go out as the done-then-start script. Either way: each settled try
+    has its done mark and no running mark, and the next one is started, not pending."""
+    batch = BatchLedger(ledger)
+    tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
+             for _ in range(3)]
+    assert [b.verdict for b in batch.begin_many(tries)] == ["run"] * 3
+    pending = ledger.client.get(Keys.running(tries[2].ids[0], "1.0"))
+    assert pending is not None
+    if written == "as the script":
+        batch._tail = None
+    batch.start(tries[0])
+    batch.settle_done(tries[0], tries[1], _no_redo)
+    batch.settle_done(tries[1], tries[2], _no_redo)
+    assert batch.close() == []
+    client = ledger.client
+    for t in tries[:2]:
+        assert client.get(Keys.done(t.ids[0])) == b"1"
+        assert 3590 < client.ttl(Keys.done(t.ids[0])) <= ledger.done_ttl_s
+        assert not client.exists(Keys.running(t.ids[0], "1.0"))
+        assert not client.exists(Keys.settled(t.ids[0], "1.0"))
+    started = Keys.running(tries[2].ids[0], "1.0")
+    assert client.get(started) == pending[1:]  # "~<token> <host> <pid> <time>" started
+    assert client.ttl(started) > 0
+
+
+def test_a_plain_start_does_not_bring_back_a_claim_that_is_gone(ledger: Ledger) -> None:
+    batch = BatchLedger(ledger)
+    tries = [Try((str(uuid.uuid4()), "1.0", uuid.uuid4().hex), 1, "t", TIER, False)
+             for _ in range(2)]
+    assert [b.verdict for b in batch.begin_many(tries)] == ["run"] * 2
+    batch.start(tries[0])
+    ledger.client.delete(Keys.running(tries[1].ids[0], "1.0"))  # settled elsewhere meanwhile
+    batch.settle_done(tries[0], tries[1], _no_redo)
+    batch.close()
+    assert ledger.client.get(Keys.done(tries[0].ids[0])) == b"1"
+    assert not ledger.client.exists(Keys.running(tries[1].ids[0], "1.0"))

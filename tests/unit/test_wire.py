@@ -9,6 +9,8 @@ import pytest
 import redis
 from redis.connection import Connection
 
+from pipeline.worker.batchledger import plain_done
+from pipeline.worker.ledger import RUNNING_TTL_S
 from pipeline.worker.wire import ReplyReader, resp
 
 
@@ -110,3 +112,14 @@ def test_a_closed_socket_or_an_unknown_type_is_a_connection_error(
 def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(args: list[object]) -> None:
     packed: list[bytes] = Connection().pack_command(*args)  # type: ignore[no-untyped-call]
     assert resp(args) == b"".join(packed)
+
+
+@pytest.mark.parametrize("start", [None, ("pipeline:running:t2|l/1.0", "tok2 host 12 1.500")])
+@pytest.mark.parametrize("prefix", ["pipeline:", "pïpeline:"])  # non-ASCII: its fallback
+def test_a_plain_done_settle_is_packed_as_its_three_commands_are_one_by_one(
+        start: tuple[str, str] | None, prefix: str) -> None:
+    done, running = f"{prefix}done:t1", f"{prefix}running:t1|l/1.0"
+    expected = resp(["SET", done, "1", "EX", "86400"]) + resp(["DEL", running])
+    if start is not None:
+        expected += resp(["SET", *start, "XX", "EX", str(RUNNING_TTL_S)])
+    assert plain_done(done, "86400", running, start) == expected

@@ -233,6 +233,7 @@ class BatchLedger:
         done = self.ledger.done_key(task_id)
         start = None if following is None else (Keys.running(*following.ids[:2]),
                                                  following.ids[2] + self._tail)
+        # what the close checks (applied_if) and redoes; its script is never written
         call = Call(self._done_then_start, [], [], f"settle {task_id} {key}", redo,
                     (Keys.settled(task_id, key), done))
         self.stream.send_plain(call, plain_done(done, self._done_ttl, Keys.running(task_id, key),
